@@ -1,0 +1,285 @@
+"""The OpenAI-compatible gateway: auth, routing to the customer's adapter, capture of every answer.
+
+Per request: authenticate the key -> validate the body -> resolve `model` to an adapter version
+the caller owns -> forward to vLLM asking for token ids and logprobs -> give the client what it
+asked for -> hand the full interaction to capture (never waiting on Kafka).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from runtime.adapters import AdapterVersion
+from runtime.capture import Capture
+from runtime.customers import CustomerStore
+from runtime.engine import AdapterRejected, EngineClient
+from runtime.errors import APIError, install_error_handlers, model_not_found, unauthorized
+from runtime.protocol import NON_SAMPLING, ChatRequest
+from runtime.records import CapturedRequest, InteractionRecord
+from runtime.responses import ClientWants, StreamAccumulator, captured_choices, for_client
+from runtime.routing import ModelNotFound, Router
+
+log = logging.getLogger("clora.gateway")
+TRACE_HEADER = "X-Clora-Trace-Id"
+
+REQUESTS = Counter("clora_requests_total", "Chat requests by status", ["status", "stream"])
+LATENCY = Histogram("clora_request_seconds", "Chat request latency through the gateway", ["stream"],
+                    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+
+class Engine(Protocol):
+    client: EngineClient
+
+    def is_ready(self) -> bool: ...
+
+
+@dataclass
+class GatewayConfig:
+    base_model: str
+    served_base_name: str = "base"
+    max_request_bytes: int = 1 << 20
+    admin_key: str | None = None
+
+
+class PublishBody(BaseModel):
+    path: str
+
+
+class RouteBody(BaseModel):
+    adapter: str
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_chat(raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "Request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "Request body must be a JSON object.", "invalid_request")
+    try:
+        return ChatRequest.model_validate(body), body
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"Invalid request: {param}: {first['msg']}", "invalid_request", param) from None
+
+
+def _upstream_error(resp_status: int, text: str) -> APIError:
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        message = text[:500] or "engine error"
+    if resp_status >= 500:
+        return APIError(503, f"Engine error: {message}", "engine_error")
+    return APIError(resp_status, message, "invalid_request")
+
+
+def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, engine: Engine,
+               capture: Capture | None) -> FastAPI:
+    app = FastAPI(title="clora gateway", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    async def authenticate(request: Request) -> str:
+        customer = await customers.authenticate(_bearer(request))
+        if customer is None:
+            raise unauthorized()
+        return customer
+
+    def require_admin(request: Request) -> None:
+        if not config.admin_key or _bearer(request) != config.admin_key:
+            raise unauthorized()
+
+    def require_engine() -> None:
+        if not engine.is_ready():
+            raise APIError(503, "The engine is restarting; retry shortly.", "engine_unavailable",
+                           headers={"Retry-After": "5"})
+
+    # -- inference ------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrived = time.time()
+        customer = await authenticate(request)
+        chat, body = _parse_chat(await _read_body(request, config.max_request_bytes))
+        try:
+            version = await router.resolve(customer, chat.model)
+        except ModelNotFound:
+            raise model_not_found(chat.model) from None
+        require_engine()
+
+        trace_id = f"chatcmpl-{uuid.uuid4().hex}"
+        wants = ClientWants(logprobs=bool(chat.logprobs), token_ids=bool(chat.return_token_ids))
+        shown_model = version.name if version else chat.model
+        upstream = dict(body, model=version.name if version else config.served_base_name,
+                        return_token_ids=True, logprobs=True)
+        # Only the sampled tokens' logprobs, unless the client asked for alternatives too.
+        upstream["top_logprobs"] = chat.top_logprobs if chat.logprobs and chat.top_logprobs else 0
+
+        def record(prompt_ids: list[int], choices: list) -> None:
+            if capture is None:
+                return
+            capture.submit(InteractionRecord(
+                trace_id=trace_id, customer=customer, adapter=version.name if version else None,
+                adapter_version=version.version if version else None, base_model=config.base_model,
+                request=CapturedRequest(messages=body["messages"], tools=chat.tools, tool_choice=chat.tool_choice,
+                                        sampling={k: v for k, v in body.items() if k not in NON_SAMPLING}),
+                prompt_token_ids=prompt_ids, choices=choices, stream=chat.stream,
+                latency_ms=(time.time() - arrived) * 1000, created_at=arrived,
+            ))
+
+        stack = AsyncExitStack()
+        try:
+            resp = await _send_upstream(stack, router, engine.client, version, upstream, chat.stream)
+        except BaseException:
+            await stack.aclose()
+            raise
+        if not chat.stream:
+            try:
+                payload = json.loads(await resp.aread())
+            finally:
+                await stack.aclose()
+            record(payload.get("prompt_token_ids") or [], captured_choices(payload))
+            REQUESTS.labels("200", "false").inc()
+            LATENCY.labels("false").observe(time.time() - arrived)
+            return JSONResponse(for_client(payload, trace_id, shown_model, wants),
+                                headers={TRACE_HEADER: trace_id})
+
+        async def relay():
+            acc = StreamAccumulator()
+            try:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        yield "data: [DONE]\n\n"
+                        continue
+                    chunk = json.loads(data)
+                    acc.add(chunk)
+                    yield f"data: {json.dumps(for_client(chunk, trace_id, shown_model, wants))}\n\n"
+            finally:
+                await stack.aclose()
+                LATENCY.labels("true").observe(time.time() - arrived)
+            if acc.complete():
+                record(acc.prompt_token_ids, acc.choices())
+
+        REQUESTS.labels("200", "true").inc()
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={TRACE_HEADER: trace_id})
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        customer = await authenticate(request)
+        current = router.routes.get(customer)
+        owned = await router.registry.versions(customer)
+        created = int(current.created_at) if current else 0
+        data = [{"id": "default", "object": "model", "created": created, "owned_by": customer,
+                 "current": current.name if current else None}]
+        data += [{"id": v.name, "object": "model", "created": int(v.created_at), "owned_by": customer}
+                 for v in owned]
+        return {"object": "list", "data": data}
+
+    # -- operations -----------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        ready = engine.is_ready()
+        body = {"status": "ok" if ready else "degraded", "engine": ready,
+                "capture_connected": capture.connected() if capture else None}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- admin: adapter versions (the trainer and the CLI publish through here) ------------------
+    async def known_customer(name: str) -> str:
+        if not await customers.exists(name):
+            raise APIError(404, f"Customer `{name}` does not exist.", "customer_not_found")
+        return name
+
+    @app.post("/admin/customers/{customer}/adapters")
+    async def publish_adapter(customer: str, body: PublishBody, request: Request) -> dict:
+        require_admin(request)
+        await known_customer(customer)
+        require_engine()
+        started = time.perf_counter()
+        try:
+            version = await router.publish(customer, Path(body.path))
+        except AdapterRejected as exc:
+            raise APIError(422, str(exc), "adapter_rejected") from None
+        return {**version.model_dump(), "swap_ms": (time.perf_counter() - started) * 1000}
+
+    @app.put("/admin/customers/{customer}/route")
+    async def set_route(customer: str, body: RouteBody, request: Request) -> dict:
+        require_admin(request)
+        await known_customer(customer)
+        require_engine()
+        version = await router.registry.get(body.adapter)
+        if version is None or version.customer != customer:
+            raise model_not_found(body.adapter)
+        await router.switch(version)
+        return version.model_dump()
+
+    @app.get("/admin/customers/{customer}/adapters")
+    async def customer_adapters(customer: str, request: Request) -> dict:
+        require_admin(request)
+        await known_customer(customer)
+        current = router.routes.get(customer)
+        versions = await router.registry.versions(customer)
+        return {"customer": customer, "current": current.name if current else None,
+                "versions": [v.model_dump() for v in versions]}
+
+    return app
+
+
+async def _send_upstream(stack: AsyncExitStack, router: Router, client: EngineClient,
+                         version: AdapterVersion | None, body: dict, stream: bool) -> httpx.Response:
+    """Forward under a lease on the version; if the engine lost the adapter, reload once and retry."""
+    for attempt in (1, 2):
+        await stack.enter_async_context(router.lease(version))
+        try:
+            request = client.http.build_request("POST", "/v1/chat/completions", json=body)
+            resp = await client.http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise APIError(503, f"Engine unreachable: {exc.__class__.__name__}", "engine_unavailable",
+                           headers={"Retry-After": "5"}) from None
+        stack.push_async_callback(resp.aclose)
+        if resp.status_code == 200:
+            return resp
+        text = (await resp.aread()).decode(errors="replace")
+        if resp.status_code == 404 and version is not None and attempt == 1:
+            log.warning("engine lost adapter %s; reloading", version.name)
+            router.forget(version.name)
+            continue
+        raise _upstream_error(resp.status_code, text)
+    raise AssertionError("unreachable")

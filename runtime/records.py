@@ -1,0 +1,44 @@
+"""Records the runtime emits at its boundaries (Kafka messages), typed with pydantic.
+
+`InteractionRecord` is what the gateway captures per finished request; the feedback pipeline
+joins feedback events against it by `trace_id` and the trainer reads its token ids and the
+behaviour logprobs (the serving adapter's logprobs of the sampled tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+
+
+class CapturedRequest(BaseModel):
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    sampling: dict[str, Any] = Field(default_factory=dict, description="Every other request field.")
+
+
+class CapturedChoice(BaseModel):
+    index: int = 0
+    message: dict[str, Any]
+    finish_reason: str | None = None
+    token_ids: list[int]
+    logprobs: list[float] = Field(description="Logprob of each sampled token under the serving adapter.")
+
+
+class InteractionRecord(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    trace_id: str = Field(description="Also the record id: consumers deduplicate on it.")
+    customer: str
+    adapter: str | None = Field(description="Adapter version name served, None for the base model.")
+    adapter_version: int | None = None
+    base_model: str
+    request: CapturedRequest
+    prompt_token_ids: list[int]
+    choices: list[CapturedChoice]
+    stream: bool = False
+    latency_ms: float
+    created_at: float = Field(description="Unix time the request arrived.")

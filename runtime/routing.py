@@ -1,0 +1,122 @@
+"""The routing table: which adapter version serves each customer, and hot-swaps between them.
+
+Everything here runs on the gateway's event loop, so a switch is one dict assignment: a request
+resolved before it finishes on the old version, one resolved after starts on the new one. A
+version is loaded into the engine on demand (also after it fell out of the engine) and unloaded
+when it is neither current nor in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from prometheus_client import Gauge, Histogram
+
+from runtime.adapters import AdapterRegistry, AdapterVersion
+from runtime.engine import EngineClient
+
+log = logging.getLogger("clora.routing")
+SWAP_SECONDS = Histogram("clora_adapter_swap_seconds", "Load + switch of a new adapter version")
+LOADED = Gauge("clora_adapters_loaded", "Adapter versions registered with the engine")
+
+
+class ModelNotFound(LookupError):
+    """Unknown model, or one the caller does not own: the two are indistinguishable on purpose."""
+
+
+class Router:
+    def __init__(self, registry: AdapterRegistry, engine: EngineClient,
+                 validate: Callable[[Path], None] = lambda path: None):
+        self.registry = registry
+        self.engine = engine
+        self.validate = validate
+        self.routes: dict[str, AdapterVersion] = {}
+        self.loaded: set[str] = set()
+        self.inflight: Counter[str] = Counter()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def restore(self) -> None:
+        self.routes = await self.registry.routes()
+
+    async def resolve(self, customer: str, model: str) -> AdapterVersion | None:
+        """`default` -> the customer's current version (None = base model); else a version it owns."""
+        if model == "default":
+            return self.routes.get(customer)
+        version = await self.registry.get(model)
+        if version is None or version.customer != customer:
+            raise ModelNotFound(model)
+        return version
+
+    @asynccontextmanager
+    async def lease(self, version: AdapterVersion | None) -> AsyncIterator[None]:
+        """Hold a version loaded for the duration of a request."""
+        if version is None:
+            yield
+            return
+        async with self._lock(version.name):
+            await self._ensure_loaded(version)
+            self.inflight[version.name] += 1
+        try:
+            yield
+        finally:
+            self.inflight[version.name] -= 1
+            if self.inflight[version.name] <= 0:
+                del self.inflight[version.name]
+                await self._unload_if_idle(version)
+
+    async def publish(self, customer: str, source: Path, origin: str = "manual") -> AdapterVersion:
+        """New version from adapter files: validate, store, load, switch."""
+        self.validate(source)
+        started = time.perf_counter()
+        version = await self.registry.register(customer, source, origin)
+        await self.switch(version)
+        SWAP_SECONDS.observe(time.perf_counter() - started)
+        return version
+
+    async def switch(self, version: AdapterVersion) -> None:
+        """Make `version` its customer's current one (also how rollback works)."""
+        async with self._lock(version.name):
+            await self._ensure_loaded(version)
+        previous = self.routes.get(version.customer)
+        self.routes[version.customer] = version
+        await self.registry.set_current(version.customer, version.name)
+        log.info("customer %s now served by %s", version.customer, version.name)
+        if previous is not None and previous.name != version.name:
+            await self._unload_if_idle(previous)
+
+    async def reload_all(self) -> None:
+        """After an engine (re)start: nothing is loaded; bring back every current version."""
+        self.loaded.clear()
+        for version in list(self.routes.values()):
+            async with self._lock(version.name):
+                await self._ensure_loaded(version)
+
+    def forget(self, name: str) -> None:
+        """The engine no longer knows this name (it said 404): load it again on next use."""
+        self.loaded.discard(name)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _ensure_loaded(self, version: AdapterVersion) -> None:
+        if version.name not in self.loaded:
+            await self.engine.load_adapter(version.name, Path(version.path))
+            self.loaded.add(version.name)
+            LOADED.set(len(self.loaded))
+
+    async def _unload_if_idle(self, version: AdapterVersion) -> None:
+        async with self._lock(version.name):
+            current = self.routes.get(version.customer)
+            if (version.name in self.loaded and not self.inflight.get(version.name)
+                    and (current is None or current.name != version.name)):
+                self.loaded.discard(version.name)
+                LOADED.set(len(self.loaded))
+                await self.engine.unload_adapter(version.name)
+        if not self._lock(version.name).locked():
+            self._locks.pop(version.name, None)

@@ -1,0 +1,75 @@
+"""All configuration in one place: environment variables with the `CLORA_` prefix.
+
+Settings are built by the composition root (the CLI, or a test) and handed down as the few
+values each component needs; nothing reads them at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLORA_", extra="ignore")
+
+    # Where everything the runtime writes lives: model cache, run logs, spool, embedded Redis data.
+    home: Path = Field(default=Path(".clora"), description="Data directory (caches, runs, spool).")
+
+    # External services; unset means "spawn the embedded one".
+    kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers.")
+    redis_url: str | None = Field(default=None, description="Redis URL, e.g. redis://host:6379/0.")
+    model: str | None = Field(default=None, description="HF model dir; default SmolLM2-135M-Instruct.")
+
+    # Gateway.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, description="Gateway port (0 picks a free one).")
+    admin_key: str | None = Field(default=None, description="Admin API key; generated if unset.")
+    max_request_bytes: int = Field(default=1 << 20, description="Largest accepted request body.")
+    upstream_timeout_s: float = 600.0
+
+    # Engine (vLLM).
+    engine_port: int = Field(default=0, description="vLLM port (0 picks a free one).")
+    served_base_name: str = "base"
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    max_loras: int = Field(default=4, description="Adapters in one decode batch (GPU/CPU slots).")
+    max_cpu_loras: int = Field(default=16, description="Adapters cached by vLLM beyond the slots.")
+    max_lora_rank: int = 16
+    lora_target_modules: list[str] | None = Field(
+        default=None, description="Restrict served LoRA modules (e.g. qkv_proj,o_proj); None = all."
+    )
+    kv_cache_gib: float = Field(default=2.0, description="vLLM CPU KV cache size (GiB).")
+    cpu_threads_bind: str = Field(default="auto", description="VLLM_CPU_OMP_THREADS_BIND.")
+    enforce_eager: bool = Field(default=True, description="Skip torch.compile: faster start.")
+    engine_start_timeout_s: float = 300.0
+    engine_extra_args: list[str] = Field(default_factory=list)
+
+    # Traffic capture.
+    interactions_topic: str = "clora.interactions"
+    topic_partitions: int = 4
+    capture_queue_size: int = Field(default=10_000, description="In-memory records before spooling.")
+    spool_max_bytes: int = Field(default=1 << 30, description="On-disk spool bound.")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def state_file(self) -> Path:
+        """Written by `clora serve`: where its services listen, for the other CLI commands."""
+        return self.home / "serve.json"

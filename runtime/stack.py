@@ -1,0 +1,139 @@
+"""Composition root of `clora serve`: wires services, engine, router, capture and gateway.
+
+The only place that knows every component; each component gets just the values it uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import uvicorn
+
+from runtime.adapters import AdapterRegistry
+from runtime.capture import Capture
+from runtime.customers import CustomerStore
+from runtime.engine import EngineConfig, EngineManager
+from runtime.gateway import GatewayConfig, create_app
+from runtime.models import resolve_model
+from runtime.processes import free_port
+from runtime.routing import Router
+from runtime.services import EmbeddedService, start_broker, start_redis
+from runtime.settings import Settings
+from runtime.spool import Spool
+
+log = logging.getLogger("clora.stack")
+
+
+def admin_key(settings: Settings) -> str:
+    """CLORA_ADMIN_KEY, else one generated on first start and kept (0600) in the data dir."""
+    if settings.admin_key:
+        return settings.admin_key
+    path = settings.home / "admin_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("sk-clora-admin-" + secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def redis_url(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:
+    if settings.redis_url:
+        return settings.redis_url, None
+    service = start_redis(settings.home / "redis", log_dir)
+    return service.url, service
+
+
+def kafka_bootstrap(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap, None
+    service = start_broker(log_dir)
+    return service.url, service
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    run_dir: Path = field(init=False)
+    services: list[EmbeddedService] = field(default_factory=list)
+    engine: EngineManager | None = None
+    capture: Capture | None = None
+    redis: aioredis.Redis | None = None
+    server: uvicorn.Server | None = None
+    gateway_url: str = ""
+    redis_url: str = ""
+    kafka_bootstrap: str = ""
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.settings.runs_dir / time.strftime("%Y%m%d-%H%M%S")
+
+    async def start(self) -> None:
+        """Everything up, in dependency order; a failure stops what already started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_url, redis_service = redis_url(s, self.run_dir)
+        self.services += [redis_service] if redis_service else []
+        self.kafka_bootstrap, broker = kafka_bootstrap(s, self.run_dir)
+        self.services += [broker] if broker else []
+        model = str(await asyncio.to_thread(resolve_model, s.model, s.cache_dir))
+
+        self.redis = aioredis.Redis.from_url(self.redis_url)
+        customers = CustomerStore(self.redis)
+        registry = AdapterRegistry(self.redis, s.adapters_dir)
+        engine_config = EngineConfig.from_settings(s, model, self.run_dir)
+        self.engine = EngineManager(engine_config)
+        router = Router(registry, self.engine.client, validate=engine_config.validate_adapter)
+        await router.restore()
+        self.engine.on_ready = lambda _client: router.reload_all()
+        self.capture = Capture(self.kafka_bootstrap, s.interactions_topic, Spool(s.spool_dir, s.spool_max_bytes),
+                               queue_size=s.capture_queue_size, partitions=s.topic_partitions).start()
+        await self.engine.start()
+
+        config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
+                               max_request_bytes=s.max_request_bytes, admin_key=admin_key(s))
+        app = create_app(config, customers, router, self.engine, self.capture)
+        port = s.port or free_port(s.host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
+                                                   access_log=False, lifespan="off"))
+        self.gateway_url = f"http://{s.host}:{port}"
+        self._write_state()
+
+    def _write_state(self) -> None:
+        state = {"gateway_url": self.gateway_url, "redis_url": self.redis_url,
+                 "kafka_bootstrap": self.kafka_bootstrap, "run_dir": str(self.run_dir), "pid": os.getpid(),
+                 "engine_url": self.engine.url if self.engine else None}
+        self.settings.state_file.write_text(json.dumps(state, indent=2))  # admin key: own 0600 file
+
+    async def serve(self) -> None:
+        assert self.server is not None
+        await self.server.serve()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.stop)
+        if self.redis is not None:
+            await self.redis.aclose()
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+        self.settings.state_file.unlink(missing_ok=True)
+
