@@ -53,7 +53,8 @@ def serve(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     """Start the runtime: embedded Kafka/Redis unless configured, vLLM, and the gateway."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    for noisy in ("kafka", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = Settings()
     if _serve_state(settings):
         raise _fail(f"clora serve is already running for {settings.home} (see {settings.state_file})")

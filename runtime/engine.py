@@ -78,6 +78,8 @@ class EngineConfig:
             "--max-loras", str(self.max_loras), "--max-cpu-loras", str(self.max_cpu_loras),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
             "--chat-template", str(CHAT_TEMPLATE), "--disable-uvicorn-access-log",
+            # Compact JSON for response_format: small models otherwise wander off into whitespace.
+            "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         ]
         if self.lora_target_modules:
             args += ["--lora-target-modules", *self.lora_target_modules]
@@ -129,6 +131,11 @@ class EngineClient:
             return (await self.http.get("/health", timeout=2.0)).status_code == 200
         except httpx.HTTPError:
             return False
+
+    async def warm_up(self, model: str) -> None:
+        """The first request after start pays one-off costs (~10 s on CPU); pay them before traffic."""
+        await self.http.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 
     async def load_adapter(self, name: str, path: Path) -> None:
         resp = await self.http.post("/v1/load_lora_adapter",
@@ -186,6 +193,7 @@ class EngineManager:
                 self.process.stop()
                 raise self.process.start_error(f"not healthy after {self.config.start_timeout_s:.0f}s")
             await asyncio.sleep(0.5)
+        await self.client.warm_up(self.config.served_base_name)
         log.info("vLLM ready on %s after %.1fs", self.url, time.monotonic() - started)
         if self.on_ready:
             await self.on_ready(self.client)

@@ -1,0 +1,181 @@
+"""Real parts for every test: one Kafka-protocol broker, one Redis-protocol server and one clora
+stack (vLLM serving a tiny random Llama with SmolLM2's tokenizer + the gateway) per session.
+
+Factories hand out customers (with keys) and LoRA adapters for that tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from runtime.models import build_random_llama, ensure_tokenizer
+from runtime.services import start_broker, start_redis
+from runtime.settings import Settings
+from runtime.stack import Stack
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".clora" / "cache"  # survives between runs; never committed
+ADMIN_KEY = "sk-clora-admin-test"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return ensure_tokenizer(CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer_dir: Path) -> Path:
+    return build_random_llama(CACHE / "tiny-llama-2x256", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="session")
+def broker(run_dir: Path):
+    service = start_broker(run_dir / "broker")
+    yield service.url
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(run_dir: Path):
+    service = start_redis(run_dir / "redis-data", run_dir / "redis", persistent=False)
+    yield service.url
+    service.stop()
+
+
+class StackThread:
+    """A clora stack on its own event loop in a background thread, as `clora serve` runs it."""
+
+    def __init__(self, settings: Settings):
+        self.stack = Stack(settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self.stack.start()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            self._error = exc
+            self._started.set()
+            return
+        serving = asyncio.create_task(self.stack.serve())
+        while not self.stack.server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        self._started.set()
+        try:
+            await serving
+        finally:
+            await self.stack.stop()
+
+    def start(self, timeout_s: float = 400) -> "StackThread":
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise TimeoutError("stack did not start")
+        if self._error:
+            raise self._error
+        return self
+
+    def call(self, coro, timeout_s: float = 60):
+        """Run a coroutine on the stack's loop (for reaching into the router from a test)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def stop(self) -> None:
+        if self.stack.server is not None:
+            self.stack.server.should_exit = True
+        self._thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_model: Path, broker: str, redis_url: str, run_dir: Path):
+    settings = Settings(
+        home=run_dir / "home", model=str(tiny_model), kafka_bootstrap=broker, redis_url=redis_url,
+        port=0, admin_key=ADMIN_KEY, max_loras=2, max_cpu_loras=2, max_lora_rank=16, kv_cache_gib=1,
+        max_model_len=1024,
+    )
+    settings.home.mkdir(parents=True, exist_ok=True)
+    running = StackThread(settings).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: StackThread) -> str:
+    return stack.stack.gateway_url
+
+
+@pytest.fixture(scope="session")
+def engine_url(stack: StackThread) -> str:
+    return stack.stack.engine.url
+
+
+@pytest.fixture
+def admin(gateway: str):
+    with httpx.Client(base_url=gateway, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def make_customer(stack: StackThread, redis_url: str):
+    """Creates a fresh customer; returns (name, api_key)."""
+    from runtime.customers import CustomerStore
+    import redis.asyncio as aioredis
+
+    def make(prefix: str = "cust") -> tuple[str, str]:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+        async def create() -> str:
+            client = aioredis.Redis.from_url(redis_url)
+            try:
+                return await CustomerStore(client).create(name)
+            finally:
+                await client.aclose()
+
+        return name, stack.call(create())
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A random (non-zero) LoRA adapter for the tiny model, saved as PEFT safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    out_root = tmp_path_factory.mktemp("adapters")
+
+    def make(seed: int, rank: int = 8, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj")) -> Path:
+        out = out_root / f"seed{seed}-r{rank}-{len(targets)}"
+        if out.exists():
+            return out
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=list(targets), init_lora_weights=False)
+        model = get_peft_model(base, config)
+        model.save_pretrained(out)
+        model.unload()  # leave `base` unwrapped for the next adapter
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sync_redis(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()

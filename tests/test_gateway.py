@@ -1,0 +1,192 @@
+"""The gateway against the real stack: the official openai SDK in, vLLM behind, Kafka capture out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from kafka import KafkaConsumer
+
+from runtime.records import InteractionRecord
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+def client_for(gateway: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=key, max_retries=0)
+
+
+def captured(broker: str, topic: str, trace_ids: set[str], timeout_s: float = 30) -> dict[str, InteractionRecord]:
+    """Read the interaction topic from the start until every wanted trace id was seen."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=broker, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
+    found: dict[str, InteractionRecord] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not trace_ids <= found.keys():
+            for message in consumer:
+                record = InteractionRecord.model_validate_json(message.value)
+                if record.trace_id in trace_ids:
+                    found[record.trace_id] = record
+    finally:
+        consumer.close()
+    return found
+
+
+def direct_greedy(engine_url: str, model: str, messages: list, max_tokens: int = 12) -> dict:
+    resp = httpx.post(f"{engine_url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+        "return_token_ids": True, "logprobs": True, "top_logprobs": 0})
+    resp.raise_for_status()
+    return resp.json()
+
+
+def test_sync_chat_is_captured_with_vllm_token_ids_and_logprobs(gateway, engine_url, broker, make_customer):
+    name, key = make_customer()
+    raw = client_for(gateway, key).chat.completions.with_raw_response.create(
+        model="default", messages=MESSAGES, max_tokens=12, temperature=0)
+    reply = raw.parse()
+    trace_id = raw.headers["x-clora-trace-id"]
+    assert reply.id == trace_id
+    # The client did not ask for logprobs or token ids: none leak into its answer.
+    assert reply.choices[0].logprobs is None
+    assert "token_ids" not in reply.choices[0].model_extra and "prompt_token_ids" not in reply.model_extra
+
+    record = captured(broker, "clora.interactions", {trace_id})[trace_id]
+    direct = direct_greedy(engine_url, "base", MESSAGES)
+    assert record.customer == name and record.adapter is None
+    assert record.prompt_token_ids == direct["prompt_token_ids"]
+    assert record.choices[0].token_ids == direct["choices"][0]["token_ids"]
+    expected_lp = [c["logprob"] for c in direct["choices"][0]["logprobs"]["content"]]
+    assert record.choices[0].logprobs == pytest.approx(expected_lp, abs=1e-4)
+    assert record.choices[0].message["content"] == reply.choices[0].message.content
+    assert record.request.sampling["max_tokens"] == 12 and record.latency_ms > 0
+
+
+def test_streaming_relays_chunks_and_captures_the_whole_answer(gateway, engine_url, broker, make_customer):
+    _, key = make_customer()
+    stream = client_for(gateway, key).chat.completions.create(
+        model="default", messages=MESSAGES, max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    trace_id = chunks[0].id
+    assert all(c.id == trace_id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+
+    record = captured(broker, "clora.interactions", {trace_id})[trace_id]
+    direct = direct_greedy(engine_url, "base", MESSAGES, max_tokens=10)
+    assert record.stream and record.choices[0].message["content"] == text
+    assert record.prompt_token_ids == direct["prompt_token_ids"]
+    assert record.choices[0].token_ids == direct["choices"][0]["token_ids"]
+    assert len(record.choices[0].logprobs) == len(record.choices[0].token_ids) == 10
+
+
+def test_client_that_asks_for_logprobs_and_token_ids_gets_them(gateway, make_customer):
+    _, key = make_customer()
+    reply = client_for(gateway, key).chat.completions.create(
+        model="default", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"return_token_ids": True})
+    assert len(reply.choices[0].logprobs.content) == 5
+    assert all(len(t.top_logprobs) == 2 for t in reply.choices[0].logprobs.content)
+    assert len(reply.choices[0].model_extra["token_ids"]) == 5 and reply.model_extra["prompt_token_ids"]
+
+
+async def test_async_client_concurrent_requests(gateway, make_customer):
+    _, key = make_customer()
+    client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key=key, max_retries=0)
+    replies = await asyncio.gather(*[
+        client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=6, temperature=0)
+        for _ in range(8)])
+    assert len({r.id for r in replies}) == 8
+    assert len({r.choices[0].message.content for r in replies}) == 1  # greedy: same answer
+    await client.close()
+
+
+def test_tool_call_request_shape_passes_through(gateway, broker, make_customer, tokenizer_dir):
+    _, key = make_customer()
+    # The random model would fill the JSON grammar's optional whitespace forever: bias it away.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    no_space = {str(i): -100 for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()}
+    tools = [{"type": "function", "function": {
+        "name": "calculator", "description": "Evaluate arithmetic", "strict": True,
+        "parameters": {"type": "object", "properties": {"op": {"type": "string", "enum": ["add", "mul"]}},
+                       "required": ["op"], "additionalProperties": False}}}]
+    raw = client_for(gateway, key).chat.completions.with_raw_response.create(
+        model="default", messages=[{"role": "user", "content": "What is 2+3?"}], tools=tools,
+        tool_choice={"type": "function", "function": {"name": "calculator"}}, max_tokens=100, temperature=0,
+        logit_bias=no_space)
+    reply = raw.parse()
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name == "calculator"
+    assert json.loads(call.function.arguments)["op"] in {"add", "mul"}  # enum: the random model must finish
+    trace_id = raw.headers["x-clora-trace-id"]
+    record = captured(broker, "clora.interactions", {trace_id})[trace_id]
+    assert record.request.tools == tools
+    assert record.choices[0].message["tool_calls"][0]["function"]["name"] == "calculator"
+
+    # A follow-up turn carrying the tool call and its result is accepted (multi-turn episodes).
+    follow = client_for(gateway, key).chat.completions.create(model="default", max_tokens=5, tools=tools, messages=[
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "5"}])
+    assert follow.choices[0].finish_reason in {"length", "stop", "tool_calls"}
+
+
+def test_models_lists_only_what_the_caller_may_use(gateway, make_customer, make_adapter, admin):
+    owner, owner_key = make_customer()
+    other, other_key = make_customer()
+    resp = admin.post(f"/admin/customers/{owner}/adapters", json={"path": str(make_adapter(seed=11))})
+    assert resp.status_code == 200, resp.text
+    version = resp.json()["name"]
+    assert {m.id for m in client_for(gateway, owner_key).models.list()} == {"default", version}
+    assert {m.id for m in client_for(gateway, other_key).models.list()} == {"default"}
+
+
+def test_bad_requests_get_openai_style_4xx(gateway, make_customer, make_adapter, admin):
+    owner, _ = make_customer()
+    _, key = make_customer()
+    admin.post(f"/admin/customers/{owner}/adapters", json={"path": str(make_adapter(seed=12))}).raise_for_status()
+    foreign = f"{owner}.v1"
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{gateway}/v1/chat/completions"
+    good = {"model": "default", "messages": MESSAGES, "max_tokens": 2}
+
+    def check(resp: httpx.Response, status: int) -> dict:
+        assert resp.status_code == status, resp.text
+        error = resp.json()["error"]
+        assert error["message"] and error["type"]
+        return error
+
+    check(httpx.post(url, json=good), 401)
+    check(httpx.post(url, json=good, headers={"Authorization": "Bearer sk-clora-wrong"}), 401)
+    missing = check(httpx.post(url, json={**good, "model": f"{owner}.v999"}, headers=headers), 404)
+    stolen = check(httpx.post(url, json={**good, "model": foreign}, headers=headers), 404)
+    # Someone else's adapter and a name that does not exist are indistinguishable.
+    assert stolen["message"].replace(foreign, "X") == missing["message"].replace(f"{owner}.v999", "X")
+    assert check(httpx.post(url, content=b"{not json", headers=headers), 400)["code"] == "invalid_json"
+    check(httpx.post(url, json={"model": "default", "messages": []}, headers=headers), 400)
+    check(httpx.post(url, json={**good, "temperature": 9}, headers=headers), 400)
+    check(httpx.post(url, json={**good, "messages": [{"role": "wizard", "content": "x"}]}, headers=headers), 400)
+    check(httpx.post(url, json=[1, 2], headers=headers), 400)
+    huge = {**good, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    check(httpx.post(url, json=huge, headers=headers), 413)
+    # Over the context window: vLLM's own 400 comes back as ours, not a 500.
+    check(httpx.post(url, json={**good, "max_tokens": 5000}, headers=headers), 400)
+    check(httpx.get(f"{gateway}/v1/models"), 401)
+    check(httpx.post(f"{gateway}/admin/customers/{owner}/adapters", json={"path": "/tmp"}, headers=headers), 401)
+
+
+def test_health_and_metrics(gateway, make_customer):
+    _, key = make_customer()
+    client_for(gateway, key).chat.completions.create(model="default", messages=MESSAGES, max_tokens=2)
+    health = httpx.get(f"{gateway}/healthz").json()
+    assert health["engine"] is True and health["capture_connected"] is True
+    metrics = httpx.get(f"{gateway}/metrics").text
+    assert 'clora_requests_total{status="200",stream="false"}' in metrics
+    assert "clora_capture_records_total" in metrics
