@@ -100,6 +100,10 @@ class ChildProcess:
             if not self.alive():
                 raise self.start_error(f"waiting for {host}:{port}")
             if port_open(host, port):
+                # Someone else may own the port: a child that cannot bind exits at once.
+                time.sleep(0.3)
+                if not self.alive():
+                    raise self.start_error(f"binding {host}:{port}")
                 return
             time.sleep(0.05)
         raise self.start_error(f"no listener on {host}:{port} after {timeout_s:.0f}s")

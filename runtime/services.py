@@ -72,15 +72,19 @@ def start_redis(data_dir: Path, log_dir: Path, port: int | None = None,
 
 def _wait_for_redis(url: str, proc: ChildProcess, timeout_s: float = 30.0) -> None:
     """The port opens before an AOF is replayed; PING answers LOADING until it is."""
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, socket_timeout=1.0)
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.exceptions.BusyLoadingError:
-            if time.monotonic() > deadline:
-                raise proc.start_error("still loading its data") from None
-            time.sleep(0.1)
-        finally:
-            client.close()
+    try:
+        while True:
+            if not proc.alive():
+                raise proc.start_error("starting")
+            try:
+                client.ping()
+                return
+            except (redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError,
+                    redis.exceptions.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise proc.start_error("not answering PING") from None
+                time.sleep(0.1)
+    finally:
+        client.close()

@@ -1,0 +1,45 @@
+"""Embedded services and child processes: persistence, clean stops, one-line start errors."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import redis
+
+from runtime.processes import ChildProcess, ServiceStartError, free_port
+from runtime.services import start_redis
+
+
+def test_embedded_redis_keeps_data_across_restarts(tmp_path):
+    first = start_redis(tmp_path / "data", tmp_path / "logs")
+    redis.Redis.from_url(first.url).set("k", "v")
+    first.stop()
+    second = start_redis(tmp_path / "data", tmp_path / "logs")
+    try:
+        assert redis.Redis.from_url(second.url).get("k") == b"v"
+    finally:
+        second.stop()
+
+
+def test_a_child_that_cannot_start_fails_with_a_one_line_cause(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServiceStartError) as info:
+            start_redis(tmp_path / "data", tmp_path / "logs", port=port)
+    message = str(info.value)
+    assert "\n" not in message and "redis" in message and f"Failed listening on port {port}" in message
+
+
+def test_stop_ends_the_whole_process_group(tmp_path):
+    port = free_port()
+    child = ChildProcess("sleeper", ["bash", "-c", f"sleep 300 & python3 -m http.server {port}"],
+                         tmp_path / "sleeper.log").start()
+    child.wait_for_port("127.0.0.1", port, timeout_s=20)
+    pgid = child.pid
+    child.stop(timeout_s=5)
+    import os
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
