@@ -1,0 +1,95 @@
+"""`clora serve` as a user runs it: embedded broker and Redis, CLI-made customer, openai SDK,
+capture on Kafka, a published adapter, the engine SIGKILLed and brought back with its adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from runtime.processes import free_port
+from tests.test_gateway import MESSAGES, captured
+
+pytestmark = pytest.mark.slow
+CLORA = [sys.executable, "-m", "runtime.cli"]
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def greedy(client: openai.OpenAI) -> list[int]:
+    reply = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=10, temperature=0,
+                                           extra_body={"return_token_ids": True})
+    return reply.choices[0].model_extra["token_ids"]
+
+
+def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
+    env = {**os.environ, "CLORA_HOME": str(tmp_path / "home"), "CLORA_MODEL": str(tiny_model),
+           "CLORA_PORT": str(free_port()), "CLORA_KV_CACHE_GIB": "1", "CLORA_MAX_MODEL_LEN": "1024"}
+    serve = subprocess.Popen([*CLORA, "serve"], env=env, stdout=open(tmp_path / "serve.out", "wb"),
+                             stderr=subprocess.STDOUT)
+    state_file = tmp_path / "home" / "serve.json"
+    try:
+        state = wait_until(lambda: state_file.exists() and json.loads(state_file.read_text()), 300, "serve.json")
+        url = state["gateway_url"]
+        wait_until(lambda: healthy(url), 120, "healthy gateway")
+
+        key = subprocess.run([*CLORA, "customers", "create", "e2e"], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES, max_tokens=8)
+        trace_id = raw.headers["x-clora-trace-id"]
+        record = captured(state["kafka_bootstrap"], "clora.interactions", {trace_id})[trace_id]
+        assert record.customer == "e2e" and record.choices[0].token_ids and record.choices[0].logprobs
+
+        base_ids = greedy(client)
+        subprocess.run([*CLORA, "adapters", "publish", "e2e", str(make_adapter(seed=99))], env=env, check=True,
+                       capture_output=True)
+        adapter_ids = greedy(client)
+        assert adapter_ids != base_ids
+
+        # The engine dies; the supervisor restarts it and reloads e2e's adapter before serving again.
+        engines = [p for p in psutil.Process(serve.pid).children(recursive=True)
+                   if "vllm.entrypoints" in " ".join(p.cmdline())]
+        assert len(engines) == 1
+        engines[0].send_signal(signal.SIGKILL)
+        wait_until(lambda: not healthy(url), 30, "engine death noticed")
+        with pytest.raises(openai.APIStatusError) as refused:
+            greedy(client)
+        assert refused.value.status_code == 503
+        wait_until(lambda: healthy(url), 300, "engine restarted")
+        assert greedy(client) == adapter_ids
+
+        children = psutil.Process(serve.pid).children(recursive=True)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(60) == 0
+        wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+                   30, "children stopped")
+        assert not state_file.exists()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        print((tmp_path / "serve.out").read_text()[-3000:])
