@@ -39,7 +39,7 @@ class Capture:
         self.partitions = partitions
         self.spool = spool
         self.flush_timeout_s = flush_timeout_s
-        self._queue: queue.Queue[SpooledMessage] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[InteractionRecord] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._producer = None
         self._next_connect = 0.0
@@ -47,13 +47,15 @@ class Capture:
 
     # -- request path -------------------------------------------------------------------------
     def submit(self, record: InteractionRecord) -> None:
-        """Never blocks on Kafka: memory queue, else straight to the spool."""
-        message = SpooledMessage(self.topic, record.customer.encode(), record.model_dump_json().encode())
+        """Never blocks on Kafka: memory queue (serialised off the request path), else the spool."""
         try:
-            self._queue.put_nowait(message)
+            self._queue.put_nowait(record)
         except queue.Full:
-            dropped = self.spool.append([message])
+            dropped = self.spool.append([self._message(record)])
             CAPTURED.labels("spooled" if not dropped else "dropped").inc()
+
+    def _message(self, record: InteractionRecord) -> SpooledMessage:
+        return SpooledMessage(self.topic, record.customer.encode(), record.model_dump_json().encode())
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "Capture":
@@ -97,7 +99,7 @@ class Capture:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        return batch
+        return [self._message(record) for record in batch]
 
     def _connect(self) -> None:
         try:
