@@ -193,7 +193,7 @@ async def main(quick: bool) -> dict:
         key = create_customer(env, "bench")
         gateway, engine = state["gateway_url"], state["engine_url"]
         auth = {"Authorization": f"Bearer {key}"}
-        requests = {1: 6, 8: 24, 32: 64} if quick else {1: 16, 8: 64, 32: 128}
+        requests = {1: 4, 8: 24, 32: 64} if quick else {1: 8, 8: 64, 32: 128}
         rows = []
         for concurrency, n in requests.items():
             console.print(f"concurrency {concurrency}: {n} requests x {TOKENS} tokens per path, two rounds")

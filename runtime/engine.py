@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from runtime.models import CHAT_TEMPLATE
 from runtime.processes import ChildProcess, ServiceStartError, free_port
@@ -118,43 +118,64 @@ class EngineConfig:
 
 
 class EngineClient:
-    """HTTP client for vLLM: inference pass-through and the LoRA admin endpoints."""
+    """HTTP client for vLLM: inference pass-through and the LoRA admin endpoints.
+
+    aiohttp rather than httpx on this path: it writes a request's headers and body in one send and
+    costs about a third of httpx's per-request CPU, which is most of what the gateway adds.
+    """
 
     def __init__(self, base_url: str, timeout_s: float = 600.0, max_connections: int = 512):
         self.base_url = base_url
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s, connect=5.0),
-                                      limits=limits)
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the event loop that will use it.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                base_url=self.base_url, timeout=aiohttp.ClientTimeout(total=self.timeout_s, connect=5.0),
+                connector=aiohttp.TCPConnector(limit=self.max_connections, force_close=False))
+        return self._session
+
+    async def chat(self, body: dict) -> aiohttp.ClientResponse:
+        """POST a chat request; the caller reads (or streams) and releases the response."""
+        return await self.session.post("/v1/chat/completions", json=body)
 
     async def healthy(self) -> bool:
         try:
-            return (await self.http.get("/health", timeout=2.0)).status_code == 200
-        except httpx.HTTPError:
+            async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
     async def warm_up(self, model: str) -> None:
         """The first request after start pays one-off costs (~10 s on CPU); pay them before traffic."""
-        await self.http.post("/v1/chat/completions", json={
-            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        async with self.session.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}) as resp:
+            await resp.read()
 
     async def load_adapter(self, name: str, path: Path) -> None:
-        resp = await self.http.post("/v1/load_lora_adapter",
-                                    json={"lora_name": name, "lora_path": str(path.resolve())})
-        if resp.status_code != 200 and "already been loaded" not in resp.text:
-            raise AdapterRejected(f"engine refused adapter {name}: {resp.status_code} {resp.text[:300]}")
+        body = {"lora_name": name, "lora_path": str(path.resolve())}
+        async with self.session.post("/v1/load_lora_adapter", json=body) as resp:
+            text = await resp.text()
+            if resp.status != 200 and "already been loaded" not in text:
+                raise AdapterRejected(f"engine refused adapter {name}: {resp.status} {text[:300]}")
 
     async def unload_adapter(self, name: str) -> None:
-        resp = await self.http.post("/v1/unload_lora_adapter", json={"lora_name": name})
-        if resp.status_code not in (200, 404):
-            log.warning("unloading %s failed: %s %s", name, resp.status_code, resp.text[:200])
+        async with self.session.post("/v1/unload_lora_adapter", json={"lora_name": name}) as resp:
+            if resp.status not in (200, 404):
+                log.warning("unloading %s failed: %s %s", name, resp.status, (await resp.text())[:200])
 
     async def served_models(self) -> list[str]:
-        resp = await self.http.get("/v1/models")
-        resp.raise_for_status()
-        return [m["id"] for m in resp.json()["data"]]
+        async with self.session.get("/v1/models") as resp:
+            resp.raise_for_status()
+            return [m["id"] for m in (await resp.json())["data"]]
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 OnReady = Callable[[EngineClient], Awaitable[None]]

@@ -7,6 +7,7 @@ asked for -> hand the full interaction to capture (never waiting on Kafka).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,9 +15,10 @@ import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -160,13 +162,13 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
 
         stack = AsyncExitStack()
         try:
-            resp = await _send_upstream(stack, router, engine.client, version, upstream, chat.stream)
+            resp = await _send_upstream(stack, router, engine.client, version, upstream)
         except BaseException:
             await stack.aclose()
             raise
         if not chat.stream:
             try:
-                payload = json.loads(await resp.aread())
+                payload = json.loads(await resp.read())
             finally:
                 await stack.aclose()
             record(payload.get("prompt_token_ids") or [], captured_choices(payload))
@@ -178,10 +180,7 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
         async def relay():
             acc = StreamAccumulator()
             try:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
+                async for data in _sse_data(resp):
                     if data == "[DONE]":
                         yield "data: [DONE]\n\n"
                         continue
@@ -263,23 +262,33 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
 
 
 async def _send_upstream(stack: AsyncExitStack, router: Router, client: EngineClient,
-                         version: AdapterVersion | None, body: dict, stream: bool) -> httpx.Response:
+                         version: AdapterVersion | None, body: dict) -> aiohttp.ClientResponse:
     """Forward under a lease on the version; if the engine lost the adapter, reload once and retry."""
     for attempt in (1, 2):
         await stack.enter_async_context(router.lease(version))
         try:
-            request = client.http.build_request("POST", "/v1/chat/completions", json=body)
-            resp = await client.http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            resp = await client.chat(body)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise APIError(503, f"Engine unreachable: {exc.__class__.__name__}", "engine_unavailable",
                            headers={"Retry-After": "5"}) from None
-        stack.push_async_callback(resp.aclose)
-        if resp.status_code == 200:
+        stack.callback(resp.release)
+        if resp.status == 200:
             return resp
-        text = (await resp.aread()).decode(errors="replace")
-        if resp.status_code == 404 and version is not None and attempt == 1:
+        text = (await resp.read()).decode(errors="replace")
+        if resp.status == 404 and version is not None and attempt == 1:
             log.warning("engine lost adapter %s; reloading", version.name)
             router.forget(version.name)
             continue
-        raise _upstream_error(resp.status_code, text)
+        raise _upstream_error(resp.status, text)
     raise AssertionError("unreachable")
+
+
+async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The `data:` payloads of an SSE stream (lines may exceed aiohttp's readline limit)."""
+    buffer = b""
+    async for block in resp.content.iter_any():
+        buffer += block
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: "):
+                yield line[6:].rstrip(b"\r").decode()
