@@ -131,6 +131,13 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
     # -- inference ------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        try:
+            return await chat(request)
+        except APIError as exc:
+            REQUESTS.labels(str(exc.status), "unknown").inc()
+            raise
+
+    async def chat(request: Request) -> Response:
         arrived = time.time()
         customer = await authenticate(request)
         chat, body = _parse_chat(await _read_body(request, config.max_request_bytes))

@@ -185,8 +185,10 @@ def test_bad_requests_get_openai_style_4xx(gateway, make_customer, make_adapter,
 def test_health_and_metrics(gateway, make_customer):
     _, key = make_customer()
     client_for(gateway, key).chat.completions.create(model="default", messages=MESSAGES, max_tokens=2)
+    assert httpx.post(f"{gateway}/v1/chat/completions", json={}).status_code == 401
     health = httpx.get(f"{gateway}/healthz").json()
     assert health["engine"] is True and health["capture_connected"] is True
     metrics = httpx.get(f"{gateway}/metrics").text
     assert 'clora_requests_total{status="200",stream="false"}' in metrics
+    assert 'clora_requests_total{status="401",stream="unknown"}' in metrics
     assert "clora_capture_records_total" in metrics
