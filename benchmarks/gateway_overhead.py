@@ -197,7 +197,9 @@ async def main(quick: bool) -> dict:
         rows = []
         for concurrency, n in requests.items():
             console.print(f"concurrency {concurrency}: {n} requests x {TOKENS} tokens per path, two rounds")
-            await run_load(engine, {}, "base", concurrency, min(n, concurrency * 2))  # warm the batch shape
+            # Warm both paths (batch shapes, connection pools) before anything is counted.
+            await run_load(engine, {}, "base", concurrency, concurrency)
+            await run_load(gateway, auth, "default", concurrency, concurrency)
             d1 = await run_load(engine, {}, "base", concurrency, n)
             g1 = await run_load(gateway, auth, "default", concurrency, n)
             g2 = await run_load(gateway, auth, "default", concurrency, n)
