@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from runtime.protocol import NON_SAMPLING, ChatRequest
 from runtime.records import CapturedRequest, InteractionRecord
 from runtime.responses import ClientWants, StreamAccumulator, captured_choices, for_client
 from runtime.routing import ModelNotFound, Router
+from runtime.traces import TraceSigner
 
 log = logging.getLogger("clora.gateway")
 TRACE_HEADER = "X-Clora-Trace-Id"
@@ -109,7 +109,7 @@ def _upstream_error(resp_status: int, text: str) -> APIError:
 
 
 def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, engine: Engine,
-               capture: Capture | None) -> FastAPI:
+               capture: Capture | None, traces: TraceSigner) -> FastAPI:
     app = FastAPI(title="clora gateway", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
@@ -147,7 +147,7 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
             raise model_not_found(chat.model) from None
         require_engine()
 
-        trace_id = f"chatcmpl-{uuid.uuid4().hex}"
+        trace_id = traces.new(customer)
         wants = ClientWants(logprobs=bool(chat.logprobs), token_ids=bool(chat.return_token_ids))
         shown_model = version.name if version else chat.model
         upstream = dict(body, model=version.name if version else config.served_base_name,

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, description="Gateway port (0 picks a free one).")
     admin_key: str | None = Field(default=None, description="Admin API key; generated if unset.")
+    trace_secret: str | None = Field(default=None, description="HMAC key for trace ids; generated if unset.")
     max_request_bytes: int = Field(default=1 << 20, description="Largest accepted request body.")
     upstream_timeout_s: float = 600.0
 

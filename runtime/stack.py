@@ -28,6 +28,7 @@ from runtime.routing import Router
 from runtime.services import EmbeddedService, start_broker, start_redis
 from runtime.settings import Settings
 from runtime.spool import Spool
+from runtime.traces import TraceSigner
 
 log = logging.getLogger("clora.stack")
 
@@ -36,12 +37,25 @@ def admin_key(settings: Settings) -> str:
     """CLORA_ADMIN_KEY, else one generated on first start and kept (0600) in the data dir."""
     if settings.admin_key:
         return settings.admin_key
-    path = settings.home / "admin_key"
+    return _secret_file(settings.home / "admin_key", "sk-clora-admin-")
+
+
+def trace_secret(settings: Settings) -> bytes:
+    """CLORA_TRACE_SECRET (shared by every gateway replica), else one generated and kept (0600)."""
+    if settings.trace_secret:
+        return settings.trace_secret.encode()
+    return _secret_file(settings.home / "trace_secret", "").encode()
+
+
+def _secret_file(path: Path, prefix: str) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it meanwhile
+            return path.read_text().strip()
         with os.fdopen(fd, "w") as f:
-            f.write("sk-clora-admin-" + secrets.token_urlsafe(32))
+            f.write(prefix + secrets.token_urlsafe(32))
     return path.read_text().strip()
 
 
@@ -106,7 +120,7 @@ class Stack:
 
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
                                max_request_bytes=s.max_request_bytes, admin_key=admin_key(s))
-        app = create_app(config, customers, router, self.engine, self.capture)
+        app = create_app(config, customers, router, self.engine, self.capture, TraceSigner(trace_secret(s)))
         port = s.port or free_port(s.host)
         self.server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
                                                    access_log=False, lifespan="off"))
@@ -117,7 +131,10 @@ class Stack:
         state = {"gateway_url": self.gateway_url, "redis_url": self.redis_url,
                  "kafka_bootstrap": self.kafka_bootstrap, "run_dir": str(self.run_dir), "pid": os.getpid(),
                  "engine_url": self.engine.url if self.engine else None}
-        self.settings.state_file.write_text(json.dumps(state, indent=2))  # admin key: own 0600 file
+        # Readers poll for this file: write it whole (temp file + rename), never half.
+        tmp = self.settings.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))  # the admin key stays in its own 0600 file
+        tmp.rename(self.settings.state_file)
 
     async def serve(self) -> None:
         assert self.server is not None

@@ -12,6 +12,8 @@ import pytest
 from kafka import KafkaConsumer
 
 from runtime.records import InteractionRecord
+from runtime.stack import trace_secret
+from runtime.traces import TraceSigner
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
@@ -45,13 +47,15 @@ def direct_greedy(engine_url: str, model: str, messages: list, max_tokens: int =
     return resp.json()
 
 
-def test_sync_chat_is_captured_with_vllm_token_ids_and_logprobs(gateway, engine_url, broker, make_customer):
+def test_sync_chat_is_captured_with_vllm_token_ids_and_logprobs(gateway, engine_url, broker, make_customer, stack):
     name, key = make_customer()
     raw = client_for(gateway, key).chat.completions.with_raw_response.create(
         model="default", messages=MESSAGES, max_tokens=12, temperature=0)
     reply = raw.parse()
     trace_id = raw.headers["x-clora-trace-id"]
     assert reply.id == trace_id
+    signer = TraceSigner(trace_secret(stack.stack.settings))
+    assert signer.issued_to(trace_id, name) and not signer.issued_to(trace_id, name + "x")
     # The client did not ask for logprobs or token ids: none leak into its answer.
     assert reply.choices[0].logprobs is None
     assert "token_ids" not in reply.choices[0].model_extra and "prompt_token_ids" not in reply.model_extra

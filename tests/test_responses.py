@@ -37,3 +37,15 @@ def test_stream_accumulator_rebuilds_content_tool_calls_and_tokens():
     call = choice.message["tool_calls"][0]
     assert call["id"] == "call_1" and call["function"] == {"name": "calc", "arguments": '{"a": 1}'}
     assert choice.finish_reason == "tool_calls"
+
+
+def test_trace_ids_prove_their_customer():
+    from runtime.traces import TraceSigner
+
+    signer = TraceSigner(b"k" * 32)
+    trace = signer.new("acme")
+    assert trace.startswith("chatcmpl-") and signer.issued_to(trace, "acme")
+    assert not signer.issued_to(trace, "globex")
+    assert not TraceSigner(b"j" * 32).issued_to(trace, "acme")  # another deployment's secret
+    for forged in ("chatcmpl-", "chatcmpl-" + "0" * 40, trace[:-1] + ("0" if trace[-1] != "0" else "1"), "x" + trace):
+        assert not signer.issued_to(forged, "acme")

@@ -1,0 +1,73 @@
+"""Typed records of the feedback pipeline: what the webhook accepts, what Kafka carries, and what
+the replay buffer holds for the trainer."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Kind = Literal["correction", "reward", "rating", "comment"]
+
+
+class FeedbackEvent(BaseModel):
+    """One piece of feedback on one served answer (the webhook body, or one item of a batch)."""
+
+    model_config = ConfigDict(extra="forbid")
+    trace_id: str = Field(min_length=1, max_length=128)
+    reward: float | None = Field(default=None, ge=-1.0, le=1.0)
+    rating: Literal["up", "down"] | None = None
+    correction: dict[str, Any] | None = Field(default=None, description="The assistant message wanted instead.")
+    comment: str | None = Field(default=None, max_length=4000)
+    source: Literal["user", "operator", "automated"] = "user"
+    event_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                 description="Idempotency key: the same id is applied once.")
+
+    @model_validator(mode="after")
+    def _has_signal(self) -> "FeedbackEvent":
+        if self.reward is None and self.rating is None and self.correction is None and self.comment is None:
+            raise ValueError("feedback needs at least one of reward, rating, correction, comment")
+        if self.correction is not None:
+            content = self.correction.get("content")
+            if self.correction.get("role", "assistant") != "assistant" or not isinstance(content, str) or not content:
+                raise ValueError("correction must be an assistant message with non-empty string content")
+        return self
+
+    def kind(self) -> Kind:
+        """The strongest training signal this event carries (eviction keeps corrections longest)."""
+        if self.correction is not None:
+            return "correction"
+        if self.reward is not None:
+            return "reward"
+        if self.rating is not None:
+            return "rating"
+        return "comment"
+
+    def scalar_reward(self) -> float | None:
+        if self.reward is not None:
+            return self.reward
+        if self.rating is not None:
+            return 1.0 if self.rating == "up" else -1.0
+        return None
+
+
+class TrainingRecord(BaseModel):
+    """An interaction joined with its feedback: the unit the trainer samples."""
+
+    event_id: str
+    customer: str
+    trace_id: str
+    kind: Kind
+    source: str
+    reward: float | None
+    correction: dict[str, Any] | None = None
+    comment: str | None = None
+    adapter: str | None = Field(description="Version that produced the answer (None = base model).")
+    adapter_version: int | None = None
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    response: dict[str, Any]
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    behaviour_logprobs: list[float]
+    created_at: float
