@@ -71,3 +71,17 @@ class TrainingRecord(BaseModel):
     completion_token_ids: list[int]
     behaviour_logprobs: list[float]
     created_at: float
+
+
+class FeedbackBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=1000)
+
+
+class FeedbackMessage(BaseModel):
+    """What the webhook puts on the feedback topic (keyed by customer)."""
+
+    event: FeedbackEvent
+    customer: str
+    submitted_by: str = Field(description="`customer`, or `operator:<name>`.")
+    received_at: float

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,9 @@ app = typer.Typer(help="clora: continual learning for LLM agents, one LoRA adapt
 customers_app = typer.Typer(help="Customers and their API keys.", no_args_is_help=True)
 adapters_app = typer.Typer(help="Adapter versions: publish, route (promote/rollback), list.",
                            no_args_is_help=True)
+operators_app = typer.Typer(help="Operator keys: send feedback for a set of customers.", no_args_is_help=True)
 app.add_typer(customers_app, name="customers")
+app.add_typer(operators_app, name="operators")
 app.add_typer(adapters_app, name="adapters")
 console = Console()
 err = Console(stderr=True)
@@ -131,8 +134,20 @@ def customers_list() -> None:
     rows = asyncio.run(_with_customers(Settings(), lambda store: store.list()))
     table = Table("customer", "created")
     for c in rows:
-        table.add_row(c.name, f"{c.created_at:.0f}")
+        table.add_row(c.name, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created_at)))
     console.print(table)
+
+
+@operators_app.command("create")
+def operators_create(name: str, customer: list[str] = typer.Option(..., "--customer", "-c",
+                                                                    help="A customer in scope (repeat).")) -> None:
+    """Create an operator key scoped to the given customers (shown once; only a hash is stored)."""
+    try:
+        key = asyncio.run(_with_customers(Settings(), lambda store: store.create_operator(name, customer)))
+    except InvalidName as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"created operator [bold]{name}[/] for {', '.join(sorted(set(customer)))}; its key:")
+    console.print(key)
 
 
 def _admin(settings: Settings, method: str, path: str, body: dict | None = None) -> dict:

@@ -12,12 +12,20 @@ from pydantic import BaseModel
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 KEY_PREFIX = "sk-clora-"
+OPERATOR_PREFIX = "sk-clora-op-"
 CACHE_TTL_S = 10.0  # a revoked key stops working within this long
 
 
 class Customer(BaseModel):
     name: str
     created_at: float
+
+
+class Operator(BaseModel):
+    """A person or system that may send feedback for a set of customers."""
+
+    name: str
+    customers: list[str]
 
 
 class InvalidName(ValueError):
@@ -84,3 +92,21 @@ class CustomerStore:
             self._cache.clear()
         self._cache[digest] = (now + CACHE_TTL_S, customer)
         return customer
+
+    async def create_operator(self, name: str, customers: list[str]) -> str:
+        """An operator key scoped to existing customers; returns the key (shown once)."""
+        if not NAME_RE.match(name):
+            raise InvalidName(f"operator name {name!r}: use 1-63 of a-z 0-9 _ -")
+        missing = [c for c in customers if not await self.exists(c)]
+        if missing or not customers:
+            raise InvalidName(f"operator scope must name existing customers (unknown: {missing})")
+        key = OPERATOR_PREFIX + secrets.token_urlsafe(32)
+        operator = Operator(name=name, customers=sorted(set(customers)))
+        await self.redis.set(f"clora:operator-key:{hash_key(key)}", operator.model_dump_json())
+        return key
+
+    async def authenticate_operator(self, key: str) -> Operator | None:
+        if not key.startswith(OPERATOR_PREFIX):
+            return None
+        raw = await self.redis.get(f"clora:operator-key:{hash_key(key)}")
+        return Operator.model_validate_json(raw) if raw else None

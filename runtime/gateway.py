@@ -64,13 +64,13 @@ class RouteBody(BaseModel):
     adapter: str
 
 
-def _bearer(request: Request) -> str:
+def bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
@@ -114,13 +114,13 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
     install_error_handlers(app)
 
     async def authenticate(request: Request) -> str:
-        customer = await customers.authenticate(_bearer(request))
+        customer = await customers.authenticate(bearer(request))
         if customer is None:
             raise unauthorized()
         return customer
 
     def require_admin(request: Request) -> None:
-        if not config.admin_key or _bearer(request) != config.admin_key:
+        if not config.admin_key or bearer(request) != config.admin_key:
             raise unauthorized()
 
     def require_engine() -> None:
@@ -140,7 +140,7 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
     async def chat(request: Request) -> Response:
         arrived = time.time()
         customer = await authenticate(request)
-        chat, body = _parse_chat(await _read_body(request, config.max_request_bytes))
+        chat, body = _parse_chat(await read_body(request, config.max_request_bytes))
         try:
             version = await router.resolve(customer, chat.model)
         except ModelNotFound:

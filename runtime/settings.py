@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     capture_queue_size: int = Field(default=10_000, description="In-memory records before spooling.")
     spool_max_bytes: int = Field(default=1 << 30, description="On-disk spool bound.")
 
+    # Feedback webhook.
+    feedback_topic: str = "clora.feedback"
+    feedback_max_body_bytes: int = 1 << 20
+    feedback_events_per_s: float = Field(default=200.0, description="Sustained feedback rate per caller.")
+    feedback_burst: int = Field(default=2000, description="Feedback events a caller may send at once.")
+
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"

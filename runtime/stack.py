@@ -1,6 +1,8 @@
-"""Composition root of `clora serve`: wires services, engine, router, capture and gateway.
+"""Composition root of `clora serve`: wires services, engine, router, capture, gateway and the
+feedback webhook.
 
-The only place that knows every component; each component gets just the values it uses.
+The only place that knows every component (so the only runtime module that imports a later stage);
+each component gets just the values it uses.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 import uvicorn
+
+from feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
 
 from runtime.adapters import AdapterRegistry
 from runtime.capture import Capture
@@ -80,6 +84,7 @@ class Stack:
     services: list[EmbeddedService] = field(default_factory=list)
     engine: EngineManager | None = None
     capture: Capture | None = None
+    feedback: FeedbackPublisher | None = None
     redis: aioredis.Redis | None = None
     server: uvicorn.Server | None = None
     gateway_url: str = ""
@@ -120,7 +125,11 @@ class Stack:
 
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
                                max_request_bytes=s.max_request_bytes, admin_key=admin_key(s))
-        app = create_app(config, customers, router, self.engine, self.capture, TraceSigner(trace_secret(s)))
+        traces = TraceSigner(trace_secret(s))
+        app = create_app(config, customers, router, self.engine, self.capture, traces)
+        self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions)
+        limits = WebhookLimits(s.feedback_max_body_bytes, s.feedback_events_per_s, s.feedback_burst)
+        app.include_router(create_feedback_router(customers, traces, self.feedback, limits))
         port = s.port or free_port(s.host)
         self.server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
                                                    access_log=False, lifespan="off"))
@@ -147,6 +156,8 @@ class Stack:
             await self.engine.stop()
         if self.capture is not None:
             await asyncio.to_thread(self.capture.stop)
+        if self.feedback is not None:
+            await asyncio.to_thread(self.feedback.close)
         if self.redis is not None:
             await self.redis.aclose()
         for service in reversed(self.services):

@@ -1,0 +1,148 @@
+"""`POST /v1/feedback`: feedback events in, acknowledged by the broker (acks=all) before 202.
+
+Callers are customers (their own traces) or operators (traces of the customers in their scope).
+Ownership is read off the signed trace id, so a trace of another customer answers 404 exactly
+like one that was never issued. Events without an `event_id` get one; the response lists them, so
+a client can retry a batch without double-applying it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from kafka.errors import KafkaError
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from feedback.records import FeedbackBatch, FeedbackEvent, FeedbackMessage
+from runtime.customers import CustomerStore
+from runtime.errors import APIError, unauthorized
+from runtime.gateway import bearer, read_body
+from runtime.kafka import ensure_topics, reliable_producer
+from runtime.traces import TraceSigner
+
+FEEDBACK = Counter("clora_feedback_events_total", "Feedback events by outcome", ["outcome"])
+
+
+class FeedbackPublisher:
+    """Sends feedback messages and waits for the broker's acknowledgement (acks=all)."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int = 4, timeout_s: float = 10.0):
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.partitions = partitions
+        self.timeout_s = timeout_s
+        self._producer = None
+
+    def _send_and_wait(self, messages: list[FeedbackMessage]) -> None:
+        if self._producer is None:
+            ensure_topics(self.bootstrap, [self.topic], self.partitions)
+            self._producer = reliable_producer(self.bootstrap, "clora-feedback")
+        futures = [self._producer.send(self.topic, key=m.customer.encode(), value=m.model_dump_json().encode())
+                   for m in messages]
+        self._producer.flush(timeout=self.timeout_s)
+        for future in futures:
+            future.get(timeout=0)  # raises if that message was not acknowledged
+
+    async def publish(self, messages: list[FeedbackMessage]) -> None:
+        try:
+            await asyncio.to_thread(self._send_and_wait, messages)
+        except (KafkaError, OSError) as exc:
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                await asyncio.to_thread(producer.close, 0)
+            raise APIError(503, f"Feedback could not be stored ({exc.__class__.__name__}); retry with the same "
+                                "event_id values.", "broker_unavailable", headers={"Retry-After": "5"}) from None
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+
+
+class RateLimiter:
+    """Token bucket per caller: `rate` events/s sustained, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, caller: str, n: int) -> float:
+        """0 if allowed, else seconds until it would be."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(caller, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if n > tokens:
+            self._buckets[caller] = (tokens, now)
+            return (n - tokens) / self.rate
+        self._buckets[caller] = (tokens - n, now)
+        return 0.0
+
+
+@dataclass
+class WebhookLimits:
+    max_body_bytes: int = 1 << 20
+    events_per_s: float = 200.0
+    burst: int = 2000
+
+
+def _parse(raw: bytes) -> list[FeedbackEvent]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "Request body is not valid JSON.", "invalid_json") from None
+    try:
+        if isinstance(body, dict) and "events" in body:
+            return FeedbackBatch.model_validate(body).events
+        return [FeedbackEvent.model_validate(body)]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"Invalid feedback: {param}: {first['msg']}", "invalid_feedback", param) from None
+
+
+def create_feedback_router(customers: CustomerStore, traces: TraceSigner, publisher: FeedbackPublisher,
+                           limits: WebhookLimits) -> APIRouter:
+    router = APIRouter()
+    limiter = RateLimiter(limits.events_per_s, limits.burst)
+
+    async def caller_scope(request: Request) -> tuple[str, list[str]]:
+        key = bearer(request)
+        customer = await customers.authenticate(key)
+        if customer is not None:
+            return "customer", [customer]
+        operator = await customers.authenticate_operator(key)
+        if operator is not None:
+            return f"operator:{operator.name}", operator.customers
+        raise unauthorized()
+
+    @router.post("/v1/feedback", status_code=202)
+    async def submit_feedback(request: Request) -> JSONResponse:
+        submitted_by, scope = await caller_scope(request)
+        events = _parse(await read_body(request, limits.max_body_bytes))
+        wait = limiter.take(submitted_by if submitted_by != "customer" else scope[0], len(events))
+        if wait:
+            FEEDBACK.labels("rate_limited").inc(len(events))
+            raise APIError(429, f"Feedback rate limit ({limits.events_per_s:g} events/s) exceeded.",
+                           "rate_limited", headers={"Retry-After": str(max(1, round(wait)))})
+        received = time.time()
+        messages = []
+        for event in events:
+            owner = next((c for c in scope if traces.issued_to(event.trace_id, c)), None)
+            if owner is None:
+                FEEDBACK.labels("unknown_trace").inc()
+                raise APIError(404, f"Trace `{event.trace_id}` does not exist.", "trace_not_found", "trace_id")
+            event = event if event.event_id else event.model_copy(update={"event_id": uuid.uuid4().hex})
+            messages.append(FeedbackMessage(event=event, customer=owner, submitted_by=submitted_by,
+                                            received_at=received))
+        await publisher.publish(messages)
+        FEEDBACK.labels("accepted").inc(len(messages))
+        return JSONResponse({"accepted": len(messages), "event_ids": [m.event.event_id for m in messages]},
+                            status_code=202)
+
+    return router

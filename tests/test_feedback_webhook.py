@@ -1,0 +1,131 @@
+"""The feedback webhook on the real stack: broker-acknowledged 202s, ownership, operators, 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from kafka import KafkaConsumer
+
+from feedback.records import FeedbackMessage
+from feedback.webhook import FeedbackPublisher
+from runtime.customers import CustomerStore
+from runtime.errors import APIError
+from runtime.processes import free_port
+from tests.test_gateway import MESSAGES, client_for
+
+TOPIC = "clora.feedback"
+
+
+def served_trace(gateway: str, key: str) -> str:
+    raw = client_for(gateway, key).chat.completions.with_raw_response.create(
+        model="default", messages=MESSAGES, max_tokens=2)
+    return raw.headers["x-clora-trace-id"]
+
+
+def feedback_messages(broker: str, event_ids: set[str], timeout_s: float = 30) -> dict[str, FeedbackMessage]:
+    consumer = KafkaConsumer(TOPIC, bootstrap_servers=broker, auto_offset_reset="earliest", group_id=None,
+                             consumer_timeout_ms=1000)
+    found: dict[str, FeedbackMessage] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not event_ids <= found.keys():
+            for m in consumer:
+                message = FeedbackMessage.model_validate_json(m.value)
+                if message.event.event_id in event_ids:
+                    found[message.event.event_id] = message
+    finally:
+        consumer.close()
+    return found
+
+
+def post(gateway: str, key: str | None, body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes):
+        return httpx.post(f"{gateway}/v1/feedback", content=body, headers=headers, timeout=30)
+    return httpx.post(f"{gateway}/v1/feedback", json=body, headers=headers, timeout=30)
+
+
+def test_feedback_is_on_the_topic_when_202_comes_back(gateway, broker, make_customer):
+    name, key = make_customer()
+    trace = served_trace(gateway, key)
+    single = post(gateway, key, {"trace_id": trace, "rating": "up", "event_id": "ev-single-" + name})
+    assert single.status_code == 202, single.text
+    batch = post(gateway, key, {"events": [
+        {"trace_id": trace, "reward": -0.5},
+        {"trace_id": trace, "correction": {"role": "assistant", "content": "Better answer."}, "source": "operator"}]})
+    assert batch.status_code == 202 and batch.json()["accepted"] == 2
+    ids = {"ev-single-" + name, *batch.json()["event_ids"]}
+    got = feedback_messages(broker, ids)
+    assert got.keys() == ids
+    assert all(m.customer == name and m.submitted_by == "customer" for m in got.values())
+    assert got["ev-single-" + name].event.rating == "up"
+
+
+def test_foreign_trace_is_indistinguishable_from_a_missing_one(gateway, make_customer):
+    _, owner_key = make_customer()
+    _, other_key = make_customer()
+    trace = served_trace(gateway, owner_key)
+    foreign = post(gateway, other_key, {"trace_id": trace, "rating": "down"})
+    missing = post(gateway, other_key, {"trace_id": "chatcmpl-" + "0" * 40, "rating": "down"})
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.json()["error"]["code"] == missing.json()["error"]["code"] == "trace_not_found"
+
+
+def test_operator_keys_are_scoped_to_their_customers(gateway, broker, make_customer, stack, redis_url):
+    a, a_key = make_customer()
+    b, b_key = make_customer()
+    c, c_key = make_customer()
+
+    async def create_operator() -> str:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await CustomerStore(client).create_operator("support", [a, b])
+        finally:
+            await client.aclose()
+
+    operator_key = stack.call(create_operator())
+    accepted = post(gateway, operator_key, {"events": [
+        {"trace_id": served_trace(gateway, a_key), "rating": "up", "source": "operator"},
+        {"trace_id": served_trace(gateway, b_key), "rating": "down", "source": "operator"}]})
+    assert accepted.status_code == 202, accepted.text
+    got = feedback_messages(broker, set(accepted.json()["event_ids"]))
+    assert sorted(m.customer for m in got.values()) == sorted([a, b])
+    assert {m.submitted_by for m in got.values()} == {"operator:support"}
+    assert post(gateway, operator_key, {"trace_id": served_trace(gateway, c_key), "rating": "up"}).status_code == 404
+
+
+def test_bad_feedback_gets_clear_4xx(gateway, make_customer):
+    _, key = make_customer()
+    trace = served_trace(gateway, key)
+    assert post(gateway, None, {"trace_id": trace, "rating": "up"}).status_code == 401
+    assert post(gateway, "sk-clora-op-nope", {"trace_id": trace, "rating": "up"}).status_code == 401
+    for body in (b"{oops", {"trace_id": trace}, {"trace_id": trace, "reward": 3}, {"trace_id": trace, "rating": "meh"},
+                 {"trace_id": trace, "rating": "up", "extra": 1}, {"events": []},
+                 {"trace_id": trace, "correction": {"role": "assistant", "content": ""}}):
+        resp = post(gateway, key, body)
+        assert resp.status_code == 400, (body, resp.text)
+        assert resp.json()["error"]["message"]
+    huge = {"trace_id": trace, "comment": "x" * 3000, "rating": "up"}
+    assert post(gateway, key, {"events": [huge] * 400}).status_code == 413
+
+
+def test_rate_limit_answers_429_with_retry_after(gateway, make_customer):
+    _, key = make_customer()
+    trace = served_trace(gateway, key)
+    statuses = []
+    for _ in range(3):  # burst 2000, refill 20/s (tests' settings): the third batch of 1000 is over it
+        resp = post(gateway, key, {"events": [{"trace_id": trace, "rating": "up"}] * 1000})
+        statuses.append(resp.status_code)
+    assert statuses[:2] == [202, 202] and statuses[2] == 429
+    assert int(resp.headers["retry-after"]) >= 1
+
+
+async def test_broker_down_is_a_503_not_a_lost_event():
+    publisher = FeedbackPublisher(f"127.0.0.1:{free_port()}", TOPIC, timeout_s=2)
+    with pytest.raises(APIError) as info:
+        await asyncio.wait_for(publisher.publish([]), timeout=60)
+    assert info.value.status == 503 and "Retry-After" in info.value.headers
