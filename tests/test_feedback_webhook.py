@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from kafka import KafkaConsumer
 
 from feedback.records import FeedbackMessage
 from feedback.webhook import FeedbackPublisher
 from runtime.customers import CustomerStore
 from runtime.errors import APIError
 from runtime.processes import free_port
+from tests.helpers import read_topic
 from tests.test_gateway import MESSAGES, client_for
 
 TOPIC = "clora.feedback"
@@ -27,19 +26,8 @@ def served_trace(gateway: str, key: str) -> str:
 
 
 def feedback_messages(broker: str, event_ids: set[str], timeout_s: float = 30) -> dict[str, FeedbackMessage]:
-    consumer = KafkaConsumer(TOPIC, bootstrap_servers=broker, auto_offset_reset="earliest", group_id=None,
-                             consumer_timeout_ms=1000)
-    found: dict[str, FeedbackMessage] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and not event_ids <= found.keys():
-            for m in consumer:
-                message = FeedbackMessage.model_validate_json(m.value)
-                if message.event.event_id in event_ids:
-                    found[message.event.event_id] = message
-    finally:
-        consumer.close()
-    return found
+    return read_topic(broker, TOPIC, FeedbackMessage.model_validate_json, lambda m: m.event.event_id, event_ids,
+                      timeout_s)
 
 
 def post(gateway: str, key: str | None, body) -> httpx.Response:

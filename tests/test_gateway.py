@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
-from kafka import KafkaConsumer
 
 from runtime.records import InteractionRecord
 from runtime.stack import trace_secret
 from runtime.traces import TraceSigner
+from tests.helpers import read_topic
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
@@ -23,20 +22,7 @@ def client_for(gateway: str, key: str) -> openai.OpenAI:
 
 
 def captured(broker: str, topic: str, trace_ids: set[str], timeout_s: float = 30) -> dict[str, InteractionRecord]:
-    """Read the interaction topic from the start until every wanted trace id was seen."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=broker, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
-    found: dict[str, InteractionRecord] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and not trace_ids <= found.keys():
-            for message in consumer:
-                record = InteractionRecord.model_validate_json(message.value)
-                if record.trace_id in trace_ids:
-                    found[record.trace_id] = record
-    finally:
-        consumer.close()
-    return found
+    return read_topic(broker, topic, InteractionRecord.model_validate_json, lambda r: r.trace_id, trace_ids, timeout_s)
 
 
 def direct_greedy(engine_url: str, model: str, messages: list, max_tokens: int = 12) -> dict:
