@@ -86,6 +86,37 @@ def serve(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         raise _fail(str(exc)) from None
 
 
+@app.command()
+def ingest() -> None:
+    """Run the ingestion consumer alone (feedback + interactions -> replay buffers)."""
+    from feedback.consumer import IngestConsumer
+    from feedback.replay import ReplayBuffer
+    from runtime.stack import ingest_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    settings = Settings()
+    state = _serve_state(settings) or {}
+    bootstrap = settings.kafka_bootstrap or state.get("kafka_bootstrap")
+    url = settings.redis_url or state.get("redis_url")
+    if not bootstrap or not url:
+        raise _fail("set CLORA_KAFKA_BOOTSTRAP and CLORA_REDIS_URL, or start `clora serve` first")
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(url)
+        consumer = IngestConsumer(ingest_config(settings, bootstrap), client,
+                                  ReplayBuffer(client, settings.replay_capacity))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, consumer.stop)
+        try:
+            await consumer.run()
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 async def _with_customers(settings: Settings, action):
     """Run `action(store)` against the runtime's Redis; start the embedded one if nothing runs."""
     state = _serve_state(settings)

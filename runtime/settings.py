@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     feedback_events_per_s: float = Field(default=200.0, description="Sustained feedback rate per caller.")
     feedback_burst: int = Field(default=2000, description="Feedback events a caller may send at once.")
 
+    # Ingestion and replay buffers.
+    dead_letter_topic: str = "clora.feedback.dead"
+    interaction_ttl_s: int = Field(default=7 * 24 * 3600, description="How long feedback can join an answer.")
+    feedback_max_wait_s: float = Field(default=300.0, description="Feedback waits this long for its interaction.")
+    replay_capacity: int = Field(default=10_000, description="Default records per customer buffer.")
+
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"

@@ -19,6 +19,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvicorn
 
+from feedback.consumer import IngestConfig, IngestConsumer
+from feedback.replay import ReplayBuffer
 from feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
 
 from runtime.adapters import AdapterRegistry
@@ -63,6 +65,13 @@ def _secret_file(path: Path, prefix: str) -> str:
     return path.read_text().strip()
 
 
+def ingest_config(settings: Settings, bootstrap: str) -> IngestConfig:
+    return IngestConfig(bootstrap=bootstrap, interactions_topic=settings.interactions_topic,
+                        feedback_topic=settings.feedback_topic, dead_letter_topic=settings.dead_letter_topic,
+                        partitions=settings.topic_partitions, interaction_ttl_s=settings.interaction_ttl_s,
+                        max_wait_s=settings.feedback_max_wait_s)
+
+
 def redis_url(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:
     if settings.redis_url:
         return settings.redis_url, None
@@ -85,6 +94,8 @@ class Stack:
     engine: EngineManager | None = None
     capture: Capture | None = None
     feedback: FeedbackPublisher | None = None
+    ingest: IngestConsumer | None = None
+    ingest_task: asyncio.Task | None = None
     redis: aioredis.Redis | None = None
     server: uvicorn.Server | None = None
     gateway_url: str = ""
@@ -134,6 +145,9 @@ class Stack:
         self.server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
                                                    access_log=False, lifespan="off"))
         self.gateway_url = f"http://{s.host}:{port}"
+        self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis,
+                                     ReplayBuffer(self.redis, s.replay_capacity))
+        self.ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
         self._write_state()
 
     def _write_state(self) -> None:
@@ -152,6 +166,9 @@ class Stack:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+        if self.ingest is not None and self.ingest_task is not None:
+            self.ingest.stop()
+            await asyncio.wait([self.ingest_task], timeout=30)
         if self.engine is not None:
             await self.engine.stop()
         if self.capture is not None:

@@ -1,8 +1,10 @@
 """`clora serve` as a user runs it: embedded broker and Redis, CLI-made customer, openai SDK,
-capture on Kafka, a published adapter, the engine SIGKILLed and brought back with its adapters."""
+capture on Kafka, feedback into the replay buffer, a published adapter, the engine SIGKILLed and
+brought back with its adapters."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +17,9 @@ import httpx
 import openai
 import psutil
 import pytest
+import redis.asyncio as aioredis
 
+from feedback.replay import ReplayBuffer
 from runtime.processes import free_port
 from tests.test_gateway import MESSAGES, captured
 
@@ -64,6 +68,22 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         trace_id = raw.headers["x-clora-trace-id"]
         record = captured(state["kafka_bootstrap"], "clora.interactions", {trace_id})[trace_id]
         assert record.customer == "e2e" and record.choices[0].token_ids and record.choices[0].logprobs
+
+        # Feedback on that answer reaches e2e's replay buffer through the webhook, Kafka and ingestion.
+        fb = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                        json={"trace_id": trace_id, "correction": {"role": "assistant", "content": "Hello!"}})
+        assert fb.status_code == 202, fb.text
+
+        async def buffered() -> list:
+            client_ = aioredis.Redis.from_url(state["redis_url"])
+            try:
+                return await ReplayBuffer(client_).sample("e2e", 5)
+            finally:
+                await client_.aclose()
+
+        records = wait_until(lambda: asyncio.run(buffered()), 120, "feedback in the replay buffer")
+        assert records[0].event_id == fb.json()["event_ids"][0]
+        assert records[0].completion_token_ids == record.choices[0].token_ids
 
         base_ids = greedy(client)
         subprocess.run([*CLORA, "adapters", "publish", "e2e", str(make_adapter(seed=99))], env=env, check=True,

@@ -1,0 +1,100 @@
+"""The ingestion consumer against the real broker and Redis: joins, waits, duplicates, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from kafka import KafkaProducer
+
+from feedback.consumer import DeadLetter, IngestConfig, IngestConsumer
+from feedback.records import FeedbackEvent, FeedbackMessage
+from feedback.replay import ReplayBuffer
+from tests.helpers import read_topic
+from tests.test_capture import record as interaction
+
+
+def topics(tag: str) -> IngestConfig:
+    return IngestConfig(bootstrap="", interactions_topic=f"i.{tag}", feedback_topic=f"f.{tag}",
+                        dead_letter_topic=f"d.{tag}", group_id=f"g.{tag}", max_wait_s=8.0)
+
+
+def feedback(trace_id: str, customer: str, **signal) -> FeedbackMessage:
+    event = FeedbackEvent(trace_id=trace_id, event_id=uuid.uuid4().hex, **(signal or {"rating": "up"}))
+    return FeedbackMessage(event=event, customer=customer, submitted_by="customer", received_at=time.time())
+
+
+async def wait_for(done, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await done():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+async def test_joins_waits_deduplicates_and_dead_letters(broker, redis_url):
+    config = topics(uuid.uuid4().hex[:8])
+    config.bootstrap = broker
+    client = aioredis.Redis.from_url(redis_url)
+    replay = ReplayBuffer(client)
+    producer = KafkaProducer(bootstrap_servers=broker, acks="all")
+    customer = f"ing-{uuid.uuid4().hex[:6]}"
+
+    early = interaction(1, customer)  # its feedback is sent before it
+    on_time = interaction(2, customer)
+    joined_first = feedback(early.trace_id, customer, correction={"role": "assistant", "content": "Fixed."})
+    dup = feedback(on_time.trace_id, customer, reward=0.5)
+    orphan = feedback("chatcmpl-never-served", customer)
+    wrong_owner = feedback(on_time.trace_id, customer + "x")
+
+    def send(topic: str, payload: bytes, key: str = customer) -> None:
+        producer.send(topic, key=key.encode(), value=payload)
+
+    send(config.feedback_topic, joined_first.model_dump_json().encode())
+    send(config.interactions_topic, on_time.model_dump_json().encode())
+    send(config.feedback_topic, dup.model_dump_json().encode())
+    send(config.feedback_topic, dup.model_dump_json().encode())  # redelivery / double send
+    send(config.feedback_topic, orphan.model_dump_json().encode())
+    send(config.feedback_topic, wrong_owner.model_dump_json().encode())
+    send(config.feedback_topic, b"{not json")
+    send(config.interactions_topic, json.dumps({"trace_id": "x"}).encode())
+    producer.flush()
+
+    consumer = IngestConsumer(config, client, replay)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await wait_for(lambda: _size_is(replay, customer, 1))
+        first_seen = time.monotonic()
+        await asyncio.sleep(1.0)
+        assert (await replay.stats(customer)).size == 1  # early's feedback waits for its interaction
+
+        send(config.interactions_topic, early.model_dump_json().encode())
+        producer.flush()
+        await wait_for(lambda: _size_is(replay, customer, 2))
+        records = {r.event_id: r for r in await replay.sample(customer, 10)}
+        assert set(records) == {joined_first.event.event_id, dup.event.event_id}
+        fixed = records[joined_first.event.event_id]
+        assert fixed.kind == "correction" and fixed.completion_token_ids == early.choices[0].token_ids
+        assert fixed.behaviour_logprobs == early.choices[0].logprobs
+        assert fixed.prompt_token_ids == early.prompt_token_ids
+        assert records[dup.event.event_id].reward == 0.5
+        assert (await replay.stats(customer)).duplicates >= 1
+        # The orphan waits max_wait_s, then is dead-lettered like the malformed and mismatched ones.
+        await asyncio.sleep(max(0.0, first_seen + config.max_wait_s + 2 - time.monotonic()))
+    finally:
+        consumer.stop()
+        await task
+    letters = read_topic(broker, config.dead_letter_topic, lambda v: DeadLetter.model_validate_json(v),
+                         lambda d: d.reason.split(":")[0].split(" ")[0], {"malformed", "no", "customer"})
+    assert set(letters) == {"malformed", "no", "customer"}
+    assert base64.b64decode(letters["no"].value_b64).decode().find(orphan.event.event_id) >= 0
+    producer.close()
+    await client.aclose()
+
+
+async def _size_is(replay: ReplayBuffer, customer: str, n: int) -> bool:
+    return (await replay.stats(customer)).size >= n
+
