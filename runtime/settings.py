@@ -62,6 +62,7 @@ class Settings(BaseSettings):
 
     # Ingestion and replay buffers.
     dead_letter_topic: str = "clora.feedback.dead"
+    ingest_group: str = Field(default="clora-ingest", description="Kafka consumer group of the ingestion.")
     interaction_ttl_s: int = Field(default=7 * 24 * 3600, description="How long feedback can join an answer.")
     feedback_max_wait_s: float = Field(default=300.0, description="Feedback waits this long for its interaction.")
     replay_capacity: int = Field(default=10_000, description="Default records per customer buffer.")

@@ -68,7 +68,8 @@ def _secret_file(path: Path, prefix: str) -> str:
 def ingest_config(settings: Settings, bootstrap: str) -> IngestConfig:
     return IngestConfig(bootstrap=bootstrap, interactions_topic=settings.interactions_topic,
                         feedback_topic=settings.feedback_topic, dead_letter_topic=settings.dead_letter_topic,
-                        partitions=settings.topic_partitions, interaction_ttl_s=settings.interaction_ttl_s,
+                        group_id=settings.ingest_group, partitions=settings.topic_partitions,
+                        interaction_ttl_s=settings.interaction_ttl_s,
                         max_wait_s=settings.feedback_max_wait_s)
 
 
