@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make serve   set up .venv and start the runtime on embedded defaults
 #   make test    set up .venv and run every test (CI runs exactly this)
-.PHONY: setup serve test bench
+.PHONY: setup serve test bench bench-gateway bench-feedback bench-trainer
 
 setup:
 	bash scripts/setup.sh
@@ -12,5 +12,13 @@ serve: setup
 test: setup
 	.venv/bin/python -m pytest -ra
 
-bench: setup
+bench: bench-gateway bench-feedback bench-trainer
+
+bench-gateway: setup
 	.venv/bin/python benchmarks/gateway_overhead.py
+
+bench-feedback: setup
+	.venv/bin/python benchmarks/feedback_pipeline.py
+
+bench-trainer: setup
+	.venv/bin/python benchmarks/trainer_throughput.py

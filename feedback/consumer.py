@@ -7,6 +7,7 @@ in between means redelivery, which the replay buffer absorbs (a push is idempote
 
 - interaction -> kept in Redis with a TTL (feedback joins against it); releases feedback that was
   waiting for it.
+  (Each polled batch is handled in a few pipelined round trips, not one per message.)
 - feedback -> joined with its interaction and pushed to the customer's buffer; if the interaction
   has not arrived yet, the feedback waits in Redis (bounded time), then goes to the dead letters.
 - anything malformed or unjoinable -> the dead-letter topic with the reason; never a stop.
@@ -27,7 +28,7 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
-from feedback.records import FeedbackMessage, TrainingRecord
+from feedback.records import FeedbackMessage, FeedbackSignal, join_json
 from feedback.replay import ReplayBuffer
 from runtime.kafka import ensure_topics, reliable_producer
 from runtime.records import InteractionRecord
@@ -57,16 +58,23 @@ class DeadLetter(BaseModel):
     value_b64: str
 
 
-def training_record(interaction: InteractionRecord, message: FeedbackMessage) -> TrainingRecord:
+def feedback_signal(message: FeedbackMessage) -> FeedbackSignal:
     event = message.event
-    choice = interaction.choices[0]
-    return TrainingRecord(
-        event_id=event.event_id or "", customer=interaction.customer, trace_id=interaction.trace_id,
-        kind=event.kind(), source=event.source, reward=event.scalar_reward(), correction=event.correction,
-        comment=event.comment, adapter=interaction.adapter, adapter_version=interaction.adapter_version,
-        messages=interaction.request.messages, tools=interaction.request.tools, response=choice.message,
-        prompt_token_ids=interaction.prompt_token_ids, completion_token_ids=choice.token_ids,
-        behaviour_logprobs=choice.logprobs, created_at=message.received_at)
+    return FeedbackSignal(event_id=event.event_id or "", customer=message.customer, trace_id=event.trace_id,
+                          kind=event.kind(), source=event.source, reward=event.scalar_reward(),
+                          correction=event.correction, comment=event.comment, created_at=message.received_at,
+                          ingested_at=time.time())
+
+
+# Stored interactions are `<customer>\n<record JSON as captured>`: the join checks the owner and
+# embeds the JSON without parsing it.
+def _pack(interaction: InteractionRecord, raw: bytes) -> bytes:
+    return interaction.customer.encode() + b"\n" + raw
+
+
+def _unpack(stored: bytes) -> tuple[str, bytes]:
+    customer, _, raw = stored.partition(b"\n")
+    return customer.decode(), raw
 
 
 class IngestConsumer:
@@ -93,6 +101,7 @@ class IngestConsumer:
         self._consumer = KafkaConsumer(
             c.interactions_topic, c.feedback_topic, bootstrap_servers=c.bootstrap, group_id=c.group_id,
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500,
+            fetch_max_wait_ms=100,  # an idle fetch returns within 100 ms: feedback is fresh in the buffer sooner
             client_id="clora-ingest")
         self._dead = reliable_producer(c.bootstrap, "clora-ingest-dead")
 
@@ -106,9 +115,7 @@ class IngestConsumer:
         try:
             while not self._stop.is_set():
                 batch = await asyncio.to_thread(self._consumer.poll, 500, 500)
-                for tp, messages in batch.items():
-                    for message in messages:
-                        await self.handle(tp, message.offset, message.value)
+                await self.handle_batch([(tp, m.offset, m.value) for tp, ms in batch.items() for m in ms])
                 await self.expire_waiting()
                 if batch:
                     await asyncio.to_thread(self._flush_dead_and_commit)
@@ -133,51 +140,100 @@ class IngestConsumer:
                 LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - self._consumer.position(tp)))
 
     # -- handling -----------------------------------------------------------------------------
-    async def handle(self, tp: TopicPartition, offset: int, value: bytes) -> None:
-        try:
-            if tp.topic == self.config.interactions_topic:
-                outcome = await self._on_interaction(InteractionRecord.model_validate_json(value))
-            else:
-                outcome = await self._on_feedback(FeedbackMessage.model_validate_json(value))
-        except (ValidationError, ValueError) as exc:
-            outcome = "dead"
-            self._dead_letter(f"malformed: {str(exc).splitlines()[0][:300]}", tp.topic, tp.partition, offset, value)
-        INGESTED.labels(tp.topic, outcome).inc()
+    async def handle_batch(self, messages: list[tuple[TopicPartition, int, bytes]]) -> None:
+        """All Redis writes of one polled batch in a few round trips: interactions first, so that
+        feedback in the same batch finds them; then the joins; waiting copies go last."""
+        interactions: list[tuple[InteractionRecord, bytes]] = []
+        feedback: list[FeedbackMessage] = []
+        for tp, offset, value in messages:
+            try:
+                if tp.topic == self.config.interactions_topic:
+                    interactions.append((self._parse_interaction(value), value))
+                else:
+                    feedback.append(self._parse_feedback(value))
+            except (ValidationError, ValueError) as exc:
+                INGESTED.labels(tp.topic, "dead").inc()
+                self._dead_letter(f"malformed: {str(exc).splitlines()[0][:300]}", tp.topic, tp.partition, offset, value)
+        released = await self._store_interactions(interactions)
+        await self._join([*released, *await self._match(feedback)])
+        if released:  # only now: a crash before this point redelivers, and the pushes are idempotent
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for trace in {message.event.trace_id for _, message in released}:
+                    pipe.delete(self._waiting(trace))
+                    pipe.zrem(self._deadlines, trace)
+                await pipe.execute()
 
-    async def _on_interaction(self, interaction: InteractionRecord) -> str:
+    @staticmethod
+    def _parse_interaction(value: bytes) -> InteractionRecord:
+        interaction = InteractionRecord.model_validate_json(value)
         if not interaction.choices:
             raise ValueError("interaction has no choices")
-        await self.redis.set(f"clora:interaction:{interaction.trace_id}", interaction.model_dump_json(),
-                             ex=self.config.interaction_ttl_s)
-        waiting = await self.redis.lrange(self._waiting(interaction.trace_id), 0, -1)
-        for raw in waiting:
-            await self._join(interaction, FeedbackMessage.model_validate_json(raw))
-        if waiting:
-            await self.redis.delete(self._waiting(interaction.trace_id))
-            await self.redis.zrem(self._deadlines, interaction.trace_id)
-        return "stored"
+        return interaction
 
-    async def _on_feedback(self, message: FeedbackMessage) -> str:
+    @staticmethod
+    def _parse_feedback(value: bytes) -> FeedbackMessage:
+        message = FeedbackMessage.model_validate_json(value)
         if not message.event.event_id:
             raise ValueError("feedback without event_id")
-        raw = await self.redis.get(f"clora:interaction:{message.event.trace_id}")
-        if raw is None:
-            trace = message.event.trace_id
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(self._waiting(trace), message.model_dump_json())
-                pipe.expire(self._waiting(trace), int(self.config.max_wait_s * 2) + 60)
-                pipe.zadd(self._deadlines, {trace: time.time() + self.config.max_wait_s}, nx=True)
-                await pipe.execute()
-            return "waiting"
-        return await self._join(InteractionRecord.model_validate_json(raw), message)
+        return message
 
-    async def _join(self, interaction: InteractionRecord, message: FeedbackMessage) -> str:
-        if interaction.customer != message.customer:
-            self._dead_letter("customer mismatch between feedback and interaction", self.config.feedback_topic,
-                              -1, -1, message.model_dump_json().encode())
-            return "dead"
-        pushed = await self.replay.push(training_record(interaction, message))
-        return "joined" if pushed else "duplicate"
+    async def _store_interactions(self, interactions: list[tuple[InteractionRecord, bytes]]
+                                  ) -> list[tuple[bytes, FeedbackMessage]]:
+        """Keep each interaction (TTL) and return the feedback that was waiting for it."""
+        if not interactions:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for interaction, raw in interactions:
+                pipe.set(f"clora:interaction:{interaction.trace_id}", _pack(interaction, raw),
+                         ex=self.config.interaction_ttl_s)
+                pipe.lrange(self._waiting(interaction.trace_id), 0, -1)
+            results = await pipe.execute()
+        INGESTED.labels(self.config.interactions_topic, "stored").inc(len(interactions))
+        return [(_pack(interaction, raw), FeedbackMessage.model_validate_json(waiting_raw))
+                for (interaction, raw), waiting in zip(interactions, results[1::2]) for waiting_raw in waiting]
+
+    async def _match(self, feedback: list[FeedbackMessage]) -> list[tuple[bytes, FeedbackMessage]]:
+        """Pair feedback with stored interactions; the rest waits (bounded) for its interaction."""
+        if not feedback:
+            return []
+        traces = list(dict.fromkeys(message.event.trace_id for message in feedback))
+        async with self.redis.pipeline(transaction=False) as pipe:  # GETs, not MGET: cluster-safe
+            for trace in traces:
+                pipe.get(f"clora:interaction:{trace}")
+            found = {trace: stored for trace, stored in zip(traces, await pipe.execute()) if stored is not None}
+        pairs, missing = [], []
+        for message in feedback:
+            stored = found.get(message.event.trace_id)
+            if stored is None:
+                missing.append(message)
+            else:
+                pairs.append((stored, message))
+        if missing:
+            deadline = time.time() + self.config.max_wait_s
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message in missing:
+                    trace = message.event.trace_id
+                    pipe.rpush(self._waiting(trace), message.model_dump_json())
+                    pipe.expire(self._waiting(trace), int(self.config.max_wait_s * 2) + 60)
+                    pipe.zadd(self._deadlines, {trace: deadline}, nx=True)
+                await pipe.execute()
+            INGESTED.labels(self.config.feedback_topic, "waiting").inc(len(missing))
+        return pairs
+
+    async def _join(self, pairs: list[tuple[bytes, FeedbackMessage]]) -> None:
+        records = []
+        for stored, message in pairs:
+            owner, raw = _unpack(stored)
+            if owner != message.customer:
+                INGESTED.labels(self.config.feedback_topic, "dead").inc()
+                self._dead_letter("customer mismatch between feedback and interaction", self.config.feedback_topic,
+                                  -1, -1, message.model_dump_json().encode())
+            else:
+                signal = feedback_signal(message)
+                records.append((signal, join_json(signal, raw)))
+        pushed = await self.replay.push_serialized(records)
+        INGESTED.labels(self.config.feedback_topic, "joined").inc(sum(pushed))
+        INGESTED.labels(self.config.feedback_topic, "duplicate").inc(len(pushed) - sum(pushed))
 
     async def expire_waiting(self) -> None:
         """Feedback whose interaction never came within max_wait_s goes to the dead letters."""

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from runtime.records import InteractionRecord
+
 Kind = Literal["correction", "reward", "rating", "comment"]
 
 
@@ -51,8 +53,8 @@ class FeedbackEvent(BaseModel):
         return None
 
 
-class TrainingRecord(BaseModel):
-    """An interaction joined with its feedback: the unit the trainer samples."""
+class FeedbackSignal(BaseModel):
+    """The feedback half of a training record."""
 
     event_id: str
     customer: str
@@ -62,15 +64,52 @@ class TrainingRecord(BaseModel):
     reward: float | None
     correction: dict[str, Any] | None = None
     comment: str | None = None
-    adapter: str | None = Field(description="Version that produced the answer (None = base model).")
-    adapter_version: int | None = None
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None = None
-    response: dict[str, Any]
-    prompt_token_ids: list[int]
-    completion_token_ids: list[int]
-    behaviour_logprobs: list[float]
-    created_at: float
+    created_at: float = Field(description="Unix time the webhook accepted the feedback.")
+    ingested_at: float | None = Field(default=None, description="Unix time the consumer joined it (data freshness).")
+
+
+class TrainingRecord(FeedbackSignal):
+    """An interaction joined with its feedback: the unit the trainer samples.
+
+    The captured interaction is embedded as it came off the topic, so a join never re-parses it
+    (see `join_json`) and the trainer sees everything the gateway recorded (sampling parameters too).
+    """
+
+    interaction: InteractionRecord
+
+    @property
+    def adapter(self) -> str | None:
+        """Version that produced the answer (None = base model)."""
+        return self.interaction.adapter
+
+    @property
+    def adapter_version(self) -> int | None:
+        return self.interaction.adapter_version
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.interaction.request.messages
+
+    @property
+    def response(self) -> dict[str, Any]:
+        return self.interaction.choices[0].message
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.interaction.prompt_token_ids
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.interaction.choices[0].token_ids
+
+    @property
+    def behaviour_logprobs(self) -> list[float]:
+        return self.interaction.choices[0].logprobs
+
+
+def join_json(signal: FeedbackSignal, interaction_json: bytes) -> bytes:
+    """A TrainingRecord's JSON from its two halves, both already validated: no re-serialisation."""
+    return signal.model_dump_json().encode()[:-1] + b',"interaction":' + interaction_json + b"}"
 
 
 class FeedbackBatch(BaseModel):

@@ -2,47 +2,60 @@
 
 Per customer: records (hash event_id -> JSON), insertion order (zset), eviction order (zset whose
 score puts plain ratings before rewards before corrections, oldest first within a kind), applied
-event ids (keys with a TTL, so a redelivered event is never stored twice), which adapter versions
-consumed each record, and counters. A push is one Lua script: idempotent and atomic.
+event ids (a zset pruned after a week, so a redelivered event is never stored twice), which adapter
+versions consumed each record, and counters. A push is one Lua script per customer and batch:
+idempotent and atomic.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from typing import Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from feedback.records import Kind, TrainingRecord
+from feedback.records import FeedbackSignal, Kind, TrainingRecord
 
 Policy = Literal["recent", "uniform", "prioritized"]
 KIND_RANK: dict[Kind, int] = {"comment": 0, "rating": 1, "reward": 2, "correction": 3}
 SEEN_TTL_S = 7 * 24 * 3600
 
-# KEYS: records, order, evict, seen-key, stats, seq.  ARGV: event_id, json, kind_rank, capacity, ttl, kind.
+# One call pushes a batch of one customer's records; each is applied at most once (the `seen` zset
+# holds applied event ids, scored by when, pruned after SEEN_TTL_S).
+# KEYS: records, order, evict, seen, stats, seq.
+# ARGV: capacity, now, seen_ttl, then per record: event_id, json, kind_rank, kind.
+# Returns per record: -1 (already applied) or how many old records it evicted.
 _PUSH = """
-if redis.call('SET', KEYS[4], 1, 'NX', 'EX', ARGV[5]) == false then
-  redis.call('HINCRBY', KEYS[5], 'duplicates', 1)
-  return -1
+local capacity, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[3]))
+local results = {}
+for i = 4, #ARGV, 4 do
+  local id = ARGV[i]
+  if redis.call('ZADD', KEYS[4], 'NX', now, id) == 0 then
+    redis.call('HINCRBY', KEYS[5], 'duplicates', 1)
+    results[#results + 1] = -1
+  else
+    local seq = redis.call('INCR', KEYS[6])
+    redis.call('HSET', KEYS[1], id, ARGV[i + 1])
+    redis.call('ZADD', KEYS[2], seq, id)
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[i + 2]) * 1e12 + seq, id)
+    redis.call('HINCRBY', KEYS[5], 'pushed', 1)
+    redis.call('HINCRBY', KEYS[5], 'kind:' .. ARGV[i + 3], 1)
+    local evicted = 0
+    while redis.call('ZCARD', KEYS[2]) > capacity do
+      local victim = redis.call('ZPOPMIN', KEYS[3])[1]
+      redis.call('ZREM', KEYS[2], victim)
+      redis.call('HDEL', KEYS[1], victim)
+      redis.call('HDEL', KEYS[1] .. ':consumed', victim)
+      redis.call('HINCRBY', KEYS[5], 'evicted', 1)
+      evicted = evicted + 1
+    end
+    results[#results + 1] = evicted
+  end
 end
-local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) * 1e12 + seq, ARGV[1])
-redis.call('HINCRBY', KEYS[5], 'pushed', 1)
-redis.call('HINCRBY', KEYS[5], 'kind:' .. ARGV[6], 1)
-local evicted = 0
-while redis.call('ZCARD', KEYS[2]) > tonumber(ARGV[4]) do
-  local victim = redis.call('ZPOPMIN', KEYS[3])[1]
-  redis.call('ZREM', KEYS[2], victim)
-  local raw = redis.call('HGET', KEYS[1], victim)
-  redis.call('HDEL', KEYS[1], victim)
-  redis.call('HDEL', KEYS[1] .. ':consumed', victim)
-  redis.call('HINCRBY', KEYS[5], 'evicted', 1)
-  evicted = evicted + 1
-end
-return evicted
+return results
 """
 
 
@@ -67,7 +80,8 @@ class ReplayBuffer:
     def _keys(customer: str) -> dict[str, str]:
         root = f"clora:rb:{{{customer}}}"  # hash tag: one customer's keys share a cluster slot
         return {"records": f"{root}:records", "order": f"{root}:order", "evict": f"{root}:evict",
-                "stats": f"{root}:stats", "seq": f"{root}:seq", "consumed": f"{root}:records:consumed"}
+                "stats": f"{root}:stats", "seq": f"{root}:seq", "consumed": f"{root}:records:consumed",
+                "seen": f"{root}:seen"}
 
     async def capacity(self, customer: str) -> int:
         raw = await self.redis.hget("clora:rb-quota", customer)
@@ -80,13 +94,38 @@ class ReplayBuffer:
 
     async def push(self, record: TrainingRecord) -> bool:
         """Store a record once; False if its event id was already applied (a redelivery)."""
-        k = self._keys(record.customer)
-        seen = f"clora:rb:{{{record.customer}}}:seen:{record.event_id}"
-        result = await self._push(
-            keys=[k["records"], k["order"], k["evict"], seen, k["stats"], k["seq"]],
-            args=[record.event_id, record.model_dump_json(), KIND_RANK[record.kind],
-                  await self.capacity(record.customer), SEEN_TTL_S, record.kind])
-        return int(result) >= 0
+        return (await self.push_many([record]))[0]
+
+    async def push_many(self, records: list[TrainingRecord]) -> list[bool]:
+        return await self.push_serialized([(r, r.model_dump_json().encode()) for r in records])
+
+    async def push_serialized(self, records: list[tuple[FeedbackSignal, bytes]]) -> list[bool]:
+        """Push a batch of (record's feedback half, whole record's JSON): one script call per
+        customer, one round trip in all. Each record is applied once (False: its event id was
+        already applied, a redelivery)."""
+        if not records:
+            return []
+        by_customer: dict[str, list[int]] = {}
+        for i, (signal, _) in enumerate(records):
+            by_customer.setdefault(signal.customer, []).append(i)
+        customers = list(by_customer)
+        quotas = dict(zip(customers, await self.redis.hmget("clora:rb-quota", customers)))
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for customer, indices in by_customer.items():
+                k = self._keys(customer)
+                args: list = [int(quotas[customer] or self.default_capacity), now, SEEN_TTL_S]
+                for i in indices:
+                    signal, raw = records[i]
+                    args += [signal.event_id, raw, KIND_RANK[signal.kind], signal.kind]
+                await self._push(keys=[k["records"], k["order"], k["evict"], k["seen"], k["stats"], k["seq"]],
+                                 args=args, client=pipe)
+            replies = await pipe.execute()
+        applied = [False] * len(records)
+        for indices, reply in zip(by_customer.values(), replies):
+            for i, result in zip(indices, reply):
+                applied[i] = int(result) >= 0
+        return applied
 
     async def _load(self, customer: str, event_ids: list[str]) -> list[TrainingRecord]:
         if not event_ids:

@@ -11,15 +11,16 @@ import redis.asyncio as aioredis
 
 from feedback.records import FeedbackEvent, TrainingRecord
 from feedback.replay import ReplayBuffer
+from tests.test_capture import record
 
 
 def training_record(customer: str, kind: str = "rating", event_id: str | None = None) -> TrainingRecord:
+    interaction = record(3, customer)
     return TrainingRecord(
-        event_id=event_id or uuid.uuid4().hex, customer=customer, trace_id=f"chatcmpl-{uuid.uuid4().hex}",
+        event_id=event_id or uuid.uuid4().hex, customer=customer, trace_id=interaction.trace_id,
         kind=kind, source="operator", reward=1.0 if kind != "comment" else None,
         correction={"role": "assistant", "content": "Hello!"} if kind == "correction" else None,
-        adapter=None, messages=[{"role": "user", "content": "hi"}], response={"role": "assistant", "content": "yo"},
-        prompt_token_ids=[1, 2], completion_token_ids=[3], behaviour_logprobs=[-0.1], created_at=time.time())
+        created_at=time.time(), interaction=interaction)
 
 
 @pytest.fixture
