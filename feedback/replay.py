@@ -147,6 +147,19 @@ class ReplayBuffer:
             raise ValueError(f"unknown sampling policy {policy!r}")
         return await self._load(customer, [i.decode() if isinstance(i, bytes) else i for i in ids])
 
+    async def newer(self, customer: str, after_seq: int, n: int) -> tuple[list[TrainingRecord], int]:
+        """Up to n records pushed after sequence number `after_seq`, oldest first, and the sequence
+        number of the last one returned (the caller's cursor)."""
+        pairs = await self.redis.zrangebyscore(self._keys(customer)["order"], f"({after_seq}", "+inf",
+                                               start=0, num=n, withscores=True)
+        if not pairs:
+            return [], after_seq
+        records = await self._load(customer, [m.decode() for m, _ in pairs])
+        return records, int(pairs[-1][1])
+
+    async def count_newer(self, customer: str, after_seq: int) -> int:
+        return int(await self.redis.zcount(self._keys(customer)["order"], f"({after_seq}", "+inf"))
+
     async def _prioritized(self, evict_key: str, n: int, rng: random.Random) -> list[bytes]:
         """Weight = 1 + kind rank: corrections 4x as likely as comments; without replacement."""
         scored = await self.redis.zrange(evict_key, 0, -1, withscores=True)

@@ -21,7 +21,7 @@ import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from runtime.adapters import AdapterVersion
 from runtime.capture import Capture
@@ -58,6 +58,7 @@ class GatewayConfig:
 
 class PublishBody(BaseModel):
     path: str
+    origin: str = Field(default="manual", max_length=200, description="Who made it (the trainer names its checkpoint).")
 
 
 class RouteBody(BaseModel):
@@ -240,10 +241,32 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
         require_engine()
         started = time.perf_counter()
         try:
-            version = await router.publish(customer, Path(body.path))
+            version = await router.publish(customer, Path(body.path), body.origin)
         except AdapterRejected as exc:
             raise APIError(422, str(exc), "adapter_rejected") from None
         return {**version.model_dump(), "swap_ms": (time.perf_counter() - started) * 1000}
+
+    @app.post("/admin/customers/{customer}/sample")
+    async def sample(customer: str, request: Request) -> JSONResponse:
+        """For the trainer: completions under one of the customer's adapters (`default` = its
+        current one) with token ids and sampled-token logprobs; not captured, but leased like any
+        request, so a swap meanwhile cannot unload the version being sampled."""
+        require_admin(request)
+        await known_customer(customer)
+        chat, body = _parse_chat(await read_body(request, config.max_request_bytes))
+        if chat.stream:
+            raise APIError(400, "Sampling does not stream.", "invalid_request", "stream")
+        try:
+            version = await router.resolve(customer, chat.model)
+        except ModelNotFound:
+            raise model_not_found(chat.model) from None
+        require_engine()
+        upstream = dict(body, model=version.name if version else config.served_base_name,
+                        return_token_ids=True, logprobs=True, top_logprobs=0)
+        async with AsyncExitStack() as stack:
+            resp = await _send_upstream(stack, router, engine.client, version, upstream)
+            payload = json.loads(await resp.read())
+        return JSONResponse({**payload, "adapter": version.name if version else None})
 
     @app.put("/admin/customers/{customer}/route")
     async def set_route(customer: str, body: RouteBody, request: Request) -> dict:

@@ -1,0 +1,103 @@
+"""The training loop against the real runtime (gateway + vLLM with the tiny model): two customers
+with opposite rewards each learn their own, every step is hot-swapped into the live server, and the
+server's greedy output for a published version is the trainer's own."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from agents import envs
+from feedback.replay import ReplayBuffer
+from tests.conftest import ADMIN_KEY
+from trainer.adapter_store import AdapterStore
+from trainer.config import TenantConfig, TenantConfigStore
+from trainer.lora import inject
+from trainer.loop import Trainer
+from trainer.runtime_client import RuntimeClient
+
+pytestmark = pytest.mark.slow
+
+STEPS = 14
+
+
+def register_opposite_targets(model) -> None:
+    """Two opposite rewards a random model can learn. Project every token's output embedding on a
+    random direction u: `aligned:+` rewards tokens from the top quarter and penalises the bottom
+    quarter, `aligned:-` the reverse (reward 0.5 + 0.5 * (share rewarded - share penalised)).
+    Moving the last hidden state along u (or -u) moves a whole quarter at once; arbitrary token
+    sets (say, low vs high ids) would be unlearnable, their mean embeddings being the same."""
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    projection = model.lm_head.weight.detach() @ u
+    low_q, high_q = torch.quantile(projection, torch.tensor([0.25, 0.75]))
+    top = frozenset(torch.nonzero(projection > high_q).flatten().tolist())
+    bottom = frozenset(torch.nonzero(projection < low_q).flatten().tolist())
+    sets = {"+": (top, bottom), "-": (bottom, top)}
+    envs.register("aligned", lambda sign: Aligned(f"aligned:{sign}", *sets[sign]))
+
+
+def make_trainer(tiny_model: Path, gateway: str, redis_client, root: Path) -> Trainer:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    layers = inject(model)
+    return Trainer(model, layers, AutoTokenizer.from_pretrained(tiny_model), AdapterStore(root),
+                   RuntimeClient(gateway, ADMIN_KEY), ReplayBuffer(redis_client), TenantConfigStore(redis_client),
+                   base_model=str(tiny_model))
+
+
+class Aligned(envs.TokenSet):
+    def __init__(self, name: str, rewarded: frozenset[int], penalised: frozenset[int]):
+        super().__init__(name, rewarded)
+        self.penalised = penalised
+
+    def reward(self, prompt, completion: envs.Completion) -> float:
+        bad = sum(t in self.penalised for t in completion.token_ids) / max(1, len(completion.token_ids))
+        return 0.5 + 0.5 * (super().reward(prompt, completion) - bad)
+
+
+async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_computes(
+        gateway, make_customer, redis_url, tiny_model, tmp_path):
+    redis_client = aioredis.Redis.from_url(redis_url)
+    trainer = make_trainer(tiny_model, gateway, redis_client, tmp_path / "trainer")
+    low, _ = make_customer("low")
+    high, _ = make_customer("high")
+    register_opposite_targets(trainer.model)
+    for name, env in ((low, "aligned:+"), (high, "aligned:-")):
+        await trainer.configs.set(name, TenantConfig(environment=env, lr=3e-2, rank=8, alpha=16, group_size=8,
+                                                     prompts_per_step=6, max_new_tokens=12, seed=1))
+    rewards: dict[str, list[float]] = {low: [], high: []}
+    try:
+        for _ in range(STEPS):
+            reports = await trainer.step([low, high])
+            assert {r.customer for r in reports} == {low, high}
+            for report in reports:
+                rewards[report.customer].append(report.mean_reward)
+        # Both learned their own target, from the samples the server produced with each new version.
+        for name in (low, high):
+            start, end = rewards[name][0], statistics.fmean(rewards[name][-3:])
+            assert end - start > 0.2, (name, rewards[name])
+        versions = await trainer.client.versions(low)
+        assert versions["current"] == f"{low}.v{STEPS}" and len(versions["versions"]) == STEPS
+
+        # The server's greedy answer under the published version is the trainer's own.
+        prompt = [{"role": "user", "content": "Write about the sea."}]
+        other_before = await trainer.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
+        served = await trainer.client.sample(low, prompt, n=1, max_tokens=12, temperature=0)
+        assert served.adapter == f"{low}.v{STEPS}"
+        assert served.choices[0].token_ids == trainer.greedy(low, served.prompt_token_ids, 12)
+
+        # One more step for `low` only: its new version is served, `high`'s output is unchanged.
+        await trainer.step([low])
+        served_next = await trainer.client.sample(low, prompt, n=1, max_tokens=12, temperature=0)
+        assert served_next.adapter == f"{low}.v{STEPS + 1}"
+        assert served_next.choices[0].token_ids == trainer.greedy(low, served_next.prompt_token_ids, 12)
+        other_after = await trainer.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
+        assert other_after.adapter == other_before.adapter
+        assert other_after.choices[0].token_ids == other_before.choices[0].token_ids
+    finally:
+        await trainer.client.close()
+        await redis_client.aclose()

@@ -1,0 +1,57 @@
+"""Per-customer training configuration, kept in Redis; defaults that work for SmolLM2-135M."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+
+from trainer.lora import DEFAULT_TARGETS, LoRASpec
+
+
+class LossWeights(BaseModel):
+    onpolicy: float = Field(default=1.0, ge=0, description="GRPO on groups sampled from the environment.")
+    offpolicy: float = Field(default=1.0, ge=0, description="Importance-weighted PG on rated production answers.")
+    correction: float = Field(default=1.0, ge=0, description="SFT on operators' corrected answers.")
+    preference: float = Field(default=0.0, ge=0, description="DPO: correction preferred over the original answer.")
+
+
+class TenantConfig(BaseModel):
+    environment: str | None = Field(default=None, description="On-policy environment spec; None = feedback only.")
+    lr: float = Field(default=1e-3, gt=0)
+    rank: int = Field(default=16, ge=1, le=256)
+    alpha: float = Field(default=32.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    prompts_per_step: int = Field(default=4, ge=1, description="On-policy groups per step.")
+    group_size: int = Field(default=8, ge=2, description="Completions sampled per prompt (K).")
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    clip: float = Field(default=0.2, gt=0, description="PPO clip range.")
+    kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the base model (on-policy).")
+    records_per_step: int = Field(default=8, ge=1, description="Production records per step.")
+    min_records: int = Field(default=4, ge=1, description="New records needed before a feedback-only step.")
+    is_cap: float = Field(default=2.0, ge=1, description="Truncation of importance weights (off-policy).")
+    dpo_beta: float = Field(default=0.1, gt=0)
+    weights: LossWeights = Field(default_factory=LossWeights)
+    priority: float = Field(default=1.0, gt=0, description="Share of training time relative to others.")
+    seed: int = 0
+
+    def lora_spec(self) -> LoRASpec:
+        return LoRASpec(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets))
+
+
+class TenantConfigStore:
+    KEY = "clora:trainer:config"
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+
+    async def get(self, customer: str) -> TenantConfig | None:
+        raw = await self.redis.hget(self.KEY, customer)
+        return TenantConfig.model_validate_json(raw) if raw else None
+
+    async def set(self, customer: str, config: TenantConfig) -> None:
+        await self.redis.hset(self.KEY, customer, config.model_dump_json())
+
+    async def all(self) -> dict[str, TenantConfig]:
+        raw = await self.redis.hgetall(self.KEY)
+        return {k.decode(): TenantConfig.model_validate_json(v) for k, v in raw.items()}

@@ -1,0 +1,68 @@
+"""The maths of every learning signal, as pure functions on flat per-token tensors.
+
+Shapes: `N` completion tokens of a batch (flattened over sequences), `G` groups of `K` samples.
+Every loss is a mean over the tokens it covers, so batch composition does not change its scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits_N_V: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """log p(target) under the logits, in float32 whatever the model's dtype."""
+    return torch.log_softmax(logits_N_V.float(), dim=-1).gather(-1, targets_N[:, None]).squeeze(-1)
+
+
+def group_advantages(rewards_G_K: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: each sample's reward against its group's mean, in units of the group's spread.
+    A group whose samples all scored the same teaches nothing: zeros."""
+    mean = rewards_G_K.mean(dim=-1, keepdim=True)
+    std = rewards_G_K.std(dim=-1, unbiased=False, keepdim=True)
+    return (rewards_G_K - mean) / (std + eps)
+
+
+def ppo_clip_loss(logp_N: torch.Tensor, old_logp_N: torch.Tensor, advantages_N: torch.Tensor,
+                  clip: float = 0.2) -> torch.Tensor:
+    """PPO's clipped surrogate against the sampling policy's logprobs (vLLM's, for on-policy)."""
+    ratio = torch.exp(logp_N - old_logp_N)
+    surrogate = torch.minimum(ratio * advantages_N, torch.clamp(ratio, 1 - clip, 1 + clip) * advantages_N)
+    return -surrogate.mean()
+
+
+def truncated_importance_weights(logp_N: torch.Tensor, behaviour_logp_N: torch.Tensor,
+                                 cap: float = 2.0) -> torch.Tensor:
+    """min(pi/mu, cap) per token, no gradient: corrects for production data sampled by an older
+    adapter version, without the variance of unbounded ratios."""
+    return torch.exp(logp_N.detach() - behaviour_logp_N).clamp(max=cap)
+
+
+def off_policy_loss(logp_N: torch.Tensor, behaviour_logp_N: torch.Tensor, advantages_N: torch.Tensor,
+                    cap: float = 2.0) -> torch.Tensor:
+    """Policy gradient on logged production samples, importance-weighted (truncated) per token."""
+    weights = truncated_importance_weights(logp_N, behaviour_logp_N, cap)
+    return -(weights * advantages_N * logp_N).mean()
+
+
+def kl_to_reference(logp_N: torch.Tensor, ref_logp_N: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref): non-negative, unbiased, low variance."""
+    log_ratio = ref_logp_N - logp_N
+    return (torch.exp(log_ratio) - log_ratio - 1).mean()
+
+
+def sft_loss(logp_N: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of a target (an operator's correction)."""
+    return -logp_N.mean()
+
+
+def sequence_sums(values_N: torch.Tensor, rows_N: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-sequence sums of per-token values."""
+    return torch.zeros(rows, dtype=values_N.dtype, device=values_N.device).index_add(0, rows_N, values_N)
+
+
+def dpo_loss(chosen_S: torch.Tensor, rejected_S: torch.Tensor, ref_chosen_S: torch.Tensor,
+             ref_rejected_S: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """DPO on sequence logprob sums: prefer the correction over the answer it replaced."""
+    margin = (chosen_S - ref_chosen_S) - (rejected_S - ref_rejected_S)
+    return -F.logsigmoid(beta * margin).mean()

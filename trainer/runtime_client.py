@@ -1,0 +1,67 @@
+"""The trainer's view of the running runtime: the gateway's admin API, over HTTP.
+
+Sampling goes through the gateway (not straight to vLLM) so that it runs under a lease on the
+version it samples, like any request, and is not captured as customer traffic. Publishing goes
+through it so that the gateway's routing table switches atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from runtime.records import CapturedChoice
+from runtime.responses import captured_choices
+
+
+@dataclass
+class Sampled:
+    adapter: str | None  # version that produced the samples (None = base model)
+    prompt_token_ids: list[int]
+    choices: list[CapturedChoice]
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (429, 502, 503, 504)
+    return isinstance(exc, httpx.TransportError)
+
+
+_retrying = retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(5),
+                  wait=wait_exponential(multiplier=0.5, max=8), reraise=True)
+
+
+class RuntimeClient:
+    def __init__(self, gateway_url: str, admin_key: str, timeout_s: float = 300.0):
+        self.http = httpx.AsyncClient(base_url=gateway_url, headers={"Authorization": f"Bearer {admin_key}"},
+                                      timeout=timeout_s)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    @_retrying
+    async def sample(self, customer: str, messages: list[dict[str, Any]], *, n: int, max_tokens: int,
+                     temperature: float, model: str = "default", **extra: Any) -> Sampled:
+        resp = await self.http.post(f"/admin/customers/{customer}/sample", json={
+            "model": model, "messages": messages, "n": n, "max_tokens": max_tokens, "temperature": temperature,
+            **extra})
+        resp.raise_for_status()
+        payload = resp.json()
+        return Sampled(payload["adapter"], payload.get("prompt_token_ids") or [], captured_choices(payload))
+
+    @_retrying
+    async def publish(self, customer: str, adapter_dir: Path, origin: str) -> dict[str, Any]:
+        resp = await self.http.post(f"/admin/customers/{customer}/adapters",
+                                    json={"path": str(adapter_dir.resolve()), "origin": origin})
+        resp.raise_for_status()
+        return resp.json()
+
+    @_retrying
+    async def versions(self, customer: str) -> dict[str, Any]:
+        resp = await self.http.get(f"/admin/customers/{customer}/adapters")
+        resp.raise_for_status()
+        return resp.json()
