@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Timed rounds per measurement (best is kept).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds of each path first.")
     parser.add_argument("--pass-tokens", type=int, default=None,
-                        help="Token budget of one batched pass (default: 1024 on CPU, 65536 on GPU).")
+                        help="Token budget of one batched pass (default: 512 on CPU, 65536 on GPU).")
     parser.add_argument("--stacked", choices=["auto", "on", "off"], default="auto",
                         help="Equal tenant segments through batched matmuls (auto: on GPU only).")
     parser.add_argument("--quick", action="store_true", help="Tenants 1,2 only, one repeat; nothing written.")
@@ -191,7 +191,7 @@ def main() -> None:
     if args.quick:
         args.tenants, args.repeats, args.warmup = "1,2", 1, 1
     device = torch.device(args.device)
-    args.pass_tokens = args.pass_tokens or (65536 if device.type == "cuda" else 1024)
+    args.pass_tokens = args.pass_tokens or (65536 if device.type == "cuda" else 512)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, layers = build_model(args.shape, device, dtype)
     store = AdapterStore(Path(tempfile.mkdtemp(prefix="clora-trainer-bench-")), device)

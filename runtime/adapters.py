@@ -25,9 +25,10 @@ class AdapterVersion(BaseModel):
 
 
 class AdapterRegistry:
-    def __init__(self, redis: aioredis.Redis, adapters_dir: Path):
+    def __init__(self, redis: aioredis.Redis, adapters_dir: Path, keep_versions: int | None = None):
         self.redis = redis
         self.adapters_dir = adapters_dir
+        self.keep_versions = keep_versions  # None: keep every version
         self._versions: dict[str, AdapterVersion] = {}  # immutable, so safe to cache forever
 
     async def register(self, customer: str, source: Path, origin: str = "manual") -> AdapterVersion:
@@ -48,7 +49,27 @@ class AdapterRegistry:
             pipe.zadd(f"clora:adapter-versions:{customer}", {version.name: number})
             await pipe.execute()
         self._versions[version.name] = version
+        await self.prune(customer)
         return version
+
+    async def prune(self, customer: str) -> list[str]:
+        """Delete versions older than the newest `keep_versions`, never the one being served (a
+        rollback target stays while it is current). Returns the names deleted."""
+        if self.keep_versions is None:
+            return []
+        names = [n.decode() for n in await self.redis.zrange(f"clora:adapter-versions:{customer}", 0, -1)]
+        current = await self.redis.hget("clora:routes", customer)
+        doomed = [n for n in names[:-self.keep_versions] if current is None or n != current.decode()]
+        for name in doomed:
+            version = await self.get(name)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(f"clora:adapter-versions:{customer}", name)
+                pipe.delete(f"clora:adapter:{name}")
+                await pipe.execute()
+            self._versions.pop(name, None)
+            if version is not None:
+                shutil.rmtree(version.path, ignore_errors=True)
+        return doomed
 
     async def get(self, name: str) -> AdapterVersion | None:
         if name in self._versions:

@@ -279,6 +279,12 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
         await router.switch(version)
         return version.model_dump()
 
+    @app.get("/admin/load")
+    async def load(request: Request) -> dict:
+        """How busy serving is: the trainer yields the machine when this is high."""
+        require_admin(request)
+        return {"requests_in_flight": router.requests_in_flight(), "engine_ready": engine.is_ready()}
+
     @app.get("/admin/customers/{customer}/adapters")
     async def customer_adapters(customer: str, request: Request) -> dict:
         require_admin(request)

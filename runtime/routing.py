@@ -39,10 +39,14 @@ class Router:
         self.routes: dict[str, AdapterVersion] = {}
         self.loaded: set[str] = set()
         self.inflight: Counter[str] = Counter()
+        self.base_inflight = 0
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def restore(self) -> None:
         self.routes = await self.registry.routes()
+
+    def requests_in_flight(self) -> int:
+        return self.base_inflight + sum(self.inflight.values())
 
     async def resolve(self, customer: str, model: str) -> AdapterVersion | None:
         """`default` -> the customer's current version (None = base model); else a version it owns."""
@@ -57,7 +61,11 @@ class Router:
     async def lease(self, version: AdapterVersion | None) -> AsyncIterator[None]:
         """Hold a version loaded for the duration of a request."""
         if version is None:
-            yield
+            self.base_inflight += 1
+            try:
+                yield
+            finally:
+                self.base_inflight -= 1
             return
         async with self._lock(version.name):
             await self._ensure_loaded(version)

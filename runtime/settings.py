@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = 300.0
     engine_extra_args: list[str] = Field(default_factory=list)
 
+    adapter_keep_versions: int = Field(default=20, description="Versions kept per customer for rollback.")
+
     # Traffic capture.
     interactions_topic: str = "clora.interactions"
     topic_partitions: int = 4
@@ -66,6 +68,20 @@ class Settings(BaseSettings):
     interaction_ttl_s: int = Field(default=7 * 24 * 3600, description="How long feedback can join an answer.")
     feedback_max_wait_s: float = Field(default=300.0, description="Feedback waits this long for its interaction.")
     replay_capacity: int = Field(default=10_000, description="Default records per customer buffer.")
+
+    # Trainer (`clora train`, and a child of `clora serve` unless disabled).
+    trainer_enabled: bool = Field(default=True, description="`clora serve` also runs the trainer.")
+    gateway_url: str | None = Field(default=None, description="Gateway for `clora train`; default: serve.json.")
+    trainer_device: str = Field(default="auto", description="cpu, cuda, cuda:N; auto = cuda if present.")
+    trainer_pass_tokens: int | None = Field(default=None, description="Tokens per batched pass (auto: 512 CPU, 65536 GPU).")
+    trainer_max_tenants: int = Field(default=8, description="Tenants trained together in one step.")
+    trainer_idle_s: float = Field(default=5.0, description="Pause when no tenant has anything to learn.")
+    trainer_max_inflight: int = Field(default=64, description="Serving requests in flight above which training waits.")
+    trainer_keep_checkpoints: int = Field(default=5, description="Trainer state checkpoints kept per customer.")
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.home / "trainer"
 
     @property
     def cache_dir(self) -> Path:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from runtime.customers import CustomerStore
 from runtime.engine import EngineConfig, EngineManager
 from runtime.gateway import GatewayConfig, create_app
 from runtime.models import resolve_model
-from runtime.processes import free_port
+from runtime.processes import ChildProcess, free_port
 from runtime.routing import Router
 from runtime.services import EmbeddedService, start_broker, start_redis
 from runtime.settings import Settings
@@ -100,6 +101,8 @@ class Stack:
     redis: aioredis.Redis | None = None
     server: uvicorn.Server | None = None
     gateway_url: str = ""
+    model: str = ""
+    trainer: ChildProcess | None = None
     redis_url: str = ""
     kafka_bootstrap: str = ""
 
@@ -122,10 +125,11 @@ class Stack:
         self.kafka_bootstrap, broker = kafka_bootstrap(s, self.run_dir)
         self.services += [broker] if broker else []
         model = str(await asyncio.to_thread(resolve_model, s.model, s.cache_dir))
+        self.model = model
 
         self.redis = aioredis.Redis.from_url(self.redis_url)
         customers = CustomerStore(self.redis)
-        registry = AdapterRegistry(self.redis, s.adapters_dir)
+        registry = AdapterRegistry(self.redis, s.adapters_dir, s.adapter_keep_versions)
         engine_config = EngineConfig.from_settings(s, model, self.run_dir)
         self.engine = EngineManager(engine_config)
         router = Router(registry, self.engine.client, validate=engine_config.validate_adapter)
@@ -150,9 +154,18 @@ class Stack:
                                      ReplayBuffer(self.redis, s.replay_capacity))
         self.ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
         self._write_state()
+        if s.trainer_enabled:
+            self.trainer = self._start_trainer(model)
+
+    def _start_trainer(self, model: str) -> ChildProcess:
+        """The co-located trainer, in its own process (its compute must not hold the gateway's GIL)."""
+        env = {**os.environ, "CLORA_HOME": str(self.settings.home), "CLORA_GATEWAY_URL": self.gateway_url,
+               "CLORA_REDIS_URL": self.redis_url, "CLORA_MODEL": model}
+        return ChildProcess("trainer", [sys.executable, "-m", "runtime.cli", "train"], self.run_dir / "trainer.log",
+                            env=env).start()
 
     def _write_state(self) -> None:
-        state = {"gateway_url": self.gateway_url, "redis_url": self.redis_url,
+        state = {"gateway_url": self.gateway_url, "redis_url": self.redis_url, "model": self.model,
                  "kafka_bootstrap": self.kafka_bootstrap, "run_dir": str(self.run_dir), "pid": os.getpid(),
                  "engine_url": self.engine.url if self.engine else None}
         # Readers poll for this file: write it whole (temp file + rename), never half.
@@ -167,6 +180,8 @@ class Stack:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+        if self.trainer is not None:
+            await asyncio.to_thread(self.trainer.stop)
         if self.ingest is not None and self.ingest_task is not None:
             self.ingest.stop()
             await asyncio.wait([self.ingest_task], timeout=30)

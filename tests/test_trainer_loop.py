@@ -4,9 +4,12 @@ server's greedy output for a published version is the trainer's own."""
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 import torch
@@ -15,9 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from agents import envs
 from feedback.replay import ReplayBuffer
 from tests.conftest import ADMIN_KEY
+from tests.test_gateway import client_for
 from trainer.adapter_store import AdapterStore
 from trainer.config import TenantConfig, TenantConfigStore
-from trainer.lora import inject
+from trainer.batching import sequence_logprobs
+from trainer.lora import Segment, bind, inject
 from trainer.loop import Trainer
 from trainer.runtime_client import RuntimeClient
 
@@ -98,6 +103,59 @@ async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_c
         other_after = await trainer.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
         assert other_after.adapter == other_before.adapter
         assert other_after.choices[0].token_ids == other_before.choices[0].token_ids
+    finally:
+        await trainer.client.close()
+        await redis_client.aclose()
+
+
+async def test_feedback_from_the_webhook_trains_the_customer(gateway, make_customer, redis_url, tiny_model,
+                                                             tmp_path):
+    """Served answers -> webhook (a correction, a down-rating) -> ingestion -> replay buffer -> steps
+    that learn the correction (SFT + DPO) and push the down-rated answer away (off-policy)."""
+    redis_client = aioredis.Redis.from_url(redis_url)
+    trainer = make_trainer(tiny_model, gateway, redis_client, tmp_path / "trainer")
+    customer, key = make_customer("fb")
+    await trainer.configs.set(customer, TenantConfig(lr=3e-2, rank=8, alpha=16, records_per_step=4,
+                                                     weights={"preference": 0.5}))
+    client = client_for(gateway, key)
+    traces = [client.chat.completions.with_raw_response.create(
+        model="default", messages=[{"role": "user", "content": f"Say hello to {who}."}], max_tokens=8,
+    ).headers["x-clora-trace-id"] for who in ("Ann", "Bob")]
+    correction = {"role": "assistant", "content": "Hello Ann, welcome aboard!"}
+    for body in ({"trace_id": traces[0], "correction": correction, "source": "operator"},
+                 {"trace_id": traces[1], "rating": "down"}):
+        resp = httpx.post(f"{gateway}/v1/feedback", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert resp.status_code == 202, resp.text
+    try:
+        deadline = time.monotonic() + 60
+        while (await trainer.replay.stats(customer)).size < 2:
+            assert time.monotonic() < deadline, "feedback never reached the replay buffer"
+            await asyncio.sleep(0.2)
+        fixed = next(r for r in await trainer.replay.sample(customer, 2) if r.correction)
+        target = trainer.target_ids(fixed)
+
+        def target_logprob() -> float:
+            state = trainer.store.swap_in(customer)
+            with torch.no_grad(), bind(trainer.layers, [Segment(0, 1, state.weights)]):
+                return float(sequence_logprobs(trainer.model, [fixed.prompt_token_ids], [target]).logprobs.sum())
+
+        reports = [await trainer.step([customer]) for _ in range(4)]
+        first = reports[0][0]
+        assert (first.rated, first.corrections) == (1, 1)
+        assert set(first.losses) == {"offpolicy", "correction", "preference"}
+        # Later steps had no new records: the buffer's records were replayed.
+        assert all(r[0].corrections == 1 for r in reports[1:])
+        before = TenantConfig(rank=8)  # a fresh adapter (B = 0) is the base model: compare against it
+        trainer.store.create("probe", trainer.layers, before.lora_spec())
+        state = trainer.store.swap_in("probe")
+        with torch.no_grad(), bind(trainer.layers, [Segment(0, 1, state.weights)]):
+            base = float(sequence_logprobs(trainer.model, [fixed.prompt_token_ids], [target]).logprobs.sum())
+        assert target_logprob() > base + 5.0  # the correction became far more likely
+        versions = [r[0].version for r in reports]
+        assert await trainer.replay.consumed_by(customer, fixed.event_id) == versions
+        served = await trainer.client.sample(customer, fixed.messages, n=1, max_tokens=12, temperature=0)
+        assert served.adapter == versions[-1]
+        assert served.choices[0].token_ids == trainer.greedy(customer, served.prompt_token_ids, 12)
     finally:
         await trainer.client.close()
         await redis_client.aclose()

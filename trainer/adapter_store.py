@@ -141,6 +141,13 @@ class AdapterStore:
         for old in sorted(parent.glob("step-*"))[:-self.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def discard_partial(self, customer: str) -> int:
+        """Remove checkpoints a killed process left half-written (never renamed into place)."""
+        partial = list(self._dir(customer).glob(".tmp-*"))
+        for directory in partial:
+            shutil.rmtree(directory, ignore_errors=True)
+        return len(partial)
+
     def latest_checkpoint(self, customer: str) -> Path | None:
         found = sorted(self._dir(customer).glob("step-*"))
         return found[-1] if found else None

@@ -2,7 +2,7 @@
 
   1. Gather, per tenant: on-policy groups sampled now from the live server under the tenant's
      current adapter and scored by its environment; new rated answers and corrections from its
-     replay buffer.
+     replay buffer, topped up with older ones (prioritized: corrections first) when few are new.
   2. Swap each tenant's state onto the device.
   3. Forward/backward, gradients accumulating per tenant: on-policy groups through the shared-prefix
      pass (PPO-clip against the logprobs vLLM sampled with, optional KL to the base model); rated
@@ -80,7 +80,7 @@ class StepReport:
 class Trainer:
     def __init__(self, model: nn.Module, layers: dict[str, MultiLoRALinear], tokenizer, store: AdapterStore,
                  client: RuntimeClient, replay: ReplayBuffer, configs: TenantConfigStore, base_model: str,
-                 pass_tokens: int = 1024):
+                 pass_tokens: int = 512):
         self.model, self.layers, self.tokenizer = model, layers, tokenizer
         self.store, self.client, self.replay, self.configs = store, client, replay, configs
         self.base_model = base_model
@@ -102,6 +102,7 @@ class Trainer:
         for d in data:
             state = states[d.customer]
             adamw_step(state, lr=d.config.lr)
+            state.published_version = None  # a new step: not published until publish() says so
             self.store.swap_out(state)
             version = await self.publish(d.customer)
             await self.replay.mark_consumed(d.customer, [r.event_id for r in d.rated + d.corrections], version)
@@ -180,11 +181,17 @@ class Trainer:
     async def gather(self, customer: str) -> TenantData:
         config = await self.configs.get(customer) or TenantConfig()
         state = self.store.get(customer) or self.store.create(customer, self.layers, config.lora_spec(), config.seed)
+        if state.published_version is None and state.step > 0:
+            await self.recover(customer)  # an earlier publish failed: its step must not be skipped
         data = TenantData(customer, config)
         if config.environment and config.weights.onpolicy:
             data.groups = await self.sample_groups(customer, config, state.rng)
-        cursor = int(await self.replay.redis.get(self._cursor_key(customer)) or 0)
+        cursor = await self.cursor(customer)
         records, data.cursor = await self.replay.newer(customer, cursor, config.records_per_step)
+        if len(records) < config.records_per_step:  # top up from the buffer (replay)
+            taken = {r.event_id for r in records}
+            older = await self.replay.sample(customer, config.records_per_step, "prioritized", state.rng)
+            records += [r for r in older if r.event_id not in taken][:config.records_per_step - len(records)]
         data.rated = [r for r in records if r.reward is not None and r.correction is None and r.completion_token_ids
                       and len(r.behaviour_logprobs) == len(r.completion_token_ids)]
         data.corrections = [r for r in records if r.correction is not None and r.prompt_token_ids]
@@ -215,6 +222,10 @@ class Trainer:
     def _cursor_key(customer: str) -> str:
         return f"clora:trainer:cursor:{customer}"
 
+    async def cursor(self, customer: str) -> int:
+        """Replay-buffer sequence number of the newest record this tenant has trained on."""
+        return int(await self.replay.redis.get(self._cursor_key(customer)) or 0)
+
     # -- versions ------------------------------------------------------------------------------------
     async def publish(self, customer: str) -> str:
         """Checkpoint (state + PEFT adapter, whole or absent), then publish it as a new version.
@@ -228,6 +239,7 @@ class Trainer:
 
     async def recover(self, customer: str) -> None:
         """After a restart: a checkpoint written but not (known to be) published gets published."""
+        self.store.discard_partial(customer)
         state = self.store.get(customer)
         checkpoint = self.store.latest_checkpoint(customer)
         if state is None or checkpoint is None or state.published_version is not None:

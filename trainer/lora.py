@@ -80,7 +80,25 @@ class MultiLoRALinear(nn.Module):
         stacked = self._stacked_delta(x) if x.device.type in STACKED_DEVICES else None
         if stacked is not None:
             return y + stacked
-        return y + torch.cat([self._delta(x[s.start:s.stop], s.weights) for s in self.segments], dim=0)
+        # split/cat, not slicing: a slice's backward writes into a zero tensor the size of x, per
+        # segment; split's backward is one cat.
+        pieces = self._cover(x.shape[0])
+        parts = x.split([stop - start for start, stop, _ in pieces], dim=0)
+        return y + torch.cat([self._delta(part, weights) for part, (_, _, weights) in zip(parts, pieces)], dim=0)
+
+    def _cover(self, rows: int) -> list[tuple[int, int, LoRAWeights | None]]:
+        """The bound segments plus base-model pieces for any rows between or after them."""
+        pieces, at = [], 0
+        for s in sorted(self.segments, key=lambda s: s.start):
+            start, stop = max(s.start, at), min(s.stop, rows)
+            if start > at:
+                pieces.append((at, start, None))
+            if stop > start:
+                pieces.append((start, stop, s.weights))
+                at = stop
+        if at < rows:
+            pieces.append((at, rows, None))
+        return pieces
 
     def _delta(self, x: torch.Tensor, weights: LoRAWeights | None) -> torch.Tensor:
         if weights is None:

@@ -65,3 +65,9 @@ class RuntimeClient:
         resp = await self.http.get(f"/admin/customers/{customer}/adapters")
         resp.raise_for_status()
         return resp.json()
+
+    @_retrying
+    async def load(self) -> dict[str, Any]:
+        resp = await self.http.get("/admin/load")
+        resp.raise_for_status()
+        return resp.json()

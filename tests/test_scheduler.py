@@ -1,0 +1,50 @@
+"""Who trains next: every ready tenant when they fit, fair shares by priority when they do not,
+nobody without work, failing tenants backed off (and only them)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from trainer.scheduler import Candidate, Scheduler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_all_ready_tenants_train_together_and_idle_ones_wait():
+    scheduler = Scheduler(max_tenants=8)
+    picked = scheduler.pick([Candidate("a", 1.0), Candidate("b", 0.5), Candidate("idle", 0.0)])
+    assert sorted(picked) == ["a", "b"]
+
+
+def test_shares_follow_priority_when_tenants_do_not_fit():
+    scheduler = Scheduler(max_tenants=1)
+    counts = Counter(scheduler.pick([Candidate("gold", 1.0, priority=2.0), Candidate("std", 1.0)])[0]
+                     for _ in range(300))
+    assert counts["gold"] == 200 and counts["std"] == 100
+
+
+def test_pending_work_weighs_in():
+    scheduler = Scheduler(max_tenants=1)
+    counts = Counter(scheduler.pick([Candidate("busy", 3.0), Candidate("quiet", 1.0)])[0] for _ in range(400))
+    assert counts["busy"] == 300 and counts["quiet"] == 100
+
+
+def test_a_failing_tenant_is_backed_off_exponentially_and_others_go_on():
+    clock = Clock()
+    scheduler = Scheduler(max_tenants=8, base_backoff_s=5, max_backoff_s=60, clock=clock)
+    both = [Candidate("bad", 1.0), Candidate("good", 1.0)]
+    assert scheduler.failed("bad") == 5
+    assert scheduler.pick(both) == ["good"]
+    clock.now = 5.0
+    assert sorted(scheduler.pick(both)) == ["bad", "good"]
+    assert [scheduler.failed("bad") for _ in range(5)] == [10, 20, 40, 60, 60]
+    clock.now = 64.0
+    assert scheduler.pick(both) == ["good"]
+    scheduler.succeeded("bad")
+    assert sorted(scheduler.pick(both)) == ["bad", "good"]

@@ -1,0 +1,55 @@
+"""Which tenants train in the next step.
+
+Every tenant with something to learn from (an environment, or enough new feedback) earns credit
+each round in proportion to its priority and pending work; the step takes the tenants with the most
+credit, up to `max_tenants` (all of them when they fit: one batched step serves them all). A tenant
+whose step failed is backed off exponentially, so it never holds up the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Candidate:
+    customer: str
+    work: float  # > 0: something to learn from (1.0 = one full step's worth)
+    priority: float = 1.0
+
+
+class Scheduler:
+    def __init__(self, max_tenants: int = 8, base_backoff_s: float = 5.0, max_backoff_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if max_tenants < 1:
+            raise ValueError("max_tenants must be at least 1")
+        self.max_tenants = max_tenants
+        self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
+        self.clock = clock
+        self.credit: dict[str, float] = defaultdict(float)
+        self.failures: dict[str, int] = defaultdict(int)
+        self.backoff_until: dict[str, float] = {}
+
+    def pick(self, candidates: list[Candidate]) -> list[str]:
+        now = self.clock()
+        ready = [c for c in candidates if c.work > 0 and self.backoff_until.get(c.customer, 0.0) <= now]
+        for c in ready:
+            self.credit[c.customer] += c.priority * min(c.work, 4.0)  # a backlog counts, but only so much
+        chosen = sorted(ready, key=lambda c: (-self.credit[c.customer], c.customer))[:self.max_tenants]
+        for c in chosen:
+            self.credit[c.customer] = 0.0
+        return [c.customer for c in chosen]
+
+    def failed(self, customer: str) -> float:
+        """Back the tenant off; returns for how long."""
+        self.failures[customer] += 1
+        delay = min(self.max_backoff_s, self.base_backoff_s * 2 ** (self.failures[customer] - 1))
+        self.backoff_until[customer] = self.clock() + delay
+        return delay
+
+    def succeeded(self, customer: str) -> None:
+        self.failures.pop(customer, None)
+        self.backoff_until.pop(customer, None)
