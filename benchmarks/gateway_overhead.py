@@ -159,7 +159,8 @@ async def swap_under_load(gateway: str, admin: dict, steady_keys: list[str], swa
 
 def start_serve(home: Path) -> tuple[subprocess.Popen, dict, dict]:
     port = free_port()
-    env = {**os.environ, "CLORA_HOME": str(home), "CLORA_PORT": str(port)}
+    # The trainer stays off: this measures serving (the committed numbers were taken before it existed).
+    env = {**os.environ, "CLORA_HOME": str(home), "CLORA_PORT": str(port), "CLORA_TRAINER_ENABLED": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve"], env=env, cwd=REPO,
                             stdout=open(home / "serve.out", "wb"), stderr=subprocess.STDOUT)
     state_file = home / "serve.json"

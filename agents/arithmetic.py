@@ -1,0 +1,125 @@
+"""Tool-use arithmetic, the report's setting: GSM8K-style word problems from a seeded generator.
+
+The agent must call a `calculator` tool (it evaluates +, -, *, / and parentheses, nothing else)
+and then `final_answer`; the reward is 1.0 only when `final_answer` carries the right number. No
+dataset can be downloaded here, so problems are generated: each level adds a step (level 1: one
+operation, level 4: four), numbers grow with the level, and every problem carries the expression
+that solves it, so answers are exact by construction.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+LEVELS = (1, 2, 3, 4)
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
+ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards"]
+
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {
+        "name": "calculator", "strict": True,
+        "description": "Evaluate an arithmetic expression with + - * / and parentheses.",
+        "parameters": {"type": "object", "properties": {"expression": {
+            "type": "string", "pattern": "^[0-9+*/(). -]+$", "minLength": 1, "maxLength": 80}},
+                       "required": ["expression"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "final_answer", "strict": True,
+        "description": "Give the final numeric answer to the problem.",
+        "parameters": {"type": "object", "properties": {"answer": {"type": "number"}},
+                       "required": ["answer"], "additionalProperties": False}}},
+]
+SYSTEM = ("You solve math word problems. First call the calculator tool with the expression that "
+          "answers the question, then call final_answer with its result.")
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    expression: str  # solves it
+    answer: int
+    level: int
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.question}]
+
+
+def generate(rng: random.Random, level: int) -> Problem:
+    """One problem with `level` operations; whole, non-negative intermediate results."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}")
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    top = 10 * level
+    value = rng.randint(2, top)
+    expression = str(value)
+    sentences = [f"{name} has {value} {item}."]
+    for _ in range(level):
+        kind = rng.choice(["add", "sub", "mul", "div"] if level > 1 else ["add", "sub"])
+        if kind == "add":
+            n = rng.randint(2, top)
+            sentences.append(f"{name} gets {n} more.")
+            expression, value = f"({expression} + {n})", value + n
+        elif kind == "sub" and value > 2:
+            n = rng.randint(1, value - 1)
+            sentences.append(f"{name} gives away {n}.")
+            expression, value = f"({expression} - {n})", value - n
+        elif kind == "div" and any(value % d == 0 for d in range(2, 6)):
+            d = rng.choice([d for d in range(2, 6) if value % d == 0])
+            sentences.append(f"{name} shares them equally among {d} friends and keeps one share.")
+            expression, value = f"({expression} / {d})", value // d
+        else:
+            n = rng.randint(2, 4)
+            sentences.append(f"{name} ends up with {n} times as many.")
+            expression, value = f"({expression} * {n})", value * n
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    return Problem(question, expression[1:-1] if expression.startswith("(") else expression, value, level)
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def calculate(expression: str) -> Fraction:
+    """Exact value of an arithmetic expression; anything but numbers, + - * / and parentheses is
+    refused (ValueError): the tool never runs code."""
+    if len(expression) > 200:
+        raise ValueError("expression too long")
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"not an arithmetic expression: {expression!r}") from exc
+
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return value(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise ValueError("division by zero")
+            return _OPS[type(node.op)](left, right)
+        raise ValueError(f"not allowed in an expression: {ast.dump(node)[:60]}")
+
+    return value(tree)
+
+
+def calculator_result(expression: str) -> str:
+    """What the calculator tool returns to the agent (an error is a message, not an exception)."""
+    try:
+        result = calculate(expression)
+    except ValueError as exc:
+        return f"error: {exc}"
+    return str(result.numerator) if result.denominator == 1 else f"{float(result):.6g}"
+
+
+def reward(problem: Problem, final_answer: Any) -> float:
+    """1.0 only for the right number (ints and floats that equal it; nothing else)."""
+    if isinstance(final_answer, bool) or not isinstance(final_answer, (int, float)):
+        return 0.0
+    return 1.0 if abs(final_answer - problem.answer) < 1e-6 else 0.0
