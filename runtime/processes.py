@@ -127,7 +127,27 @@ class ChildProcess:
                 continue
             except (ProcessLookupError, PermissionError):
                 pass
+            _wait_group_gone(proc.pid)
             return
+
+
+def _live_members(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies awaiting their reaper do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 3.0) -> None:
+    """A SIGKILLed process takes a moment to exit: return once none of the group runs."""
+    deadline = time.monotonic() + timeout_s
+    while _live_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def stop_all_children() -> None:
