@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,12 @@ class Settings(BaseSettings):
 
     # Where everything the runtime writes lives: model cache, run logs, spool, embedded Redis data.
     home: Path = Field(default=Path(".clora"), description="Data directory (caches, runs, spool).")
+
+    @field_validator("home")
+    @classmethod
+    def _absolute(cls, home: Path) -> Path:
+        # Children (vLLM) run in other directories: every path handed to them must be absolute.
+        return home.expanduser().resolve()
 
     # External services; unset means "spawn the embedded one".
     kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers.")
