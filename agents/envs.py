@@ -27,6 +27,9 @@ class Environment(Protocol):
 
     def reward(self, prompt: list[dict[str, Any]], completion: Completion) -> float: ...
 
+    # Optional: `heldout_prompts(rng, n)`, prompts from a pool never used for training (evals use
+    # it when present; otherwise they draw `prompts` from their own, held-out seed).
+
 
 TOPICS = ["the sea", "a city at night", "an old clock", "a garden", "the mountains", "a library", "winter",
           "a train journey", "the moon", "a market", "a storm", "a quiet morning"]
@@ -85,6 +88,8 @@ def register(name: str, factory: Callable[[str], Environment]) -> None:
 
 def make_env(spec: str) -> Environment:
     """`name:args` -> an environment, e.g. `token-range:0-24576`."""
+    import agents.preference  # noqa: F401 - registers `preference`
+
     name, _, args = spec.partition(":")
     if name not in FACTORIES:
         raise ValueError(f"unknown environment {name!r}; known: {', '.join(sorted(FACTORIES))}")

@@ -53,13 +53,15 @@ class AdapterRegistry:
         return version
 
     async def prune(self, customer: str) -> list[str]:
-        """Delete versions older than the newest `keep_versions`, never the one being served (a
-        rollback target stays while it is current). Returns the names deleted."""
+        """Delete versions older than the newest `keep_versions`, never the one being served nor a
+        pinned one (rollback targets). Returns the names deleted."""
         if self.keep_versions is None:
             return []
         names = [n.decode() for n in await self.redis.zrange(f"clora:adapter-versions:{customer}", 0, -1)]
         current = await self.redis.hget("clora:routes", customer)
-        doomed = [n for n in names[:-self.keep_versions] if current is None or n != current.decode()]
+        kept = {n.decode() for n in await self.redis.smembers(f"clora:adapter-pinned:{customer}")}
+        kept |= {current.decode()} if current is not None else set()
+        doomed = [n for n in names[:-self.keep_versions] if n not in kept]
         for name in doomed:
             version = await self.get(name)
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -70,6 +72,12 @@ class AdapterRegistry:
             if version is not None:
                 shutil.rmtree(version.path, ignore_errors=True)
         return doomed
+
+    async def pin(self, customer: str, names: list[str], keep: bool = True) -> None:
+        """Keep (or stop keeping) versions through pruning, whatever their age."""
+        if names:
+            key = f"clora:adapter-pinned:{customer}"
+            await (self.redis.sadd(key, *names) if keep else self.redis.srem(key, *names))
 
     async def get(self, name: str) -> AdapterVersion | None:
         if name in self._versions:
@@ -86,8 +94,11 @@ class AdapterRegistry:
         found = [await self.get(n.decode()) for n in names]
         return [v for v in found if v is not None]
 
-    async def set_current(self, customer: str, name: str) -> None:
-        await self.redis.hset("clora:routes", customer, name)
+    async def set_current(self, customer: str, name: str | None) -> None:
+        if name is None:  # back to the base model
+            await self.redis.hdel("clora:routes", customer)
+        else:
+            await self.redis.hset("clora:routes", customer, name)
 
     async def routes(self) -> dict[str, AdapterVersion]:
         raw = await self.redis.hgetall("clora:routes")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -17,11 +15,12 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from runtime.adapters import AdapterRegistry
 from runtime.customers import CustomerStore, InvalidName
 from runtime.processes import ServiceStartError
 from runtime.services import start_redis
 from runtime.settings import Settings
-from runtime.stack import Stack, admin_key
+from runtime.stack import Stack, admin_key, serve_state
 
 app = typer.Typer(help="clora: continual learning for LLM agents, one LoRA adapter per customer.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -41,16 +40,6 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _serve_state(settings: Settings) -> dict | None:
-    """What a running `clora serve` wrote about itself, if it is still alive."""
-    try:
-        state = json.loads(settings.state_file.read_text())
-        os.kill(state["pid"], 0)
-        return state
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 @app.command()
 def serve(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     """Start the runtime: embedded Kafka/Redis unless configured, vLLM, and the gateway."""
@@ -59,7 +48,7 @@ def serve(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     for noisy in ("kafka", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = Settings()
-    if _serve_state(settings):
+    if serve_state(settings):
         raise _fail(f"clora serve is already running for {settings.home} (see {settings.state_file})")
 
     async def main() -> None:
@@ -96,7 +85,7 @@ def ingest() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     settings = Settings()
-    state = _serve_state(settings) or {}
+    state = serve_state(settings) or {}
     bootstrap = settings.kafka_bootstrap or state.get("kafka_bootstrap")
     url = settings.redis_url or state.get("redis_url")
     if not bootstrap or not url:
@@ -124,7 +113,7 @@ def train(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     from trainer.adapter_store import AdapterStore
     from trainer.config import TenantConfigStore
     from trainer.loop import Trainer
-    from trainer.runtime_client import RuntimeClient
+    from runtime.admin_client import RuntimeClient
     from trainer.scheduler import Scheduler
     from trainer.service import TrainingService, load_trainer_model, resolve_device
 
@@ -132,7 +121,7 @@ def train(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
-    state = _serve_state(settings) or {}
+    state = serve_state(settings) or {}
     gateway = settings.gateway_url or state.get("gateway_url")
     url = settings.redis_url or state.get("redis_url")
     model_dir = settings.model or state.get("model")
@@ -165,9 +154,9 @@ def train(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     asyncio.run(main())
 
 
-async def _with_customers(settings: Settings, action):
-    """Run `action(store)` against the runtime's Redis; start the embedded one if nothing runs."""
-    state = _serve_state(settings)
+async def _with_redis(settings: Settings, action):
+    """Run `action(redis)` against the runtime's Redis; start the embedded one if nothing runs."""
+    state = serve_state(settings)
     service = None
     url = settings.redis_url or (state or {}).get("redis_url")
     if url is None:
@@ -175,11 +164,15 @@ async def _with_customers(settings: Settings, action):
         url = service.url
     client = aioredis.Redis.from_url(url)
     try:
-        return await action(CustomerStore(client))
+        return await action(client)
     finally:
         await client.aclose()
         if service:
             service.stop()
+
+
+async def _with_customers(settings: Settings, action):
+    return await _with_redis(settings, lambda client: action(CustomerStore(client)))
 
 
 @customers_app.command("create")
@@ -230,7 +223,7 @@ def operators_create(name: str, customer: list[str] = typer.Option(..., "--custo
 
 
 def _admin(settings: Settings, method: str, path: str, body: dict | None = None) -> dict:
-    state = _serve_state(settings)
+    state = serve_state(settings)
     if state is None:
         raise _fail("clora serve is not running (adapters are loaded into its engine)")
     resp = httpx.request(method, state["gateway_url"] + path, json=body, timeout=120,
@@ -241,10 +234,15 @@ def _admin(settings: Settings, method: str, path: str, body: dict | None = None)
 
 
 @adapters_app.command("publish")
-def adapters_publish(customer: str, path: Path) -> None:
+def adapters_publish(customer: str, path: Path, candidate: bool = typer.Option(
+        False, "--candidate", help="Only register it: the promotion gate (or `clora eval promote`) serves it.")) -> None:
     """Publish a PEFT adapter dir as the customer's next version and switch traffic to it."""
-    out = _admin(Settings(), "POST", f"/admin/customers/{customer}/adapters", {"path": str(path.resolve())})
-    console.print(f"{customer} now served by [bold]{out['name']}[/] (load + switch {out['swap_ms']:.0f} ms)")
+    out = _admin(Settings(), "POST", f"/admin/customers/{customer}/adapters",
+                 {"path": str(path.resolve()), "switch": not candidate})
+    if candidate:
+        console.print(f"{customer}: candidate [bold]{out['name']}[/] registered (not served yet)")
+    else:
+        console.print(f"{customer} now served by [bold]{out['name']}[/] (load + switch {out['swap_ms']:.0f} ms)")
 
 
 @adapters_app.command("route")
@@ -262,6 +260,136 @@ def adapters_list(customer: str) -> None:
     for v in out["versions"]:
         table.add_row(v["name"], "*" if v["name"] == out["current"] else "", v["source"], v["path"])
     console.print(table)
+
+
+# -- evals and the promotion gate -------------------------------------------------------------------
+eval_app = typer.Typer(help="Eval suites, the promotion gate, manual promote/rollback. Alone: the table.",
+                       invoke_without_command=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _stamp(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
+
+
+@eval_app.callback()
+def eval_table(ctx: typer.Context) -> None:
+    """Per customer: suite, served version and its score, the last gate decision."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from evals.gate import EvalHistory
+    from evals.suites import SuiteStore
+
+    async def rows(client: aioredis.Redis) -> list[tuple[str, ...]]:
+        history, routes = EvalHistory(client), await AdapterRegistry(client, Settings().adapters_dir).routes()
+        out = []
+        for customer, suite in (await SuiteStore(client).all()).items():
+            served = routes[customer].name if customer in routes else None
+            score = await history.cached_score(f"{customer}/{served or Settings().served_base_name}",
+                                               suite.fingerprint())
+            last = (await history.decisions(customer, 1) or [None])[-1]
+            out.append((customer, suite.environment or f"golden x{len(suite.golden)}", served or "base",
+                        f"{score.score:.3f}" if score else "-",
+                        f"{last.action} {last.candidate or 'base'}" if last else "-",
+                        last.reason if last else "", _stamp(last.at if last else None)))
+        return out
+
+    table = Table("customer", "suite", "served", "score", "last decision", "why", "when")
+    for row in asyncio.run(_with_redis(Settings(), rows)):
+        table.add_row(*row)
+    console.print(table)
+
+
+@eval_app.command("suite")
+def eval_suite(customer: str,
+               environment: str = typer.Option(..., "--env", help="e.g. preference:json, arithmetic:1"),
+               n: int = typer.Option(16, help="Prompts per evaluation."),
+               seed: int = typer.Option(1_000_003, help="Held-out seed (keep it away from training seeds)."),
+               max_tokens: int = typer.Option(64)) -> None:
+    """Set a customer's eval suite (an environment's held-out prompts)."""
+    from agents.envs import make_env
+    from evals.suites import EvalSuite, SuiteStore
+
+    if not environment.startswith("arithmetic:"):
+        try:
+            make_env(environment)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    suite = EvalSuite(environment=environment, n=n, seed=seed, max_tokens=max_tokens)
+
+    async def action(client: aioredis.Redis) -> None:
+        if not await CustomerStore(client).exists(customer):
+            raise _fail(f"no customer named {customer!r}")
+        await SuiteStore(client).set(customer, suite)
+
+    asyncio.run(_with_redis(Settings(), action))
+    console.print(f"{customer}: eval suite {environment} (n={n}, seed={seed}, fingerprint {suite.fingerprint()})")
+
+
+async def _with_eval_job(action):
+    from evals.job import EvalJob
+
+    settings = Settings()
+    state = serve_state(settings)
+    if state is None:
+        raise _fail("clora serve is not running (evals query its engine)")
+    client = aioredis.Redis.from_url(state["redis_url"])
+    job = EvalJob.connect(client, state["gateway_url"], admin_key(settings), settings)
+    try:
+        return await action(job)
+    finally:
+        await job.close()
+        await client.aclose()
+
+
+def _print_decisions(decisions) -> None:
+    table = Table("customer", "decision", "candidate", "score", "served before", "score", "why")
+    for d in decisions:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(d.customer, d.action, d.candidate or "base", fmt(d.candidate_score), d.current or "base",
+                      fmt(d.current_score), d.reason)
+    console.print(table)
+
+
+@eval_app.command("run")
+def eval_run(every: float = typer.Option(0.0, help="Repeat every N seconds (0: one round).")) -> None:
+    """Score served and candidate versions now; the gate promotes or holds back."""
+    async def action(job) -> None:
+        while True:
+            decisions = await job.run_once()
+            _print_decisions(decisions) if decisions else console.print("no new candidates")
+            if not every:
+                return
+            await asyncio.sleep(every)
+
+    asyncio.run(_with_eval_job(action))
+
+
+@eval_app.command("promote")
+def eval_promote(customer: str, version: str) -> None:
+    """Serve a version now, bypassing the gate (logged in the eval history)."""
+    _print_decisions([asyncio.run(_with_eval_job(lambda job: job.promote(customer, version)))])
+
+
+@eval_app.command("rollback")
+def eval_rollback(customer: str) -> None:
+    """Serve again the version promoted before the current one."""
+    async def action(job):
+        try:
+            return await job.rollback(customer)
+        except LookupError as exc:
+            raise _fail(str(exc)) from None
+
+    _print_decisions([asyncio.run(_with_eval_job(action))])
+
+
+@eval_app.command("history")
+def eval_history(customer: str, last: int = typer.Option(20, help="Newest decisions shown.")) -> None:
+    """A customer's gate decisions, oldest first."""
+    from evals.gate import EvalHistory
+
+    decisions = asyncio.run(_with_redis(Settings(), lambda client: EvalHistory(client).decisions(customer, last)))
+    _print_decisions(decisions)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class GatewayConfig:
 class PublishBody(BaseModel):
     path: str
     origin: str = Field(default="manual", max_length=200, description="Who made it (the trainer names its checkpoint).")
+    switch: bool = Field(default=True, description="Serve it now; false = a candidate for the promotion gate.")
 
 
 class RouteBody(BaseModel):
@@ -241,23 +242,25 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
         require_engine()
         started = time.perf_counter()
         try:
-            version = await router.publish(customer, Path(body.path), body.origin)
+            version = await router.publish(customer, Path(body.path), body.origin, switch=body.switch)
         except AdapterRejected as exc:
             raise APIError(422, str(exc), "adapter_rejected") from None
         return {**version.model_dump(), "swap_ms": (time.perf_counter() - started) * 1000}
 
     @app.post("/admin/customers/{customer}/sample")
+    @app.post("/admin/customers/{customer}/v1/chat/completions")  # the same, for the openai SDK (evals)
     async def sample(customer: str, request: Request) -> JSONResponse:
-        """For the trainer: completions under one of the customer's adapters (`default` = its
-        current one) with token ids and sampled-token logprobs; not captured, but leased like any
-        request, so a swap meanwhile cannot unload the version being sampled."""
+        """For the trainer and evals: completions under one of the customer's adapters (`default` =
+        its current one; the base model by its served name) with token ids and sampled-token
+        logprobs; not captured, but leased like any request, so a swap meanwhile cannot unload the
+        version being sampled."""
         require_admin(request)
         await known_customer(customer)
         chat, body = _parse_chat(await read_body(request, config.max_request_bytes))
         if chat.stream:
             raise APIError(400, "Sampling does not stream.", "invalid_request", "stream")
-        try:
-            version = await router.resolve(customer, chat.model)
+        try:  # the base model by name too: evals compare against it
+            version = None if chat.model == config.served_base_name else await router.resolve(customer, chat.model)
         except ModelNotFound:
             raise model_not_found(chat.model) from None
         require_engine()
@@ -278,6 +281,13 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
             raise model_not_found(body.adapter)
         await router.switch(version)
         return version.model_dump()
+
+    @app.delete("/admin/customers/{customer}/route")
+    async def clear_route(customer: str, request: Request) -> dict:
+        require_admin(request)
+        await known_customer(customer)
+        await router.serve_base(customer)
+        return {"customer": customer, "current": None}
 
     @app.get("/admin/load")
     async def load(request: Request) -> dict:

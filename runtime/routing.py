@@ -78,13 +78,15 @@ class Router:
                 del self.inflight[version.name]
                 await self._unload_if_idle(version)
 
-    async def publish(self, customer: str, source: Path, origin: str = "manual") -> AdapterVersion:
-        """New version from adapter files: validate, store, load, switch."""
+    async def publish(self, customer: str, source: Path, origin: str = "manual", switch: bool = True) -> AdapterVersion:
+        """New version from adapter files: validate, store, then load and switch, unless it is only
+        a candidate (the promotion gate switches to it after its eval; it loads on first use)."""
         self.validate(source)
         started = time.perf_counter()
         version = await self.registry.register(customer, source, origin)
-        await self.switch(version)
-        SWAP_SECONDS.observe(time.perf_counter() - started)
+        if switch:
+            await self.switch(version)
+            SWAP_SECONDS.observe(time.perf_counter() - started)
         return version
 
     async def switch(self, version: AdapterVersion) -> None:
@@ -96,6 +98,14 @@ class Router:
         await self.registry.set_current(version.customer, version.name)
         log.info("customer %s now served by %s", version.customer, version.name)
         if previous is not None and previous.name != version.name:
+            await self._unload_if_idle(previous)
+
+    async def serve_base(self, customer: str) -> None:
+        """Serve the customer the base model again (rollback past its first version)."""
+        previous = self.routes.pop(customer, None)
+        await self.registry.set_current(customer, None)
+        log.info("customer %s now served by the base model", customer)
+        if previous is not None:
             await self._unload_if_idle(previous)
 
     async def reload_all(self) -> None:

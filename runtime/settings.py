@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     trainer_max_inflight: int = Field(default=64, description="Serving requests in flight above which training waits.")
     trainer_keep_checkpoints: int = Field(default=5, description="Trainer state checkpoints kept per customer.")
 
+    # Evals and the promotion gate (a job inside `clora serve`; `clora eval run` runs it by hand).
+    eval_interval_s: float = Field(default=300.0, description="Seconds between eval rounds; 0 = no periodic job.")
+    eval_tolerance: float = Field(default=0.05, ge=0, le=1,
+                                  description="A candidate may score this much below the served version.")
+
     @property
     def trainer_dir(self) -> Path:
         return self.home / "trainer"

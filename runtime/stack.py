@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import uvicorn
@@ -37,7 +38,20 @@ from runtime.settings import Settings
 from runtime.spool import Spool
 from runtime.traces import TraceSigner
 
+if TYPE_CHECKING:
+    from evals.job import EvalJob
+
 log = logging.getLogger("clora.stack")
+
+
+def serve_state(settings: Settings) -> dict | None:
+    """What a running `clora serve` wrote about itself, if it is still alive."""
+    try:
+        state = json.loads(settings.state_file.read_text())
+        os.kill(state["pid"], 0)
+        return state
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def admin_key(settings: Settings) -> str:
@@ -105,6 +119,9 @@ class Stack:
     trainer: ChildProcess | None = None
     redis_url: str = ""
     kafka_bootstrap: str = ""
+    evals: "EvalJob | None" = None
+    evals_task: asyncio.Task | None = None
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.run_dir = self.settings.runs_dir / time.strftime("%Y%m%d-%H%M%S")
@@ -156,6 +173,11 @@ class Stack:
         self._write_state()
         if s.trainer_enabled:
             self.trainer = self._start_trainer(model)
+        if s.eval_interval_s > 0:
+            from evals.job import EvalJob  # evals depend on the runtime, not the other way round
+
+            self.evals = EvalJob.connect(self.redis, self.gateway_url, admin_key(s), s)
+            self.evals_task = asyncio.create_task(self.evals.run(self._stopping, s.eval_interval_s), name="evals")
 
     def _start_trainer(self, model: str) -> ChildProcess:
         """The co-located trainer, in its own process (its compute must not hold the gateway's GIL)."""
@@ -180,6 +202,12 @@ class Stack:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
+        self._stopping.set()
+        if self.evals_task is not None:
+            await asyncio.wait([self.evals_task], timeout=30)
+            self.evals_task.cancel()
+        if self.evals is not None:
+            await self.evals.close()
         if self.trainer is not None:
             await asyncio.to_thread(self.trainer.stop)
         if self.ingest is not None and self.ingest_task is not None:

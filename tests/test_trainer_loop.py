@@ -24,7 +24,7 @@ from trainer.config import TenantConfig, TenantConfigStore
 from trainer.batching import sequence_logprobs
 from trainer.lora import Segment, bind, inject
 from trainer.loop import Trainer
-from trainer.runtime_client import RuntimeClient
+from runtime.admin_client import RuntimeClient
 
 pytestmark = pytest.mark.slow
 

@@ -33,6 +33,8 @@ class TenantConfig(BaseModel):
     dpo_beta: float = Field(default=0.1, gt=0)
     weights: LossWeights = Field(default_factory=LossWeights)
     priority: float = Field(default=1.0, gt=0, description="Share of training time relative to others.")
+    gated: bool = Field(default=False, description="Publish versions as candidates: the eval job's promotion "
+                                                   "gate decides when one is served.")
     seed: int = 0
 
     def lora_spec(self) -> LoRASpec:

@@ -10,7 +10,8 @@
      corrections (SFT, optional DPO against the answer they replaced) through passes shared by
      every tenant's rows.
   4. Per tenant: AdamW, swap out, checkpoint, publish the new version (the gateway loads it and
-     switches the customer to it), record which records the version consumed.
+     switches the customer to it, or keeps it as a candidate for the eval job's promotion gate),
+     record which records the version consumed.
 A step that fails is retried tenant by tenant; a tenant that fails alone is backed off by the
 scheduler, and the others' steps land.
 """
@@ -37,7 +38,7 @@ from trainer.lora import MultiLoRALinear, Segment, bind
 from trainer.losses import (dpo_loss, group_advantages, kl_to_reference, off_policy_loss, ppo_clip_loss,
                             sequence_sums, sft_loss)
 from trainer.optim import adamw_step
-from trainer.runtime_client import RuntimeClient
+from runtime.admin_client import RuntimeClient
 
 log = logging.getLogger("clora.trainer")
 
@@ -104,7 +105,7 @@ class Trainer:
             adamw_step(state, lr=d.config.lr)
             state.published_version = None  # a new step: not published until publish() says so
             self.store.swap_out(state)
-            version = await self.publish(d.customer)
+            version = await self.publish(d.customer, switch=not d.config.gated)
             await self.replay.mark_consumed(d.customer, [r.event_id for r in d.rated + d.corrections], version)
             await self.replay.redis.set(self._cursor_key(d.customer), d.cursor)
             rewards = [r for g in d.groups for r in g.rewards]
@@ -185,7 +186,7 @@ class Trainer:
             await self.recover(customer)  # an earlier publish failed: its step must not be skipped
         data = TenantData(customer, config)
         if config.environment and config.weights.onpolicy:
-            data.groups = await self.sample_groups(customer, config, state.rng)
+            data.groups = await self.sample_groups(customer, config, state.rng, self.policy_model(customer, state))
         cursor = await self.cursor(customer)
         records, data.cursor = await self.replay.newer(customer, cursor, config.records_per_step)
         if len(records) < config.records_per_step:  # top up from the buffer (replay)
@@ -197,12 +198,19 @@ class Trainer:
         data.corrections = [r for r in records if r.correction is not None and r.prompt_token_ids]
         return data
 
-    async def sample_groups(self, customer: str, config: TenantConfig, rng: random.Random) -> list[Group]:
+    @staticmethod
+    def policy_model(customer: str, state: TenantState) -> str:
+        """The version holding the weights being trained: the newest published one, which under the
+        promotion gate may not be the one served yet (`default`)."""
+        return f"{customer}.v{state.published_version}" if state.published_version else "default"
+
+    async def sample_groups(self, customer: str, config: TenantConfig, rng: random.Random,
+                            model: str = "default") -> list[Group]:
         env = make_env(config.environment)
         prompts = env.prompts(rng, config.prompts_per_step)
         samples = await asyncio.gather(*[
             self.client.sample(customer, messages, n=config.group_size, max_tokens=config.max_new_tokens,
-                               temperature=config.temperature) for messages in prompts])
+                               temperature=config.temperature, model=model) for messages in prompts])
         groups = []
         for messages, sampled in zip(prompts, samples):
             choices = [c for c in sampled.choices if c.token_ids]
@@ -227,12 +235,13 @@ class Trainer:
         return int(await self.replay.redis.get(self._cursor_key(customer)) or 0)
 
     # -- versions ------------------------------------------------------------------------------------
-    async def publish(self, customer: str) -> str:
-        """Checkpoint (state + PEFT adapter, whole or absent), then publish it as a new version.
-        The origin names the checkpoint, so a restart can tell whether it was published already."""
+    async def publish(self, customer: str, switch: bool = True) -> str:
+        """Checkpoint (state + PEFT adapter, whole or absent), then publish it as a new version
+        (served now, or a candidate for the promotion gate). The origin names the checkpoint, so a
+        restart can tell whether it was published already."""
         checkpoint = self.store.checkpoint(customer, self.base_model)
         origin = f"trainer:{checkpoint.name}"
-        published = await self.client.publish(customer, checkpoint / "adapter", origin)
+        published = await self.client.publish(customer, checkpoint / "adapter", origin, switch)
         self.store.mark_published(customer, checkpoint, published["version"])
         log.info("customer %s: step %s published as %s", customer, checkpoint.name, published["name"])
         return published["name"]
@@ -248,7 +257,8 @@ class Trainer:
         listed = await self.client.versions(customer)
         match = next((v for v in listed["versions"] if v.get("source") == origin), None)
         if match is None:
-            match = await self.client.publish(customer, checkpoint / "adapter", origin)
+            config = await self.configs.get(customer) or TenantConfig()
+            match = await self.client.publish(customer, checkpoint / "adapter", origin, not config.gated)
         self.store.mark_published(customer, checkpoint, match["version"])
 
     # -- inspection ----------------------------------------------------------------------------------

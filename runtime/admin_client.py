@@ -1,4 +1,4 @@
-"""The trainer's view of the running runtime: the gateway's admin API, over HTTP.
+"""The gateway's admin API over HTTP: how the trainer and the eval job see the running runtime.
 
 Sampling goes through the gateway (not straight to vLLM) so that it runs under a lease on the
 version it samples, like any request, and is not captured as customer traffic. Publishing goes
@@ -54,15 +54,25 @@ class RuntimeClient:
         return Sampled(payload["adapter"], payload.get("prompt_token_ids") or [], captured_choices(payload))
 
     @_retrying
-    async def publish(self, customer: str, adapter_dir: Path, origin: str) -> dict[str, Any]:
+    async def publish(self, customer: str, adapter_dir: Path, origin: str, switch: bool = True) -> dict[str, Any]:
         resp = await self.http.post(f"/admin/customers/{customer}/adapters",
-                                    json={"path": str(adapter_dir.resolve()), "origin": origin})
+                                    json={"path": str(adapter_dir.resolve()), "origin": origin, "switch": switch})
         resp.raise_for_status()
         return resp.json()
 
     @_retrying
     async def versions(self, customer: str) -> dict[str, Any]:
         resp = await self.http.get(f"/admin/customers/{customer}/adapters")
+        resp.raise_for_status()
+        return resp.json()
+
+    @_retrying
+    async def route(self, customer: str, adapter: str | None) -> dict[str, Any]:
+        """Serve `adapter` to the customer from now on (None: the base model)."""
+        if adapter is None:
+            resp = await self.http.delete(f"/admin/customers/{customer}/route")
+        else:
+            resp = await self.http.put(f"/admin/customers/{customer}/route", json={"adapter": adapter})
         resp.raise_for_status()
         return resp.json()
 

@@ -1,0 +1,160 @@
+"""Customer preference: each simulated customer has a hidden rule about how answers must look.
+
+A rule can check an answer (the reward and the eval score) and rewrite one so that it complies
+(what the simulated operator sends back as a correction). Rules come in two kinds: a phrase the
+brand requires (a greeting, a sign-off) and a structural one (a bulleted list, a JSON object).
+
+Questions are generated from templates and subjects; the subjects are split once into a training
+pool (live traffic) and a held-out pool (evals), so an eval question is never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from agents.envs import Completion, register
+
+TEMPLATES = [
+    "What is {s}?", "Explain {s} in simple words.", "Why do people care about {s}?",
+    "Give me one useful fact about {s}.", "How would you describe {s} to a child?",
+    "What should a beginner know about {s}?",
+]
+SUBJECTS = [
+    "a bicycle", "a volcano", "coffee", "a rainbow", "the ocean tides", "a library card", "bread baking",
+    "a compass", "solar panels", "a thunderstorm", "chess", "a lighthouse", "recycling", "the moon",
+    "a vaccine", "a bridge", "honey bees", "a violin", "email", "a passport", "tea", "a glacier",
+    "a savings account", "yoga", "a microwave oven", "the alphabet", "a river delta", "a keyboard",
+    "a fire drill", "maple syrup", "a museum", "a hiking trail", "a weather forecast", "a telescope",
+    "composting", "a train station", "a password manager", "a sunflower", "an umbrella", "a map",
+    "a podcast", "a heat wave", "a sandwich", "a calendar", "a desert", "a dentist visit",
+    "a power outage", "a spreadsheet",
+]
+# Every fourth subject is held out for evals: never part of live (trained-on) traffic.
+HELD_OUT = SUBJECTS[::4]
+TRAINING = [s for s in SUBJECTS if s not in HELD_OUT]
+
+
+def questions(subjects: list[str]) -> list[str]:
+    return [t.format(s=s) for s in subjects for t in TEMPLATES]
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def core_answer(text: str, max_words: int = 24) -> str:
+    """The gist of an answer: its first sentences, at most `max_words` words, as one plain line.
+    Corrections are built from it, so targets stay short (a sign-off cut by max_tokens is lost)."""
+    plain = " ".join(line.strip(" -*#•\t") for line in text.splitlines() if line.strip())
+    out: list[str] = []
+    for sentence in _SENTENCE.split(plain):
+        words = sentence.split()
+        if out and len(out) + len(words) > max_words:
+            break
+        out += words[:max_words - len(out)]
+    answer = " ".join(out).strip()
+    if answer and answer[-1] not in ".!?":
+        answer += "."
+    return answer or "I am not sure, but I am happy to help."
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    kind: str  # "phrase" or "structure"
+    description: str
+    check: Callable[[str], bool]
+    apply: Callable[[str], str]  # a complying version of an answer
+
+
+def _greeting(phrase: str) -> Rule:
+    return Rule(f"greeting:{phrase}", "phrase", f'starts with "{phrase}"',
+                lambda text: text.strip().startswith(phrase),
+                lambda text: f"{phrase} {core_answer(text)}")
+
+
+def _sign_off(phrase: str) -> Rule:
+    return Rule(f"sign-off:{phrase}", "phrase", f'ends with "{phrase}"',
+                lambda text: text.strip().endswith(phrase),
+                lambda text: f"{core_answer(text)}\n{phrase}")
+
+
+def _bullets(text: str) -> str:
+    sentences = [s.rstrip(".") for s in _SENTENCE.split(core_answer(text, 30)) if s.strip()]
+    if len(sentences) < 2:  # a list needs two items: split one long sentence at a comma or in half
+        words = sentences[0].split() if sentences else ["No", "answer"]
+        half = max(1, len(words) // 2)
+        sentences = [" ".join(words[:half]), " ".join(words[half:]) or "that is all"]
+    return "\n".join(f"- {s.strip()}" for s in sentences[:3])
+
+
+def _is_bullets(text: str) -> bool:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return len(lines) >= 2 and all(line.startswith("- ") and len(line) > 2 for line in lines)
+
+
+def _is_json_answer(text: str) -> bool:
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and set(value) == {"answer"} and isinstance(value["answer"], str) \
+        and bool(value["answer"].strip())
+
+
+BULLETS = Rule("bullets", "structure", 'a list of 2-3 lines, each starting with "- "', _is_bullets, _bullets)
+JSON_ANSWER = Rule("json", "structure", 'a JSON object {"answer": "..."} and nothing else', _is_json_answer,
+                   lambda text: json.dumps({"answer": core_answer(text)}))
+
+
+def rule(spec: str) -> Rule:
+    """`greeting:<phrase>`, `sign-off:<phrase>`, `bullets` or `json`."""
+    name, _, phrase = spec.partition(":")
+    if name == "greeting" and phrase:
+        return _greeting(phrase)
+    if name == "sign-off" and phrase:
+        return _sign_off(phrase)
+    if spec == "bullets":
+        return BULLETS
+    if spec == "json":
+        return JSON_ANSWER
+    raise ValueError(f"unknown rule {spec!r}: use greeting:<phrase>, sign-off:<phrase>, bullets or json")
+
+
+# The demo's customers: two brand phrases, two structures.
+DEMO_RULES: dict[str, str] = {
+    "acme": "greeting:Ahoy from Acme!",
+    "globex": "sign-off:-- The Globex Team",
+    "initech": "bullets",
+    "umbrella": "json",
+}
+
+
+class PreferenceEnv:
+    """Questions from the training pool; reward 1.0 when the answer follows the customer's rule."""
+
+    SYSTEM = "You are a helpful assistant. Answer briefly."
+
+    def __init__(self, rule_spec: str):
+        self.rule = rule(rule_spec)
+        self.name = f"preference:{rule_spec}"
+
+    def _messages(self, question: str) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": self.SYSTEM}, {"role": "user", "content": question}]
+
+    def prompts(self, rng: random.Random, n: int) -> list[list[dict[str, Any]]]:
+        pool = questions(TRAINING)
+        return [self._messages(rng.choice(pool)) for _ in range(n)]
+
+    def heldout_prompts(self, rng: random.Random, n: int) -> list[list[dict[str, Any]]]:
+        pool = questions(HELD_OUT)
+        return [self._messages(q) for q in rng.sample(pool, min(n, len(pool)))]
+
+    def reward(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
+        return 1.0 if self.rule.check(completion.text) else 0.0
+
+
+register("preference", PreferenceEnv)

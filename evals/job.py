@@ -1,0 +1,145 @@
+"""The periodic eval job: per customer with a suite, score the served version and the newest
+candidate, and let the promotion gate decide; manual promote and rollback go through here too.
+
+It talks to the runtime only through the gateway's admin API, like the trainer: versions are
+listed and routes switched there, and answers come from the admin chat endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import openai
+import redis.asyncio as aioredis
+
+from evals.gate import Decision, EvalHistory, PromotionGate
+from evals.scoring import EvalScore, admin_chat_client, score
+from evals.suites import EvalSuite, SuiteStore
+from runtime.adapters import AdapterRegistry
+from runtime.admin_client import RuntimeClient
+from runtime.settings import Settings
+
+log = logging.getLogger("clora.evals")
+
+
+class EvalJob:
+    def __init__(self, admin: RuntimeClient, suites: SuiteStore, history: EvalHistory, registry: AdapterRegistry,
+                 gate: PromotionGate, gateway_url: str, admin_key: str, base_name: str = "base"):
+        self.admin, self.suites, self.history, self.registry = admin, suites, history, registry
+        self.gate, self.base_name = gate, base_name
+        self.gateway_url, self.admin_key = gateway_url, admin_key
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+
+    def client(self, customer: str) -> openai.AsyncOpenAI:
+        if customer not in self._clients:
+            self._clients[customer] = admin_chat_client(self.gateway_url, self.admin_key, customer)
+        return self._clients[customer]
+
+    async def close(self) -> None:
+        await self.admin.close()
+        for client in self._clients.values():
+            await client.close()
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    async def score(self, customer: str, suite: EvalSuite, version: str | None) -> EvalScore:
+        """A version's score on the suite (None: the base model); cached, versions never change."""
+        name = version or self.base_name
+        cached = await self.history.cached_score(f"{customer}/{name}", suite.fingerprint())
+        if cached is not None:
+            return cached
+        result = await score(self.client(customer), suite, name)
+        result.adapter = f"{customer}/{name}"  # the base model's score differs per customer's suite
+        await self.history.cache_score(result)
+        return result
+
+    async def candidate(self, customer: str) -> tuple[str | None, str | None]:
+        """(served version, newest version newer than it that the gate has not decided on yet)."""
+        listed = await self.admin.versions(customer)
+        current = listed["current"]
+        numbers = {v["name"]: v["version"] for v in listed["versions"]}
+        floor = numbers.get(current, 0) if current else 0
+        newer = sorted((n for n, number in numbers.items() if number > floor), key=numbers.get)
+        if not newer or await self.history.decided(customer, newer[-1]):
+            return current, None
+        return current, newer[-1]
+
+    # -- the gate --------------------------------------------------------------------------------------
+    async def evaluate(self, customer: str) -> Decision | None:
+        """Score the served version and the newest candidate; promote or hold it back."""
+        suite = await self.suites.get(customer)
+        if suite is None:
+            return None
+        current, candidate = await self.candidate(customer)
+        if candidate is None:
+            return None
+        current_score, candidate_score = await asyncio.gather(self.score(customer, suite, current),
+                                                              self.score(customer, suite, candidate))
+        decision = self.gate.decide(customer, current_score, candidate_score, current, candidate)
+        if decision.action == "promoted":
+            await self._serve(customer, current, candidate)
+        await self.history.append(decision)
+        log.info("customer %s: %s %s (%s)", customer, decision.action, candidate, decision.reason)
+        return decision
+
+    async def run_once(self) -> list[Decision]:
+        customers = list(await self.suites.all())
+        decisions = []
+        for customer in customers:  # one at a time: each already fills the engine's batch
+            try:
+                decision = await self.evaluate(customer)
+            except Exception:  # noqa: BLE001 - one customer's failing eval must not stop the others
+                log.exception("customer %s: eval failed", customer)
+                continue
+            decisions += [decision] if decision else []
+        return decisions
+
+    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        """A round every `interval_s` seconds (the first after one interval) until `stop` is set."""
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), interval_s)
+                return
+            except asyncio.TimeoutError:
+                await self.run_once()
+
+    @classmethod
+    def connect(cls, redis: aioredis.Redis, gateway_url: str, admin_key: str, settings: Settings) -> "EvalJob":
+        """The job wired to a running runtime's Redis and gateway."""
+        return cls(RuntimeClient(gateway_url, admin_key), SuiteStore(redis), EvalHistory(redis),
+                   AdapterRegistry(redis, settings.adapters_dir, settings.adapter_keep_versions),
+                   PromotionGate(settings.eval_tolerance), gateway_url, admin_key, settings.served_base_name)
+
+    # -- manual ----------------------------------------------------------------------------------------
+    async def promote(self, customer: str, version: str, reason: str = "manual") -> Decision:
+        """Serve `version` now, bypassing the gate (its score is recorded when a suite exists)."""
+        current = (await self.admin.versions(customer))["current"]
+        suite = await self.suites.get(customer)
+        scores = await asyncio.gather(self.score(customer, suite, current), self.score(customer, suite, version)) \
+            if suite else (None, None)
+        await self._serve(customer, current, version)
+        decision = Decision(customer=customer, action="manual-promote", current=current, candidate=version,
+                            current_score=scores[0].score if scores[0] else None,
+                            candidate_score=scores[1].score if scores[1] else None, reason=reason)
+        await self.history.append(decision)
+        return decision
+
+    async def rollback(self, customer: str, reason: str = "manual") -> Decision:
+        """Serve again the version promoted before the current one (the base model if none)."""
+        popped = await self.history.pop_served(customer)
+        if popped is None:
+            raise LookupError(f"customer {customer!r} has no earlier promoted version to roll back to")
+        undone, target = popped
+        await self.admin.route(customer, target)
+        decision = Decision(customer=customer, action="rollback", current=undone, candidate=target, reason=reason)
+        await self.history.append(decision)
+        return decision
+
+    async def _serve(self, customer: str, current: str | None, version: str) -> None:
+        served = await self.history.redis.llen(f"clora:eval:served:{customer}")
+        if not served:  # the first promotion: what was served before is the first rollback target
+            await self.history.push_served(customer, current)
+        dropped = await self.history.push_served(customer, version)
+        await self.registry.pin(customer, [v for v in (current, version) if v])
+        await self.registry.pin(customer, dropped, keep=False)
+        await self.admin.route(customer, version)

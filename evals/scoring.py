@@ -1,0 +1,70 @@
+"""Score one adapter version on a suite: greedy answers through the gateway, rewards averaged.
+
+Eval requests use the gateway's admin chat endpoint (`/admin/customers/{c}/v1`, the openai SDK's
+base URL): the named version is leased like any request, and the answers are not captured as the
+customer's traffic, so evals never feed the trainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import openai
+from pydantic import BaseModel
+
+from agents.arithmetic import generate
+from agents.envs import Completion, make_env
+from agents.runner import run_arithmetic
+from evals.suites import EvalSuite
+
+
+class EvalScore(BaseModel):
+    adapter: str  # version name, or the base model's served name
+    suite: str  # fingerprint
+    score: float  # mean reward, 0..1
+    n: int
+    seconds: float
+    at: float
+    answers: list[str] = []  # the answers' texts (for reports and leakage checks)
+
+
+def admin_chat_client(gateway_url: str, admin_key: str, customer: str, timeout_s: float = 600.0) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gateway_url}/admin/customers/{customer}/v1", api_key=admin_key,
+                              timeout=timeout_s, max_retries=3)
+
+
+async def _chat(client: openai.AsyncOpenAI, model: str, messages: list[dict[str, Any]], max_tokens: int) -> Completion:
+    response = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                    temperature=0.0)
+    choice = response.choices[0]
+    return Completion(choice.message.content or "", list(getattr(choice, "token_ids", None) or []),
+                      choice.finish_reason)
+
+
+async def score(client: openai.AsyncOpenAI, suite: EvalSuite, model: str) -> EvalScore:
+    """Greedy answers of `model` to every prompt of the suite (concurrently: the engine batches them)."""
+    started = time.perf_counter()
+    rng = random.Random(suite.seed)
+    rewards: list[float]
+    if suite.golden:
+        texts = [c.text for c in await asyncio.gather(*[_chat(client, model, case.messages, suite.max_tokens)
+                                                       for case in suite.golden])]
+        rewards = [float(t.strip() == case.expected.strip()) for t, case in zip(texts, suite.golden)]
+    elif suite.environment.startswith("arithmetic:"):
+        level = int(suite.environment.partition(":")[2] or 1)
+        episodes = await asyncio.gather(*[run_arithmetic(client, generate(rng, level), model=model,
+                                                         max_tokens=suite.max_tokens) for _ in range(suite.n)])
+        rewards = [e.reward for e in episodes]
+        texts = [f"{e.calculator_calls} -> {e.final_answer} ({e.stopped})" for e in episodes]
+    else:
+        env = make_env(suite.environment)
+        draw = getattr(env, "heldout_prompts", env.prompts)
+        prompts = draw(rng, suite.n)
+        completions = await asyncio.gather(*[_chat(client, model, p, suite.max_tokens) for p in prompts])
+        rewards = [env.reward(p, c) for p, c in zip(prompts, completions)]
+        texts = [c.text for c in completions]
+    return EvalScore(adapter=model, suite=suite.fingerprint(), score=sum(rewards) / len(rewards), n=len(rewards),
+                     seconds=time.perf_counter() - started, at=time.time(), answers=texts)

@@ -1,0 +1,151 @@
+"""Eval suites and the promotion gate against the live server (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import httpx
+import redis.asyncio as aioredis
+
+from evals.gate import EvalHistory, PromotionGate
+from evals.job import EvalJob
+from evals.scoring import EvalScore, admin_chat_client
+from evals.suites import EvalSuite, GoldenCase, SuiteStore
+from runtime.adapters import AdapterRegistry
+from runtime.admin_client import RuntimeClient
+from tests.conftest import ADMIN_KEY
+from tests.test_gateway import client_for
+
+PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(4)]
+
+
+def publish(admin: httpx.Client, customer: str, path, switch: bool = True) -> dict:
+    resp = admin.post(f"/admin/customers/{customer}/adapters", json={"path": str(path), "switch": switch})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def served_tokens(gateway: str, key: str, messages) -> list[int]:
+    reply = client_for(gateway, key).chat.completions.create(
+        model="default", messages=messages, max_tokens=12, temperature=0, extra_body={"return_token_ids": True})
+    return reply.choices[0].model_extra["token_ids"]
+
+
+def run(gateway: str, redis_url: str, tmp_path, action, tolerance: float = 0.05):
+    """`action(job)` with an eval job wired to the test stack, on a loop of its own."""
+    async def main():
+        client = aioredis.Redis.from_url(redis_url)
+        job = EvalJob(RuntimeClient(gateway, ADMIN_KEY), SuiteStore(client), EvalHistory(client),
+                      AdapterRegistry(client, tmp_path), PromotionGate(tolerance), gateway, ADMIN_KEY)
+        try:
+            return await action(job)
+        finally:
+            await job.close()
+            await client.aclose()
+    return asyncio.run(main())
+
+
+def golden_suite(gateway: str, customer: str, version: str) -> EvalSuite:
+    """Golden answers = what `version` answers now: the served version scores 1.0 by construction."""
+    async def answers():
+        client = admin_chat_client(gateway, ADMIN_KEY, customer)
+        try:
+            return [(await client.chat.completions.create(model=version, messages=p, max_tokens=12,
+                                                          temperature=0)).choices[0].message.content for p in PROMPTS]
+        finally:
+            await client.close()
+    return EvalSuite(golden=[GoldenCase(messages=p, expected=a) for p, a in zip(PROMPTS, asyncio.run(answers()))],
+                     max_tokens=12)
+
+
+def test_degraded_candidate_is_never_served(gateway, redis_url, make_customer, make_adapter, admin, tmp_path):
+    name, key = make_customer("gate")
+    good = publish(admin, name, make_adapter(seed=11))
+    suite = golden_suite(gateway, name, good["name"])
+    before = [served_tokens(gateway, key, p) for p in PROMPTS]
+
+    degraded = publish(admin, name, make_adapter(seed=12), switch=False)  # other weights: other answers
+    assert admin.get(f"/admin/customers/{name}/adapters").json()["current"] == good["name"]
+
+    async def gate_once(job: EvalJob):
+        await job.suites.set(name, suite)
+        first = await job.evaluate(name)
+        again = await job.evaluate(name)  # decided already: not re-run, not promoted later
+        return first, again, await job.history.decisions(name)
+
+    decision, again, history = run(gateway, redis_url, tmp_path, gate_once)
+    assert decision.action == "held-back" and decision.candidate == degraded["name"]
+    assert decision.current_score == 1.0 and decision.candidate_score < 1.0 - 0.05
+    assert again is None and [d.action for d in history] == ["held-back"]
+    listed = admin.get(f"/admin/customers/{name}/adapters").json()
+    assert listed["current"] == good["name"]
+    assert [served_tokens(gateway, key, p) for p in PROMPTS] == before  # still the good version's answers
+
+
+def test_equal_candidate_is_promoted_and_rollback_restores(gateway, redis_url, make_customer, make_adapter, admin,
+                                                           tmp_path):
+    name, key = make_customer("gate")
+    first = publish(admin, name, make_adapter(seed=13))
+    suite = golden_suite(gateway, name, first["name"])
+    same = tmp_path / "same"
+    shutil.copytree(first["path"], same)  # identical weights under a new version: scores the same
+    candidate = publish(admin, name, same, switch=False)
+
+    async def promote_then_rollback(job: EvalJob):
+        await job.suites.set(name, suite)
+        decision = await job.evaluate(name)
+        served_after_gate = (await job.admin.versions(name))["current"]
+        rolled = await job.rollback(name)
+        served_after_rollback = (await job.admin.versions(name))["current"]
+        return decision, served_after_gate, rolled, served_after_rollback, await job.history.decisions(name)
+
+    decision, after_gate, rolled, after_rollback, history = run(gateway, redis_url, tmp_path, promote_then_rollback)
+    assert decision.action == "promoted" and decision.candidate_score == decision.current_score == 1.0
+    assert after_gate == candidate["name"]
+    assert rolled.candidate == first["name"] and after_rollback == first["name"]
+    assert [d.action for d in history] == ["promoted", "rollback"]
+
+
+def test_rollback_past_the_first_promotion_serves_the_base_model(gateway, redis_url, make_customer, make_adapter,
+                                                                 admin, tmp_path):
+    name, key = make_customer("gate")
+    base_answer = served_tokens(gateway, key, PROMPTS[0])
+    version = publish(admin, name, make_adapter(seed=14), switch=False)
+
+    async def manual(job: EvalJob):
+        promoted = await job.promote(name, version["name"])
+        served = (await job.admin.versions(name))["current"]
+        rolled = await job.rollback(name)
+        try:
+            await job.rollback(name)
+            raise AssertionError("a second rollback has nothing to go back to")
+        except LookupError:
+            pass
+        return promoted, served, rolled
+
+    promoted, served, rolled = run(gateway, redis_url, tmp_path, manual)
+    assert promoted.action == "manual-promote" and served == version["name"]
+    assert rolled.action == "rollback" and rolled.candidate is None
+    assert admin.get(f"/admin/customers/{name}/adapters").json()["current"] is None
+    assert served_tokens(gateway, key, PROMPTS[0]) == base_answer
+
+
+def test_environment_suite_scores_base_model_and_caches(gateway, redis_url, make_customer, tmp_path):
+    name, _ = make_customer("gate")
+    suite = EvalSuite(environment="token-range:0-100000", n=3, max_tokens=8)  # every token in range
+
+    async def twice(job: EvalJob) -> tuple[EvalScore, EvalScore]:
+        return await job.score(name, suite, None), await job.score(name, suite, None)
+
+    first, second = run(gateway, redis_url, tmp_path, twice)
+    assert first.score == 1.0 and first.n == 3 and len(first.answers) == 3
+    assert second == first  # cached: the same record, not a re-run
+
+
+def test_gate_tolerance():
+    gate = PromotionGate(tolerance=0.1)
+    score = lambda s: EvalScore(adapter="x", suite="s", score=s, n=10, seconds=0, at=0)  # noqa: E731
+    assert gate.decide("c", score(0.8), score(0.7), "c.v1", "c.v2").action == "promoted"
+    assert gate.decide("c", score(0.8), score(0.69), "c.v1", "c.v2").action == "held-back"
+    assert gate.decide("c", score(0.2), score(0.9), None, "c.v1").action == "promoted"
