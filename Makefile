@@ -1,10 +1,14 @@
 # Two commands do everything on a fresh machine:
-#   make serve   set up .venv and start the runtime on embedded defaults
+#   make demo    set up .venv and run `clora demo` on embedded defaults (the main job)
 #   make test    set up .venv and run every test (CI runs exactly this)
-.PHONY: setup serve test bench bench-gateway bench-feedback bench-trainer
+# `make serve` sets up and starts the runtime alone.
+.PHONY: setup demo serve test bench bench-gateway bench-feedback bench-trainer
 
 setup:
 	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/clora demo
 
 serve: setup
 	.venv/bin/clora serve

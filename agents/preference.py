@@ -43,22 +43,40 @@ def questions(subjects: list[str]) -> list[str]:
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_CLAUSE = re.compile(r",\s+|;\s+|\s+(?=and |because |so |which |but )")
+FALLBACK = "I am happy to help with that."
 
 
-def core_answer(text: str, max_words: int = 24) -> str:
+def _unwrap(text: str) -> str:
+    """An answer without a JSON wrapper or list markers: corrections of corrections never nest."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+            text = str(value.get("answer", "")) if isinstance(value, dict) else text
+        except json.JSONDecodeError:
+            text = re.sub(r'^\{\s*"answer"\s*:\s*"?', "", text).rstrip('"} ')
+    lines = [line.strip(" -*#•\t") for line in text.splitlines() if line.strip(" -*#•\t")]
+    return " ".join(line if line[-1] in ".!?:" else line + "." for line in lines)  # a line is a sentence
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(_unwrap(text)) if s.strip()]
+
+
+def core_answer(text: str, max_words: int = 12) -> str:
     """The gist of an answer: its first sentences, at most `max_words` words, as one plain line.
     Corrections are built from it, so targets stay short (a sign-off cut by max_tokens is lost)."""
-    plain = " ".join(line.strip(" -*#•\t") for line in text.splitlines() if line.strip())
     out: list[str] = []
-    for sentence in _SENTENCE.split(plain):
+    for sentence in sentences(text):
         words = sentence.split()
         if out and len(out) + len(words) > max_words:
             break
         out += words[:max_words - len(out)]
     answer = " ".join(out).strip()
     if answer and answer[-1] not in ".!?":
-        answer += "."
-    return answer or "I am not sure, but I am happy to help."
+        answer = answer.rstrip(",;:") + "."
+    return answer or FALLBACK
 
 
 @dataclass(frozen=True)
@@ -67,33 +85,42 @@ class Rule:
     kind: str  # "phrase" or "structure"
     description: str
     check: Callable[[str], bool]
-    apply: Callable[[str], str]  # a complying version of an answer
+    apply: Callable[[str], str]  # a complying version of an answer (idempotent)
 
 
 def _greeting(phrase: str) -> Rule:
-    return Rule(f"greeting:{phrase}", "phrase", f'starts with "{phrase}"',
-                lambda text: text.strip().startswith(phrase),
-                lambda text: f"{phrase} {core_answer(text)}")
+    def check(text: str) -> bool:  # once, at the start, followed by an actual answer
+        text = text.strip()
+        return text.startswith(phrase) and text.count(phrase) == 1 and len(text[len(phrase):].split()) >= 2
+
+    return Rule(f"greeting:{phrase}", "phrase", f'starts with "{phrase}"', check,
+                lambda text: f"{phrase} {core_answer(text.replace(phrase, ''))}")
 
 
 def _sign_off(phrase: str) -> Rule:
-    return Rule(f"sign-off:{phrase}", "phrase", f'ends with "{phrase}"',
-                lambda text: text.strip().endswith(phrase),
-                lambda text: f"{core_answer(text)}\n{phrase}")
+    def check(text: str) -> bool:  # once, at the end, after an actual answer
+        text = text.strip()
+        return text.endswith(phrase) and text.count(phrase) == 1 and len(text[:-len(phrase)].split()) >= 2
+
+    return Rule(f"sign-off:{phrase}", "phrase", f'ends with "{phrase}"', check,
+                lambda text: f"{core_answer(text.replace(phrase, ''))}\n{phrase}")
 
 
 def _bullets(text: str) -> str:
-    sentences = [s.rstrip(".") for s in _SENTENCE.split(core_answer(text, 30)) if s.strip()]
-    if len(sentences) < 2:  # a list needs two items: split one long sentence at a comma or in half
-        words = sentences[0].split() if sentences else ["No", "answer"]
+    """Two or three short items, each a whole sentence or clause (never cut mid-phrase if avoidable)."""
+    items = [s.rstrip(".!?") for s in sentences(text)][:3]
+    if len(items) < 2:  # one sentence: split it into clauses
+        items = [c.strip().rstrip(".!?") for c in _CLAUSE.split(items[0] if items else FALLBACK) if c.strip()]
+    if len(items) < 2:
+        words = (items[0] if items else FALLBACK).split()
         half = max(1, len(words) // 2)
-        sentences = [" ".join(words[:half]), " ".join(words[half:]) or "that is all"]
-    return "\n".join(f"- {s.strip()}" for s in sentences[:3])
+        items = [" ".join(words[:half]), " ".join(words[half:]) or "that is all"]
+    return "\n".join(f"- {' '.join(item.split()[:10])}" for item in items[:3])
 
 
 def _is_bullets(text: str) -> bool:
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return len(lines) >= 2 and all(line.startswith("- ") and len(line) > 2 for line in lines)
+    return 2 <= len(lines) <= 3 and all(line.startswith("- ") and line[2:].strip() for line in lines)
 
 
 def _is_json_answer(text: str) -> bool:
@@ -102,7 +129,7 @@ def _is_json_answer(text: str) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(value, dict) and set(value) == {"answer"} and isinstance(value["answer"], str) \
-        and bool(value["answer"].strip())
+        and len(value["answer"].split()) >= 2 and "{" not in value["answer"]
 
 
 BULLETS = Rule("bullets", "structure", 'a list of 2-3 lines, each starting with "- "', _is_bullets, _bullets)

@@ -262,6 +262,34 @@ def adapters_list(customer: str) -> None:
     console.print(table)
 
 
+@app.command()
+def demo(minutes: float = typer.Option(14.0, help="Time budget for the whole run, start-up included."),
+         requests_per_round: int = typer.Option(8, help="Questions each customer's agent asks per round."),
+         max_rounds: int = typer.Option(0, help="Stop after this many rounds (0: when learnt or out of time)."),
+         out_dir: Path = typer.Option(Path("benchmarks/results"), help="Where demo.json and demo.png go.")) -> None:
+    """Simulated customers with hidden preferences learn live: traffic, operator feedback, training,
+    the promotion gate; ends with a report (table, JSON, PNG). Starts everything on embedded defaults."""
+    from runtime.demo import DemoOptions, run_demo
+
+    settings = Settings()
+    if serve_state(settings):
+        raise _fail("`clora serve` is running: the demo starts its own stack; stop it first")
+    log_file = settings.home / "demo.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=log_file, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # the screen is the live table
+    for noisy in ("kafka", "httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    options = DemoOptions(minutes=minutes, requests_per_round=requests_per_round, out_dir=out_dir,
+                          max_rounds=max_rounds or None)
+    try:
+        report = asyncio.run(run_demo(settings, options, console))
+    except ServiceStartError as exc:
+        raise _fail(str(exc)) from None
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 # -- evals and the promotion gate -------------------------------------------------------------------
 eval_app = typer.Typer(help="Eval suites, the promotion gate, manual promote/rollback. Alone: the table.",
                        invoke_without_command=True)

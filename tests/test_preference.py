@@ -7,7 +7,7 @@ import random
 import pytest
 
 from agents.envs import Completion, make_env
-from agents.preference import DEMO_RULES, HELD_OUT, TRAINING, core_answer, questions, rule
+from agents.preference import DEMO_RULES, FALLBACK, HELD_OUT, TRAINING, core_answer, questions, rule
 
 ANSWERS = [
     "A bicycle is a vehicle with two wheels. You pedal it to move forward. It is cheap and healthy.",
@@ -33,10 +33,12 @@ def test_every_correction_complies_and_only_with_its_own_rule(spec):
 def test_checks_reject_near_misses():
     greeting, sign_off = rule("greeting:Ahoy from Acme!"), rule("sign-off:-- The Globex Team")
     assert greeting.check("  Ahoy from Acme! Tea is a drink.") and not greeting.check("Tea. Ahoy from Acme!")
+    assert not greeting.check("Ahoy from Acme! Ahoy from Acme!") and not greeting.check("Ahoy from Acme!")
     assert sign_off.check("Tea is a drink.\n-- The Globex Team") and not sign_off.check("-- The Globex Team. Tea.")
     bullets, as_json = rule("bullets"), rule("json")
     assert bullets.check("- one\n- two") and not bullets.check("- one") and not bullets.check("- one\ntwo")
-    assert as_json.check('{"answer": "x"}')
+    assert not bullets.check("- one\n- two\n-")
+    assert as_json.check('{"answer": "Tea is good."}') and not as_json.check('{"answer": "x"}')
     assert not as_json.check('{"answer": ""}') and not as_json.check('{"answer": "x", "more": 1}')
     assert not as_json.check('Here: {"answer": "x"}')
     with pytest.raises(ValueError, match="unknown rule"):
@@ -45,9 +47,26 @@ def test_checks_reject_near_misses():
 
 def test_core_answer_keeps_first_sentences_within_the_word_limit():
     assert core_answer("One two three. Four five six. Seven.", max_words=6) == "One two three. Four five six."
-    assert len(core_answer("word " * 100).split()) == 24
-    assert core_answer("- a\n- b") == "a b."
-    assert core_answer("   ") == "I am not sure, but I am happy to help."
+    assert len(core_answer("word " * 100).split()) == 12
+    assert core_answer("- a\n- b") == "a. b."  # list items become sentences
+    assert core_answer("   ") == FALLBACK
+
+
+@pytest.mark.parametrize("spec", list(DEMO_RULES.values()))
+def test_corrections_never_nest(spec):
+    """A correction of a correction (or of a half-learnt, cut-off answer) is the same correction."""
+    own = rule(spec)
+    once = own.apply(ANSWERS[0])
+    assert own.apply(once) == once
+    cut = once[:len(once) // 2]  # an answer cut at max_tokens midway through the format
+    assert own.apply(cut).count("answer") <= 1 and own.check(own.apply(cut))
+
+
+def test_bullets_split_into_whole_sentences_or_clauses():
+    assert rule("bullets").apply("Tea is a drink. It is made from leaves.") == \
+        "- Tea is a drink\n- It is made from leaves"
+    assert rule("bullets").apply("Tea is a drink made from leaves, and people enjoy it hot.") == \
+        "- Tea is a drink made from leaves\n- and people enjoy it hot"
 
 
 def test_held_out_questions_never_appear_in_training_prompts():

@@ -1,0 +1,89 @@
+"""The demo's report: per-customer eval before/after, rule leakage, gate decisions, curves; JSON + PNG."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from evals.gate import Decision
+
+
+class CustomerReport(BaseModel):
+    customer: str
+    rule: str
+    eval_before: float = Field(description="Held-out score of the base model (0..1).")
+    eval_after: float = Field(description="Held-out score of the version served at the end.")
+    foreign_rule_rate: float = Field(description="Share of its held-out answers (at the end) that follow "
+                                                 "another customer's rule.")
+    foreign_rule_rate_before: float
+    served_version: str | None
+    versions_published: int
+    promoted: int
+    held_back: int
+    requests: int
+    feedback_events: int
+    live: list[tuple[float, float]] = Field(default_factory=list,
+                                            description="(minute, share of live answers following the rule)")
+    evals: list[tuple[float, float]] = Field(default_factory=list, description="(minute, served version's score)")
+
+
+class DemoReport(BaseModel):
+    minutes: float
+    machine: str
+    command: str
+    model: str
+    target_gain: float
+    passed: bool = Field(description="Every customer gained at least target_gain, and none adopted another's rule.")
+    customers: list[CustomerReport]
+    decisions: list[Decision]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # noqa: BLE001 - the description must not fail the report
+        gpu = "GPU unknown"
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} vCPU {cpu}, {memory_gib:.0f} GiB RAM, {gpu}, {platform.system()} {platform.release()}"
+
+
+def plot(report: DemoReport, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (live, evals) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for c in report.customers:
+        line, = live.plot(*zip(*c.live), marker=".", label=f"{c.customer} ({c.rule})") if c.live else (None,)
+        if c.evals:
+            evals.step(*zip(*c.evals), where="post", marker="o", label=c.customer,
+                       color=line.get_color() if line else None)
+    live.set(title="Reward: live answers following the customer's rule", xlabel="minutes", ylabel="share")
+    evals.set(title="Held-out eval score of the served adapter", xlabel="minutes")
+    for ax in (live, evals):
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    live.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"clora demo: {len(report.customers)} customers, {report.minutes:.1f} min on {report.machine[:60]}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: DemoReport, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "demo.json", out_dir / "demo.png"
+    json_path.write_text(report.model_dump_json(indent=2) + "\n")
+    plot(report, png_path)
+    return json_path, png_path

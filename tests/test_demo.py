@@ -1,0 +1,46 @@
+"""`clora demo` end to end on the tiny model: the whole loop runs and the report says what happened.
+
+The tiny random model cannot learn the rules in two rounds (the reference run with SmolLM2 is in
+benchmarks/results/demo.json); this checks the plumbing: traffic, feedback, training, the gate
+and the report, through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agents.preference import DEMO_RULES
+from tests.test_serve_e2e import CLORA
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_rounds_trains_gates_and_reports(tiny_model: Path, tmp_path: Path):
+    env = {**os.environ, "CLORA_HOME": str(tmp_path / "home"), "CLORA_MODEL": str(tiny_model),
+           "CLORA_KV_CACHE_GIB": "1", "CLORA_MAX_MODEL_LEN": "1024"}
+    out = tmp_path / "report"
+    done = subprocess.run([*CLORA, "demo", "--minutes", "8", "--max-rounds", "2", "--requests-per-round", "4",
+                           "--out-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-3000:]  # 1: rules not learnt
+    report = json.loads((out / "demo.json").read_text())
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["passed"] is (done.returncode == 0)
+    assert "vCPU" in report["machine"] and report["command"].startswith("clora demo")
+    customers = {c["customer"]: c for c in report["customers"]}
+    assert set(customers) == set(DEMO_RULES)
+    for name, c in customers.items():
+        assert c["requests"] == 8 and c["feedback_events"] == 8
+        assert len(c["live"]) == 2 and all(0 <= share <= 1 for _, share in c["live"])
+        assert c["versions_published"] >= 2  # the trainer learnt from each round's feedback
+        assert c["promoted"] + c["held_back"] >= 1  # and the gate decided on a candidate
+        assert 0 <= c["eval_before"] <= 1 and 0 <= c["eval_after"] <= 1 and 0 <= c["foreign_rule_rate"] <= 1
+        if c["promoted"]:
+            assert c["served_version"].startswith(f"{name}.v")
+    decided = {(d["customer"], d["candidate"]) for d in report["decisions"]}
+    assert len(decided) == len(report["decisions"])  # a candidate is decided once
+    assert "clora demo" in done.stdout and ("passed" in done.stdout)
