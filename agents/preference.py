@@ -120,7 +120,7 @@ def _bullets(text: str) -> str:
 
 def _is_bullets(text: str) -> bool:
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return 2 <= len(lines) <= 3 and all(line.startswith("- ") and line[2:].strip() for line in lines)
+    return len(lines) >= 2 and all(line.startswith("- ") and line[2:].strip() for line in lines)
 
 
 def _is_json_answer(text: str) -> bool:
@@ -132,7 +132,7 @@ def _is_json_answer(text: str) -> bool:
         and len(value["answer"].split()) >= 2 and "{" not in value["answer"]
 
 
-BULLETS = Rule("bullets", "structure", 'a list of 2-3 lines, each starting with "- "', _is_bullets, _bullets)
+BULLETS = Rule("bullets", "structure", 'a list: 2 or more lines, each starting with "- "', _is_bullets, _bullets)
 JSON_ANSWER = Rule("json", "structure", 'a JSON object {"answer": "..."} and nothing else', _is_json_answer,
                    lambda text: json.dumps({"answer": core_answer(text)}))
 

@@ -128,8 +128,9 @@ class Demo:
             await asyncio.sleep(1.0)
 
     async def gate(self, job: EvalJob) -> None:
-        for name, tenant in self.tenants.items():
-            decision = await job.evaluate(name)
+        """Every customer's candidate at once: one engine batch of all their eval prompts."""
+        decisions = await asyncio.gather(*[job.evaluate(name) for name in self.tenants])
+        for (name, tenant), decision in zip(self.tenants.items(), decisions):
             if decision is not None:
                 tenant.decisions.append(decision)
             await self.refresh(job, name)
