@@ -52,7 +52,8 @@ def greedy(client: openai.OpenAI) -> list[int]:
 
 def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
     env = {**os.environ, "CLORA_HOME": str(tmp_path / "home"), "CLORA_MODEL": str(tiny_model),
-           "CLORA_PORT": str(free_port()), "CLORA_KV_CACHE_GIB": "1", "CLORA_MAX_MODEL_LEN": "1024"}
+           "CLORA_PORT": str(free_port()), "CLORA_KV_CACHE_GIB": "1", "CLORA_MAX_MODEL_LEN": "1024",
+           "CLORA_EVAL_INTERVAL_S": "2"}
     serve = subprocess.Popen([*CLORA, "serve"], env=env, stdout=open(tmp_path / "serve.out", "wb"),
                              stderr=subprocess.STDOUT)
     state_file = tmp_path / "home" / "serve.json"
@@ -102,6 +103,22 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         assert refused.value.status_code == 503
         wait_until(lambda: healthy(url), 300, "engine restarted")
         assert greedy(client) == adapter_ids
+
+        # Evals: a candidate is registered, not served, until the periodic eval job's gate promotes
+        # it; rollback serves the previous version again; the CLI shows the decisions.
+        def clora(*args: str) -> str:
+            return subprocess.run([*CLORA, *args], env={**env, "COLUMNS": "200"}, check=True, capture_output=True,
+                                  text=True).stdout
+        clora("eval", "suite", "e2e", "--env", "token-range:0-100000", "--n", "3", "--max-tokens", "4")
+        assert "not served yet" in clora("adapters", "publish", "e2e", str(make_adapter(seed=98)), "--candidate")
+        assert greedy(client) == adapter_ids
+        candidate_ids = wait_until(lambda: (ids := greedy(client)) != adapter_ids and ids, 60, "candidate promoted")
+        assert "promoted e2e.v2" in clora("eval")
+        assert "no new candidates" in clora("eval", "run")
+        assert "rollback" in clora("eval", "rollback", "e2e")
+        assert greedy(client) == adapter_ids and candidate_ids != adapter_ids
+        history = clora("eval", "history", "e2e")
+        assert history.index("promoted") < history.index("rollback")
 
         children = psutil.Process(serve.pid).children(recursive=True)
         serve.send_signal(signal.SIGINT)
