@@ -77,21 +77,25 @@ async def run_load(url: str, headers: dict, model: str, concurrency: int, reques
 
 
 async def added_latency(engine: str, gateway: str, key: str, pairs: int) -> dict:
-    """Interleaved 1-token requests: the difference is what the gateway itself adds."""
+    """Interleaved 1-token requests: the difference is what the gateway itself adds (capture on,
+    which also asks vLLM for token ids and logprobs). Pairs alternate which path goes first, so a
+    slow drift of the machine falls on both; besides the difference of the two p50s, the median of
+    the per-pair differences is reported (less sensitive to the machine's noise)."""
     direct, through = [], []
+    paths = ((engine, "base", {}, direct), (gateway, "default", {"Authorization": f"Bearer {key}"}, through))
     async with httpx.AsyncClient(timeout=60) as client:
         for i in range(pairs + 5):
-            for url, model, headers, sink in ((engine, "base", {}, direct),
-                                              (gateway, "default", {"Authorization": f"Bearer {key}"}, through)):
+            for url, model, headers, sink in (paths if i % 2 else paths[::-1]):
                 started = time.perf_counter()
                 resp = await client.post(f"{url}/v1/chat/completions", headers=headers, json={
                     "model": model, "messages": PROMPT, "max_tokens": 1, "temperature": 0})
                 resp.raise_for_status()
                 if i >= 5:  # warm-up pairs not counted
                     sink.append((time.perf_counter() - started) * 1000)
-    return {"direct_p50_ms": pct(direct, 0.5), "gateway_p50_ms": pct(through, 0.5),
+    return {"pairs": pairs, "direct_p50_ms": pct(direct, 0.5), "gateway_p50_ms": pct(through, 0.5),
             "added_p50_ms": pct(through, 0.5) - pct(direct, 0.5),
-            "added_p99_ms": pct(through, 0.99) - pct(direct, 0.99)}
+            "added_p99_ms": pct(through, 0.99) - pct(direct, 0.99),
+            "added_paired_median_ms": statistics.median(t - d for t, d in zip(through, direct))}
 
 
 def make_adapters(model_dir: str, count: int, out: Path) -> list[Path]:
@@ -183,6 +187,17 @@ def create_customer(env: dict, name: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+async def added_latency_only(pairs: int = 300) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
+    (home / "cache").symlink_to((REPO / ".clora" / "cache").resolve(), target_is_directory=True)
+    proc, state, env = start_serve(home)
+    try:
+        return await added_latency(state["engine_url"], state["gateway_url"], create_customer(env, "bench"), pairs)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
 async def main(quick: bool) -> dict:
     home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     # Share the model cache with the repo's data dir so the default model converts only once.
@@ -217,7 +232,7 @@ async def main(quick: bool) -> dict:
                 "failed_requests": d1["failures"] + d2["failures"] + g1["failures"] + g2["failures"],
             })
         console.print("added latency: interleaved 1-token requests")
-        added = await added_latency(engine, gateway, key, pairs=40 if quick else 100)
+        added = await added_latency(engine, gateway, key, pairs=40 if quick else 300)
 
         console.print("hot-swap under load")
         steady = [create_customer(env, f"steady{i}") for i in range(3)]
@@ -238,7 +253,12 @@ async def main(quick: bool) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, not the claim)")
+    parser.add_argument("--added-latency-only", action="store_true",
+                        help="only the interleaved 1-token measurement (printed, no result file)")
     args = parser.parse_args()
+    if args.added_latency_only:
+        print(json.dumps(asyncio.run(added_latency_only()), indent=2))
+        raise SystemExit(0)
     result = asyncio.run(main(args.quick))
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; no GPU"
     result["command"] = "make bench  (.venv/bin/python benchmarks/gateway_overhead.py)"
