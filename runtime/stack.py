@@ -120,6 +120,7 @@ class Stack:
     redis_url: str = ""
     kafka_bootstrap: str = ""
     evals: "EvalJob | None" = None
+    trainer_watch: asyncio.Task | None = None
     evals_task: asyncio.Task | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -173,6 +174,7 @@ class Stack:
         self._write_state()
         if s.trainer_enabled:
             self.trainer = self._start_trainer(model)
+            self.trainer_watch = asyncio.create_task(self._keep_trainer_running(), name="trainer-watch")
         if s.eval_interval_s > 0:
             from evals.job import EvalJob  # evals depend on the runtime, not the other way round
 
@@ -185,6 +187,24 @@ class Stack:
                "CLORA_REDIS_URL": self.redis_url, "CLORA_MODEL": model}
         return ChildProcess("trainer", [sys.executable, "-m", "runtime.cli", "train"], self.run_dir / "trainer.log",
                             env=env).start()
+
+    async def _keep_trainer_running(self, check_s: float = 2.0) -> None:
+        """Restart the trainer when it dies (it resumes from its checkpoints and publishes what it
+        had not), backing off while it keeps dying."""
+        backoff, started = 1.0, time.monotonic()
+        while not self._stopping.is_set():
+            await asyncio.sleep(check_s)
+            if self.trainer is None or self.trainer.alive() or self._stopping.is_set():
+                if time.monotonic() - started > 60:
+                    backoff = 1.0  # it has stayed up: the next death is not a crash loop
+                continue
+            log.error("trainer exited (%s); restarting in %.0f s [log: %s]", self.trainer.last_log_line() or "no output",
+                      backoff, self.trainer.log_path)
+            await asyncio.sleep(backoff)
+            if self._stopping.is_set():
+                return
+            self.trainer.start()
+            backoff, started = min(backoff * 2, 60.0), time.monotonic()
 
     def _write_state(self) -> None:
         state = {"gateway_url": self.gateway_url, "redis_url": self.redis_url, "model": self.model,
@@ -203,6 +223,8 @@ class Stack:
         if self.server is not None:
             self.server.should_exit = True
         self._stopping.set()
+        if self.trainer_watch is not None:
+            self.trainer_watch.cancel()
         if self.evals_task is not None:
             await asyncio.wait([self.evals_task], timeout=30)
             self.evals_task.cancel()

@@ -120,6 +120,22 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         history = clora("eval", "history", "e2e")
         assert history.index("promoted") < history.index("rollback")
 
+        # The trainer child dies; clora serve starts it again.
+        def trainers() -> list[psutil.Process]:
+            found = []
+            for p in psutil.Process(serve.pid).children(recursive=True):
+                try:
+                    if "runtime.cli train" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p)
+                except psutil.Error:  # gone, or a zombie awaiting its reaper
+                    pass
+            return found
+        first = trainers()
+        assert len(first) == 1
+        first[0].send_signal(signal.SIGKILL)
+        again = wait_until(lambda: [p for p in trainers() if p.pid != first[0].pid], 60, "trainer restarted")
+        assert len(again) == 1
+
         children = psutil.Process(serve.pid).children(recursive=True)
         serve.send_signal(signal.SIGINT)
         assert serve.wait(60) == 0
