@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from runtime.models import CHAT_TEMPLATE
 from runtime.processes import ChildProcess, ServiceStartError, free_port
@@ -117,6 +118,9 @@ class EngineConfig:
                 raise AdapterRejected(f"adapter targets {dropped}, which this engine does not serve")
 
 
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
 class EngineClient:
     """HTTP client for vLLM: inference pass-through and the LoRA admin endpoints.
 
@@ -141,7 +145,7 @@ class EngineClient:
 
     async def chat(self, body: dict) -> aiohttp.ClientResponse:
         """POST a chat request; the caller reads (or streams) and releases the response."""
-        return await self.session.post("/v1/chat/completions", json=body)
+        return await self.session.post("/v1/chat/completions", data=orjson.dumps(body), headers=JSON_HEADERS)
 
     async def healthy(self) -> bool:
         try:

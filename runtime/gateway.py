@@ -8,7 +8,6 @@ asked for -> hand the full interaction to capture (never waiting on Kafka).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -18,10 +17,12 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, ValidationError
+from starlette.background import BackgroundTask
 
 from runtime.adapters import AdapterVersion
 from runtime.capture import Capture
@@ -29,7 +30,7 @@ from runtime.customers import CustomerStore
 from runtime.engine import AdapterRejected, EngineClient
 from runtime.errors import APIError, install_error_handlers, model_not_found, unauthorized
 from runtime.protocol import NON_SAMPLING, ChatRequest
-from runtime.records import CapturedRequest, InteractionRecord
+from runtime.records import CapturedChoice, CapturedRequest, InteractionRecord
 from runtime.responses import ClientWants, StreamAccumulator, captured_choices, for_client
 from runtime.routing import ModelNotFound, Router
 from runtime.traces import TraceSigner
@@ -87,8 +88,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def _parse_chat(raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # also raised for invalid UTF-8
         raise APIError(400, "Request body is not valid JSON.", "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "Request body must be a JSON object.", "invalid_request")
@@ -102,8 +103,8 @@ def _parse_chat(raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
 
 def _upstream_error(resp_status: int, text: str) -> APIError:
     try:
-        message = json.loads(text)["error"]["message"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        message = orjson.loads(text)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
         message = text[:500] or "engine error"
     if resp_status >= 500:
         return APIError(503, f"Engine error: {message}", "engine_error")
@@ -157,7 +158,7 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
         # Only the sampled tokens' logprobs, unless the client asked for alternatives too.
         upstream["top_logprobs"] = chat.top_logprobs if chat.logprobs and chat.top_logprobs else 0
 
-        def record(prompt_ids: list[int], choices: list) -> None:
+        def record(prompt_ids: list[int], choices: list[CapturedChoice]) -> None:
             if capture is None:
                 return
             capture.submit(InteractionRecord(
@@ -177,25 +178,29 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
             raise
         if not chat.stream:
             try:
-                payload = json.loads(await resp.read())
+                payload = orjson.loads(await resp.read())
             finally:
                 await stack.aclose()
-            record(payload.get("prompt_token_ids") or [], captured_choices(payload))
+
+            def record_answer() -> None:  # runs once the response is on the wire: never delays the client
+                record(payload.get("prompt_token_ids") or [], captured_choices(payload))
+
             REQUESTS.labels("200", "false").inc()
             LATENCY.labels("false").observe(time.time() - arrived)
-            return JSONResponse(for_client(payload, trace_id, shown_model, wants),
-                                headers={TRACE_HEADER: trace_id})
+            return Response(orjson.dumps(for_client(payload, trace_id, shown_model, wants)),
+                            media_type="application/json", headers={TRACE_HEADER: trace_id},
+                            background=BackgroundTask(record_answer))
 
         async def relay():
             acc = StreamAccumulator()
             try:
                 async for data in _sse_data(resp):
-                    if data == "[DONE]":
-                        yield "data: [DONE]\n\n"
+                    if data == b"[DONE]":
+                        yield b"data: [DONE]\n\n"
                         continue
-                    chunk = json.loads(data)
+                    chunk = orjson.loads(data)
                     acc.add(chunk)
-                    yield f"data: {json.dumps(for_client(chunk, trace_id, shown_model, wants))}\n\n"
+                    yield b"data: " + orjson.dumps(for_client(chunk, trace_id, shown_model, wants)) + b"\n\n"
             finally:
                 await stack.aclose()
                 LATENCY.labels("true").observe(time.time() - arrived)
@@ -268,7 +273,7 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
                         return_token_ids=True, logprobs=True, top_logprobs=0)
         async with AsyncExitStack() as stack:
             resp = await _send_upstream(stack, router, engine.client, version, upstream)
-            payload = json.loads(await resp.read())
+            payload = orjson.loads(await resp.read())
         return JSONResponse({**payload, "adapter": version.name if version else None})
 
     @app.put("/admin/customers/{customer}/route")
@@ -329,7 +334,7 @@ async def _send_upstream(stack: AsyncExitStack, router: Router, client: EngineCl
     raise AssertionError("unreachable")
 
 
-async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """The `data:` payloads of an SSE stream (lines may exceed aiohttp's readline limit)."""
     buffer = b""
     async for block in resp.content.iter_any():
@@ -337,4 +342,4 @@ async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             if line.startswith(b"data: "):
-                yield line[6:].rstrip(b"\r").decode()
+                yield line[6:].rstrip(b"\r")

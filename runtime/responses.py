@@ -30,17 +30,23 @@ def captured_choices(response: dict[str, Any]) -> list[CapturedChoice]:
 
 
 def for_client(payload: dict[str, Any], trace_id: str, model: str, wants: ClientWants) -> dict[str, Any]:
-    """Rewrite a response or stream chunk in place: our trace id, our model name, nothing extra."""
-    payload["id"] = trace_id
-    payload["model"] = model
+    """A copy of a response or stream chunk for the client: our trace id, our model name, nothing
+    extra. `payload` itself is left whole, so capture can read it after the client has its answer."""
+    out = dict(payload, id=trace_id, model=model)
     if not wants.token_ids:
-        payload.pop("prompt_token_ids", None)
-    for choice in payload.get("choices", []):
-        if not wants.token_ids:
-            choice.pop("token_ids", None)
-        if not wants.logprobs:
-            choice["logprobs"] = None
-    return payload
+        out.pop("prompt_token_ids", None)
+    if not (wants.token_ids and wants.logprobs):
+        out["choices"] = [_choice_for_client(c, wants) for c in payload.get("choices", [])]
+    return out
+
+
+def _choice_for_client(choice: dict[str, Any], wants: ClientWants) -> dict[str, Any]:
+    out = dict(choice)
+    if not wants.token_ids:
+        out.pop("token_ids", None)
+    if not wants.logprobs:
+        out["logprobs"] = None
+    return out
 
 
 @dataclass

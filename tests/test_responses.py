@@ -13,12 +13,17 @@ def test_non_streaming_capture_and_stripping():
     payload = {"id": "x", "model": "m", "prompt_token_ids": [1, 2],
                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
                             "finish_reason": "stop", "token_ids": [5, 6], "logprobs": lp(-0.1, -0.2)}]}
-    choices = captured_choices(payload)
-    assert choices[0].token_ids == [5, 6] and choices[0].logprobs == [-0.1, -0.2]
     shown = for_client(payload, "trace", "default", ClientWants(logprobs=False, token_ids=False))
     assert shown["id"] == "trace" and shown["model"] == "default"
     assert "prompt_token_ids" not in shown and "token_ids" not in shown["choices"][0]
     assert shown["choices"][0]["logprobs"] is None
+    # Capture runs after the client has its answer: the payload it reads is still whole.
+    assert payload["id"] == "x" and payload["prompt_token_ids"] == [1, 2]
+    choices = captured_choices(payload)
+    assert choices[0].token_ids == [5, 6] and choices[0].logprobs == [-0.1, -0.2]
+    kept = for_client(payload, "trace", "default", ClientWants(logprobs=True, token_ids=True))
+    assert kept["prompt_token_ids"] == [1, 2] and kept["choices"][0]["token_ids"] == [5, 6]
+    assert kept["choices"][0]["logprobs"] == lp(-0.1, -0.2)
 
 
 def test_stream_accumulator_rebuilds_content_tool_calls_and_tokens():
