@@ -165,7 +165,8 @@ def start_serve(home: Path) -> tuple[subprocess.Popen, dict, dict]:
     port = free_port()
     # The trainer stays off: this measures serving (the committed numbers were taken before it existed).
     env = {**os.environ, "CLORA_HOME": str(home), "CLORA_PORT": str(port), "CLORA_TRAINER_ENABLED": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve"], env=env, cwd=REPO,
+    # Its own session, as a service runs: not in the load generator's scheduling (auto)group.
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve"], env=env, cwd=REPO, start_new_session=True,
                             stdout=open(home / "serve.out", "wb"), stderr=subprocess.STDOUT)
     state_file = home / "serve.json"
     deadline = time.monotonic() + 900
