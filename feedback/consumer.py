@@ -48,6 +48,7 @@ class IngestConfig:
     partitions: int = 4
     interaction_ttl_s: int = 7 * 24 * 3600
     max_wait_s: float = 300.0  # how long feedback may wait for its interaction
+    housekeeping_s: float = 1.0  # offsets committed and waiting feedback expired at most this often
 
 
 class DeadLetter(BaseModel):
@@ -109,18 +110,31 @@ class IngestConsumer:
         self._stop.set()
 
     async def run(self) -> None:
-        """Poll, handle, commit, until stop(). Kafka calls block, so they run in a thread."""
+        """Poll, handle, commit, until stop(). Kafka calls block, so they run in a thread.
+
+        Offsets are committed (and waiting feedback expired) at most every `housekeeping_s`, not
+        after every poll: at a few records a second each poll holds one record, and a commit per
+        record cost the serving machine a Kafka round trip each. A crash redelivers what was
+        handled since the last commit; every write is idempotent, so nothing is applied twice."""
         if self._consumer is None:
             await asyncio.to_thread(self.connect)
+        uncommitted, last_housekeeping, stopped_cleanly = False, 0.0, False
         try:
             while not self._stop.is_set():
                 batch = await asyncio.to_thread(self._consumer.poll, 500, 500)
                 await self.handle_batch([(tp, m.offset, m.value) for tp, ms in batch.items() for m in ms])
-                await self.expire_waiting()
-                if batch:
-                    await asyncio.to_thread(self._flush_dead_and_commit)
+                uncommitted = uncommitted or bool(batch)
+                if time.monotonic() - last_housekeeping >= self.config.housekeeping_s:
+                    await self.expire_waiting()
+                    if uncommitted:
+                        await asyncio.to_thread(self._flush_dead_and_commit)
+                        uncommitted = False
+                    last_housekeeping = time.monotonic()
                 self._report_lag()
+            stopped_cleanly = True
         finally:
+            if stopped_cleanly and uncommitted:  # never after a failed batch: its offsets must redeliver
+                await asyncio.to_thread(self._flush_dead_and_commit)
             await asyncio.to_thread(self._close)
 
     def _flush_dead_and_commit(self) -> None:
