@@ -49,6 +49,7 @@ class IngestConfig:
     interaction_ttl_s: int = 7 * 24 * 3600
     max_wait_s: float = 300.0  # how long feedback may wait for its interaction
     housekeeping_s: float = 1.0  # offsets committed and waiting feedback expired at most this often
+    fetch_wait_s: float = 0.5  # the broker holds a fetch until 1 MiB or this long: batches, not a fetch per record
 
 
 class DeadLetter(BaseModel):
@@ -102,8 +103,7 @@ class IngestConsumer:
         self._consumer = KafkaConsumer(
             c.interactions_topic, c.feedback_topic, bootstrap_servers=c.bootstrap, group_id=c.group_id,
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500,
-            fetch_max_wait_ms=100,  # an idle fetch returns within 100 ms: feedback is fresh in the buffer sooner
-            client_id="clora-ingest")
+            fetch_min_bytes=1 << 20, fetch_max_wait_ms=int(c.fetch_wait_s * 1000), client_id="clora-ingest")
         self._dead = reliable_producer(c.bootstrap, "clora-ingest-dead")
 
     def stop(self) -> None:

@@ -182,7 +182,7 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
             finally:
                 await stack.aclose()
 
-            def record_answer() -> None:  # runs once the response is on the wire: never delays the client
+            async def record_answer() -> None:  # once the response is on the wire (async: no thread hop)
                 record(payload.get("prompt_token_ids") or [], captured_choices(payload))
 
             REQUESTS.labels("200", "false").inc()

@@ -2,7 +2,10 @@
 
 Each child runs in its own process group (so Ctrl-C reaches only us, and we stop children in
 order) and is asked by the kernel to die with us (PR_SET_PDEATHSIG), so even a SIGKILL of the
-runtime leaves no orphan server holding ports or memory.
+runtime leaves no orphan server holding ports or memory. Children stay in our session: Linux
+schedules each session as one group (autogroup), and vLLM's engine core busy-polls its worker with
+sched_yield, which only reorders tasks inside its own group: with vLLM in a session of its own,
+the gateway's wake-ups queued behind the spinner (added latency per request 3.4 -> 2.5 ms, 2 cores).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def port_open(host: str, port: int) -> bool:
 
 
 def _die_with_parent() -> None:
-    os.setsid()
+    os.setpgid(0, 0)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: rely on atexit/stop()

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     interactions_topic: str = "clora.interactions"
     topic_partitions: int = 4
     capture_queue_size: int = Field(default=10_000, description="In-memory records before spooling.")
+    capture_batch_s: float = Field(default=0.5, ge=0, description="Records go to Kafka in batches at most this "
+                                   "often: one broker round trip per batch, not per record.")
     spool_max_bytes: int = Field(default=1 << 30, description="On-disk spool bound.")
 
     # Feedback webhook.
@@ -71,6 +73,8 @@ class Settings(BaseSettings):
     # Ingestion and replay buffers.
     dead_letter_topic: str = "clora.feedback.dead"
     ingest_group: str = Field(default="clora-ingest", description="Kafka consumer group of the ingestion.")
+    ingest_fetch_wait_s: float = Field(default=0.5, gt=0, description="The broker holds a fetch this long to "
+                                       "fill a batch (returns early at 1 MiB): fewer wake-ups per record.")
     interaction_ttl_s: int = Field(default=7 * 24 * 3600, description="How long feedback can join an answer.")
     feedback_max_wait_s: float = Field(default=300.0, description="Feedback waits this long for its interaction.")
     replay_capacity: int = Field(default=10_000, description="Default records per customer buffer.")

@@ -85,7 +85,7 @@ def ingest_config(settings: Settings, bootstrap: str) -> IngestConfig:
                         feedback_topic=settings.feedback_topic, dead_letter_topic=settings.dead_letter_topic,
                         group_id=settings.ingest_group, partitions=settings.topic_partitions,
                         interaction_ttl_s=settings.interaction_ttl_s,
-                        max_wait_s=settings.feedback_max_wait_s)
+                        max_wait_s=settings.feedback_max_wait_s, fetch_wait_s=settings.ingest_fetch_wait_s)
 
 
 def redis_url(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:
@@ -154,7 +154,8 @@ class Stack:
         await router.restore()
         self.engine.on_ready = lambda _client: router.reload_all()
         self.capture = Capture(self.kafka_bootstrap, s.interactions_topic, Spool(s.spool_dir, s.spool_max_bytes),
-                               queue_size=s.capture_queue_size, partitions=s.topic_partitions).start()
+                               queue_size=s.capture_queue_size, partitions=s.topic_partitions,
+                               batch_s=s.capture_batch_s).start()
         await self.engine.start()
 
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,

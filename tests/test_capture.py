@@ -96,3 +96,35 @@ def test_spool_resends_only_unacknowledged_lines_and_is_bounded(tmp_path):
         reopened.drain(lambda batch: (delivered.extend(m.value for m in batch), set(range(len(batch))))[1])
     assert sorted(delivered) == sorted(m.value for m in messages[:kept])
     assert len(delivered) == len(set(delivered))
+
+
+class CountingCapture(Capture):
+    """The real capture, noting the size of each batch it sends to the broker."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def _send(self, batch: list[SpooledMessage]) -> list[SpooledMessage]:
+        self.batches.append(len(batch))
+        return super()._send(batch)
+
+
+def test_records_arriving_within_the_batch_window_share_one_broker_round_trip(broker, tmp_path):
+    capture = CountingCapture(broker, "t.window", Spool(tmp_path / "spool", max_bytes=1 << 20), batch_s=1.5).start()
+    sent = [record(i) for i in range(10)]
+    for r in sent:  # 10 records over ~0.3 s, well inside the window
+        capture.submit(r)
+        time.sleep(0.03)
+    deadline = time.monotonic() + 30
+    while not capture.batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert capture.batches == [10]
+    late = record(99)
+    capture.submit(late)
+    stopping = time.perf_counter()
+    capture.stop()  # stopping does not wait out the window
+    assert time.perf_counter() - stopping < 1.0
+    assert capture.batches == [10, 1]
+    got = read_all(broker, "t.window", expect=11)
+    assert sorted(r.trace_id for r in got) == sorted(r.trace_id for r in [*sent, late])
