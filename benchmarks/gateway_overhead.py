@@ -161,10 +161,11 @@ async def swap_under_load(gateway: str, admin: dict, steady_keys: list[str], swa
             "others_requests_during": len(during), "failed_requests": failures}
 
 
-def start_serve(home: Path) -> tuple[subprocess.Popen, dict, dict]:
+def start_serve(home: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict, dict]:
     port = free_port()
     # The trainer stays off: this measures serving (the committed numbers were taken before it existed).
-    env = {**os.environ, "CLORA_HOME": str(home), "CLORA_PORT": str(port), "CLORA_TRAINER_ENABLED": "false"}
+    env = {**os.environ, "CLORA_HOME": str(home), "CLORA_PORT": str(port), "CLORA_TRAINER_ENABLED": "false",
+           **(extra_env or {})}
     # Its own session, as a service runs: not in the load generator's scheduling (auto)group.
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve"], env=env, cwd=REPO, start_new_session=True,
                             stdout=open(home / "serve.out", "wb"), stderr=subprocess.STDOUT)

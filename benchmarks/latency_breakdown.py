@@ -12,6 +12,8 @@ difference to the direct path's with a bootstrap 95% interval, and the CPU each 
   direct+capture   client -> vLLM, asking for token ids and logprobs (vLLM's share of capture)
   minimal proxy    client -> bare proxy process -> vLLM (the floor for any separate-process gateway)
   gateway          client -> clora gateway (auth, routing, capture to Kafka + ingestion) -> vLLM
+  in-engine probe  client -> vLLM, the gateway's per-request work done inside vLLM's API server
+                   process (benchmarks/in_engine_probe.py): what removing the hop would give
 
 Writes benchmarks/results/latency_breakdown.json.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
@@ -162,7 +165,9 @@ async def send(client: httpx.AsyncClient, path: tuple[str, str, dict, dict]) -> 
 async def main(rounds: int) -> dict:
     home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     (home / "cache").symlink_to((REPO / ".clora" / "cache").resolve(), target_is_directory=True)
-    serve, state, env = start_serve(home)
+    probe = {"CLORA_ENGINE_EXTRA_ARGS": json.dumps(["--middleware", "in_engine_probe.InEngineGateway"]),
+             "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(REPO)])}
+    serve, state, env = start_serve(home, probe)
     proxy_port = free_port()
     proxy = subprocess.Popen([sys.executable, "-c", MINIMAL_PROXY, state["engine_url"], str(proxy_port)], start_new_session=True)
     try:
@@ -173,6 +178,7 @@ async def main(rounds: int) -> dict:
             "direct+capture": (state["engine_url"], "base", {}, {"return_token_ids": True, "logprobs": True}),
             "minimal proxy": (f"http://127.0.0.1:{proxy_port}", "base", {}, {}),
             "gateway": (state["gateway_url"], "default", {"Authorization": f"Bearer {key}"}, {}),
+            "in-engine probe": (state["engine_url"], "base", {"Authorization": f"Bearer {key}", "X-Clora-Probe": "1"}, {}),
         }
         latencies, cpu = await measure(paths, rounds, BLOCK, [psutil.Process(serve.pid), psutil.Process(proxy.pid)])
     finally:
