@@ -192,10 +192,15 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
                             background=BackgroundTask(record_answer))
 
         async def relay():
-            acc = StreamAccumulator()
+            acc, recorded = StreamAccumulator(), False
             try:
                 async for data in _sse_data(resp):
                     if data == b"[DONE]":
+                        # Captured before the client sees the end: a client that hangs up right
+                        # after [DONE] cancels this generator at its next await.
+                        if acc.complete():
+                            record(acc.prompt_token_ids, acc.choices())
+                            recorded = True
                         yield b"data: [DONE]\n\n"
                         continue
                     chunk = orjson.loads(data)
@@ -204,7 +209,7 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
             finally:
                 await stack.aclose()
                 LATENCY.labels("true").observe(time.time() - arrived)
-            if acc.complete():
+            if not recorded and acc.complete():  # an engine that ended the stream without [DONE]
                 record(acc.prompt_token_ids, acc.choices())
 
         REQUESTS.labels("200", "true").inc()

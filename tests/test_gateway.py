@@ -75,6 +75,22 @@ def test_streaming_relays_chunks_and_captures_the_whole_answer(gateway, engine_u
     assert len(record.choices[0].logprobs) == len(record.choices[0].token_ids) == 10
 
 
+def test_stream_is_captured_even_when_the_client_hangs_up_right_after_done(gateway, broker, make_customer):
+    _, key = make_customer()
+    trace_ids = set()
+    with httpx.Client(timeout=120) as client:
+        for _ in range(5):
+            with client.stream("POST", f"{gateway}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                               json={"model": "default", "messages": MESSAGES, "max_tokens": 4, "stream": True}) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        trace_ids.add(json.loads(line[6:])["id"])
+                    if line == "data: [DONE]":
+                        break  # closes the connection at once
+    assert len(trace_ids) == 5
+    assert set(captured(broker, "clora.interactions", trace_ids)) == trace_ids
+
+
 def test_client_that_asks_for_logprobs_and_token_ids_gets_them(gateway, make_customer):
     _, key = make_customer()
     reply = client_for(gateway, key).chat.completions.create(
