@@ -50,6 +50,7 @@ class IngestConfig:
     max_wait_s: float = 300.0  # how long feedback may wait for its interaction
     housekeeping_s: float = 1.0  # offsets committed and waiting feedback expired at most this often
     fetch_wait_s: float = 0.5  # the broker holds a fetch until 1 MiB or this long: batches, not a fetch per record
+    max_poll_records: int = 500  # records handled (and written to Redis) per batch
 
 
 class DeadLetter(BaseModel):
@@ -102,7 +103,7 @@ class IngestConsumer:
         ensure_topics(c.bootstrap, [c.interactions_topic, c.feedback_topic, c.dead_letter_topic], c.partitions)
         self._consumer = KafkaConsumer(
             c.interactions_topic, c.feedback_topic, bootstrap_servers=c.bootstrap, group_id=c.group_id,
-            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500,
+            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=c.max_poll_records,
             fetch_min_bytes=1 << 20, fetch_max_wait_ms=int(c.fetch_wait_s * 1000), client_id="clora-ingest")
         self._dead = reliable_producer(c.bootstrap, "clora-ingest-dead")
 
@@ -121,7 +122,7 @@ class IngestConsumer:
         uncommitted, last_housekeeping, stopped_cleanly = False, 0.0, False
         try:
             while not self._stop.is_set():
-                batch = await asyncio.to_thread(self._consumer.poll, 500, 500)
+                batch = await asyncio.to_thread(self._consumer.poll, 500, self.config.max_poll_records)
                 await self.handle_batch([(tp, m.offset, m.value) for tp, ms in batch.items() for m in ms])
                 uncommitted = uncommitted or bool(batch)
                 if time.monotonic() - last_housekeeping >= self.config.housekeeping_s:

@@ -85,7 +85,8 @@ def ingest_config(settings: Settings, bootstrap: str) -> IngestConfig:
                         feedback_topic=settings.feedback_topic, dead_letter_topic=settings.dead_letter_topic,
                         group_id=settings.ingest_group, partitions=settings.topic_partitions,
                         interaction_ttl_s=settings.interaction_ttl_s,
-                        max_wait_s=settings.feedback_max_wait_s, fetch_wait_s=settings.ingest_fetch_wait_s)
+                        max_wait_s=settings.feedback_max_wait_s, fetch_wait_s=settings.ingest_fetch_wait_s,
+                        max_poll_records=settings.ingest_max_poll_records)
 
 
 def redis_url(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:

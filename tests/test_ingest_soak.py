@@ -44,7 +44,9 @@ def test_nothing_lost_nothing_twice_across_kills(broker, redis_url, tmp_path):
     tag = uuid.uuid4().hex[:8]
     env = {**os.environ, "CLORA_HOME": str(tmp_path), "CLORA_KAFKA_BOOTSTRAP": broker, "CLORA_REDIS_URL": redis_url,
            "CLORA_INTERACTIONS_TOPIC": f"si.{tag}", "CLORA_FEEDBACK_TOPIC": f"sf.{tag}",
-           "CLORA_DEAD_LETTER_TOPIC": f"sd.{tag}", "CLORA_INGEST_GROUP": f"sg.{tag}"}
+           "CLORA_DEAD_LETTER_TOPIC": f"sd.{tag}", "CLORA_INGEST_GROUP": f"sg.{tag}",
+           # Small batches: a whole backlog in a handful of big batches is done before a kill can land.
+           "CLORA_INGEST_MAX_POLL_RECORDS": "20"}
     ensure_topics(broker, [f"si.{tag}", f"sf.{tag}", f"sd.{tag}"], 4)
     rng = random.Random(7)
     customers = [f"soak{tag}-{i}" for i in range(CUSTOMERS)]
