@@ -1,19 +1,15 @@
 """Where the gateway's added latency comes from, measured against the same vLLM at the same moment.
 
-Starts `clora serve` (trainer off) and a minimal pass-through proxy in its own process (raw ASGI
-on uvicorn + uvloop, aiohttp upstream, the same request rewrite as the gateway: token ids and
-logprobs asked for, response parsed and re-serialised, nothing else). Then sends 1-token requests
-over four paths in blocks (shuffled block order each round; a block's first request, which
-inherits the previous path's leftover work, is not counted), and reports each path's p50, its
-difference to the direct path's with a bootstrap 95% interval, and the CPU each process group
-(clora serve, vLLM, broker, Redis, the minimal proxy) spent per request during that path's blocks:
+Starts `clora serve` (trainer off), then sends 1-token requests over three paths in blocks
+(shuffled block order each round; a block's first request, which inherits the previous path's
+leftover work, is not counted), and reports each path's p50, its difference to the direct path's
+with a bootstrap 95% interval, and the CPU each process group (clora serve with vLLM's frontend,
+vLLM's engine core and worker, broker, Redis) spent per request during that path's blocks:
 
-  direct           client -> vLLM
-  direct+capture   client -> vLLM, asking for token ids and logprobs (vLLM's share of capture)
-  minimal proxy    client -> bare proxy process -> vLLM (the floor for any separate-process gateway)
-  gateway          client -> clora gateway (auth, routing, capture to Kafka + ingestion) -> vLLM
-  in-engine probe  client -> vLLM, the gateway's per-request work done inside vLLM's API server
-                   process (benchmarks/in_engine_probe.py): what removing the hop would give
+  direct           client -> vLLM's own OpenAI server (the engine's loopback port)
+  direct+capture   the same, asking for token ids and logprobs (vLLM's share of capture)
+  gateway          client -> clora gateway (auth, routing, capture to Kafka + ingestion) -> vLLM's
+                   app, called in the same process
 
 Writes benchmarks/results/latency_breakdown.json.
 
@@ -25,12 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,53 +37,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import PROMPT, REPO, create_customer, pct, start_serve  # noqa: E402
 
-from runtime.processes import free_port  # noqa: E402
-
-MINIMAL_PROXY = """
-import sys, aiohttp, orjson, uvicorn
-upstream, port = sys.argv[1], int(sys.argv[2])
-session = None
-
-async def app(scope, receive, send):
-    global session
-    if scope["type"] != "http":
-        return
-    raw = b""
-    while True:
-        message = await receive()
-        raw += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    if session is None:
-        session = aiohttp.ClientSession()
-    body = dict(orjson.loads(raw), return_token_ids=True, logprobs=True, top_logprobs=0)
-    async with session.post(upstream + "/v1/chat/completions", data=orjson.dumps(body),
-                            headers={"Content-Type": "application/json"}) as resp:
-        payload = orjson.loads(await resp.read())
-    payload.pop("prompt_token_ids", None)
-    for choice in payload["choices"]:
-        choice.pop("token_ids", None)
-        choice["logprobs"] = None
-    out = orjson.dumps(payload)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
-    await send({"type": "http.response.body", "body": out})
-
-uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools")
-"""
-
 
 BLOCK = 8
-
-
-def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise SystemExit(f"the minimal proxy did not listen on {port}")
 
 
 def added(values: list[float], reference: list[float], resamples: int = 2000) -> tuple[float, float, float]:
@@ -118,12 +66,10 @@ def cpu_seconds(roots: list[psutil.Process]) -> dict[str, float]:
 
 def process_role(root: psutil.Process, proc: psutil.Process) -> str:
     command = " ".join(proc.cmdline())
-    for needle, role in (("vllm", "vLLM"), ("VLLM", "vLLM"), ("tansu", "broker"), ("valkey", "redis")):
+    for needle, role in (("VLLM", "vLLM engine core + worker"), ("tansu", "broker"), ("valkey", "redis")):
         if needle in command:
             return role
-    if proc.pid == root.pid:
-        return "clora serve" if "runtime.cli" in command else "minimal proxy"
-    return "other"
+    return "clora serve" if proc.pid == root.pid else "other"
 
 
 async def measure(paths: dict[str, tuple[str, str, dict, dict]], rounds: int, block: int,
@@ -165,24 +111,16 @@ async def send(client: httpx.AsyncClient, path: tuple[str, str, dict, dict]) -> 
 async def main(rounds: int) -> dict:
     home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     (home / "cache").symlink_to((REPO / ".clora" / "cache").resolve(), target_is_directory=True)
-    probe = {"CLORA_ENGINE_EXTRA_ARGS": json.dumps(["--middleware", "in_engine_probe.InEngineGateway"]),
-             "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(REPO)])}
-    serve, state, env = start_serve(home, probe)
-    proxy_port = free_port()
-    proxy = subprocess.Popen([sys.executable, "-c", MINIMAL_PROXY, state["engine_url"], str(proxy_port)], start_new_session=True)
+    serve, state, env = start_serve(home)
     try:
         key = create_customer(env, "bench")
-        wait_for_port(proxy_port)
         paths = {
             "direct": (state["engine_url"], "base", {}, {}),
             "direct+capture": (state["engine_url"], "base", {}, {"return_token_ids": True, "logprobs": True}),
-            "minimal proxy": (f"http://127.0.0.1:{proxy_port}", "base", {}, {}),
             "gateway": (state["gateway_url"], "default", {"Authorization": f"Bearer {key}"}, {}),
-            "in-engine probe": (state["engine_url"], "base", {"Authorization": f"Bearer {key}", "X-Clora-Probe": "1"}, {}),
         }
-        latencies, cpu = await measure(paths, rounds, BLOCK, [psutil.Process(serve.pid), psutil.Process(proxy.pid)])
+        latencies, cpu = await measure(paths, rounds, BLOCK, [psutil.Process(serve.pid)])
     finally:
-        proxy.kill()
         serve.send_signal(signal.SIGINT)
         serve.wait(60)
     direct = latencies["direct"]

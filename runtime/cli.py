@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import redis.asyncio as aioredis
@@ -17,10 +20,13 @@ from rich.table import Table
 
 from runtime.adapters import AdapterRegistry
 from runtime.customers import CustomerStore, InvalidName
-from runtime.processes import ServiceStartError
+from runtime.processes import ServiceStartError, become_engine_child, spawned_for_engine
 from runtime.services import start_redis
 from runtime.settings import Settings
 from runtime.stack import Stack, admin_key, serve_state
+
+if spawned_for_engine():  # this module is the main module of a process vLLM spawned from `clora serve`
+    become_engine_child()
 
 app = typer.Typer(help="clora: continual learning for LLM agents, one LoRA adapter per customer.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -38,6 +44,14 @@ err = Console(stderr=True)
 def _fail(message: str) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}")
     return typer.Exit(1)
+
+
+def _exit_stopped(code: int) -> NoReturn:
+    """Exit once everything we own is stopped, without the interpreter's finalisers: vLLM's and
+    triton's native modules print leak reports and finaliser tracebacks at interpreter exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_serving(main):
@@ -83,6 +97,7 @@ def serve(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         _run_serving(main())
     except ServiceStartError as exc:
         raise _fail(str(exc)) from None
+    _exit_stopped(0)
 
 
 @app.command()
@@ -296,8 +311,7 @@ def demo(minutes: float = typer.Option(14.0, help="Time budget for the whole run
         report = _run_serving(run_demo(settings, options, console))
     except ServiceStartError as exc:
         raise _fail(str(exc)) from None
-    if not report.passed:
-        raise typer.Exit(1)
+    _exit_stopped(0 if report.passed else 1)
 
 
 # -- evals and the promotion gate -------------------------------------------------------------------

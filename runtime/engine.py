@@ -1,25 +1,35 @@
-"""The vLLM server: started, health-checked, restarted when it dies; the only client of its admin API.
+"""The vLLM engine: hosted in this process, health-checked, restarted when it dies.
 
-We talk to vLLM over its HTTP API only (no imports of its internals), so a vLLM upgrade is a
-version bump, not a patch rebase.
+vLLM's OpenAI server is two parts: a frontend (HTTP, chat templates, tokenising, detokenising,
+the OpenAI JSON) and an engine core process that schedules and runs the model. We run the
+frontend inside the gateway's process and call its ASGI app directly, without a socket: the
+gateway -> vLLM HTTP hop cost ~0.7 ms of the ~2.9 ms the gateway used to add per request (2
+cores). The engine core stays a child process, as in `vllm serve`; when it dies the frontend is
+rebuilt. We use vLLM's own app building blocks and its OpenAI routes, so requests behave exactly as
+against `vllm serve` with the same arguments. That app is also served as is on a loopback port
+(`url`, no auth, as `vllm serve` would), for diagnosis and the benchmarks' straight-to-vLLM path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
-import sys
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import orjson
+import uvicorn
 
 from runtime.models import CHAT_TEMPLATE
-from runtime.processes import ChildProcess, ServiceStartError, free_port
+from runtime.processes import ServiceStartError, free_port, tail_line
 from runtime.settings import Settings
 
 log = logging.getLogger("clora.engine")
@@ -43,7 +53,6 @@ class EngineConfig:
     model: str
     log_dir: Path
     cache_dir: Path
-    port: int = 0
     served_base_name: str = "base"
     dtype: str = "float32"
     max_model_len: int = 2048
@@ -60,7 +69,7 @@ class EngineConfig:
     @classmethod
     def from_settings(cls, settings: Settings, model: str, log_dir: Path) -> "EngineConfig":
         return cls(
-            model=model, log_dir=log_dir, cache_dir=settings.cache_dir, port=settings.engine_port,
+            model=model, log_dir=log_dir, cache_dir=settings.cache_dir, 
             served_base_name=settings.served_base_name, dtype=settings.dtype,
             max_model_len=settings.max_model_len, max_loras=settings.max_loras,
             max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
@@ -69,11 +78,14 @@ class EngineConfig:
             start_timeout_s=settings.engine_start_timeout_s, extra_args=settings.engine_extra_args,
         )
 
-    def argv(self, port: int) -> list[str]:
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / "vllm.log"
+
+    def argv(self) -> list[str]:
+        """`vllm serve` arguments; parsed by vLLM's own parser, so every flag means what it does there."""
         args = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model, "--served-model-name", self.served_base_name,
-            "--host", HOST, "--port", str(port), "--dtype", self.dtype,
+            "--model", self.model, "--served-model-name", self.served_base_name, "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
             "--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
             "--max-loras", str(self.max_loras), "--max-cpu-loras", str(self.max_cpu_loras),
@@ -89,7 +101,14 @@ class EngineConfig:
         return args + self.extra_args
 
     def env(self) -> dict[str, str]:
+        """vLLM reads these at import and its child processes inherit them."""
         return {
+            # The engine core is started from a process with threads (Kafka, Redis, the event
+            # loop's executor): fork could copy a held lock into the child. Spawn starts clean.
+            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+            "VLLM_ENGINE_READY_TIMEOUT_S": str(int(self.start_timeout_s)),
+            "VLLM_LOGGING_CONFIG_PATH": str(self._logging_config()),
+            "CLORA_ENGINE_LOG": str(self.log_path.resolve()),
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(self.kv_cache_gib))),
             "VLLM_CPU_OMP_THREADS_BIND": self.cpu_threads_bind,
@@ -99,6 +118,20 @@ class EngineConfig:
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
         }
+
+    def _logging_config(self) -> Path:
+        """vLLM's log lines (this process and its children) go to the run dir, not our console."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_dir / "vllm-logging.json"
+        path.write_text(json.dumps({
+            "version": 1, "disable_existing_loggers": False,
+            "formatters": {"vllm": {"format": "%(levelname)s %(asctime)s [%(process)d %(filename)s:%(lineno)d] "
+                                              "%(message)s", "datefmt": "%m-%d %H:%M:%S"}},
+            "handlers": {"vllm": {"class": "logging.FileHandler", "formatter": "vllm",
+                                  "filename": str(self.log_path.resolve()), "level": "INFO"}},
+            "loggers": {"vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False}},
+        }))
+        return path
 
     def validate_adapter(self, path: Path) -> None:
         """vLLM silently drops modules it does not serve: refuse such adapters instead."""
@@ -118,123 +151,232 @@ class EngineConfig:
                 raise AdapterRejected(f"adapter targets {dropped}, which this engine does not serve")
 
 
-JSON_HEADERS = {"Content-Type": "application/json"}
+class EngineResponse:
+    """One answer of vLLM's app: status first, then the body as it is produced (streams too)."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.media_type: str | None = "application/json"
+        self.started = asyncio.Event()
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.gone = asyncio.Event()  # the caller is done: vLLM sees a disconnect (aborts a stream)
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.chunks.get()) is not None:
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_any()])
+
+    async def text(self) -> str:
+        return (await self.read()).decode(errors="replace")
+
+    def release(self) -> None:
+        self.gone.set()
 
 
 class EngineClient:
-    """HTTP client for vLLM: inference pass-through and the LoRA admin endpoints.
+    """vLLM's OpenAI app called in-process (ASGI): inference and the LoRA admin endpoints.
 
-    aiohttp rather than httpx on this path: it writes a request's headers and body in one send and
-    costs about a third of httpx's per-request CPU, which is most of what the gateway adds.
-    """
+    `app` is None while the engine is down; calls then raise EngineUnavailable."""
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0, max_connections: int = 512):
-        self.base_url = base_url
-        self.timeout_s = timeout_s
-        self.max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self) -> None:
+        self.app: Any = None
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the event loop that will use it.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                base_url=self.base_url, timeout=aiohttp.ClientTimeout(total=self.timeout_s, connect=5.0),
-                connector=aiohttp.TCPConnector(limit=self.max_connections, force_close=False))
-        return self._session
+    async def request(self, method: str, path: str, body: bytes = b"") -> EngineResponse:
+        app = self.app
+        if app is None:
+            raise EngineUnavailable("the engine is not running")
+        resp = EngineResponse()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "client": (HOST, 0), "server": (HOST, 0)}
+        delivered = False
 
-    async def chat(self, body: dict) -> aiohttp.ClientResponse:
-        """POST a chat request; the caller reads (or streams) and releases the response."""
-        return await self.session.post("/v1/chat/completions", data=orjson.dumps(body), headers=JSON_HEADERS)
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await resp.gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                resp.status = message["status"]
+                resp.media_type = dict(message.get("headers") or []).get(b"content-type", b"").decode() or None
+                resp.started.set()
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    resp.chunks.put_nowait(message["body"])
+                if not message.get("more_body"):
+                    resp.chunks.put_nowait(None)
+
+        def finished(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None and not resp.started.is_set():
+                log.error("engine app failed on %s: %r", path, task.exception())
+            resp.started.set()
+            resp.chunks.put_nowait(None)  # an app that ended without a final body chunk
+
+        task = asyncio.get_running_loop().create_task(app(scope, receive, send))
+        task.add_done_callback(finished)
+        await resp.started.wait()
+        if resp.status == 0:
+            raise EngineUnavailable("the engine failed the request without an answer")
+        return resp
+
+    async def chat(self, body: dict) -> EngineResponse:
+        """A chat request; the caller reads (or streams) and releases the response."""
+        return await self.request("POST", "/v1/chat/completions", orjson.dumps(body))
+
+    async def _json(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        resp = await self.request(method, path, orjson.dumps(body) if body is not None else b"")
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.release()
 
     async def healthy(self) -> bool:
         try:
-            async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return (await self._json("GET", "/health"))[0] == 200
+        except EngineUnavailable:
             return False
 
     async def warm_up(self, model: str) -> None:
         """The first request after start pays one-off costs (~10 s on CPU); pay them before traffic."""
-        async with self.session.post("/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}) as resp:
-            await resp.read()
+        await self._json("POST", "/v1/chat/completions",
+                         {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 
     async def load_adapter(self, name: str, path: Path) -> None:
-        body = {"lora_name": name, "lora_path": str(path.resolve())}
-        async with self.session.post("/v1/load_lora_adapter", json=body) as resp:
-            text = await resp.text()
-            if resp.status != 200 and "already been loaded" not in text:
-                raise AdapterRejected(f"engine refused adapter {name}: {resp.status} {text[:300]}")
+        status, text = await self._json("POST", "/v1/load_lora_adapter",
+                                        {"lora_name": name, "lora_path": str(path.resolve())})
+        if status != 200 and b"already been loaded" not in text:
+            raise AdapterRejected(f"engine refused adapter {name}: {status} {text[:300].decode(errors='replace')}")
 
     async def unload_adapter(self, name: str) -> None:
-        async with self.session.post("/v1/unload_lora_adapter", json={"lora_name": name}) as resp:
-            if resp.status not in (200, 404):
-                log.warning("unloading %s failed: %s %s", name, resp.status, (await resp.text())[:200])
+        try:
+            status, text = await self._json("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        except EngineUnavailable:
+            return  # a restarted engine has no adapters loaded
+        if status not in (200, 404):
+            log.warning("unloading %s failed: %s %s", name, status, text[:200])
 
     async def served_models(self) -> list[str]:
-        async with self.session.get("/v1/models") as resp:
-            resp.raise_for_status()
-            return [m["id"] for m in (await resp.json())["data"]]
+        status, text = await self._json("GET", "/v1/models")
+        if status != 200:
+            raise EngineUnavailable(f"listing models failed: {status}")
+        return [m["id"] for m in orjson.loads(text)["data"]]
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self.app = None
 
 
 OnReady = Callable[[EngineClient], Awaitable[None]]
 
 
 class EngineManager:
-    """Owns the vLLM process; `ready` is set only while it is healthy and adapters are reloaded."""
+    """Owns the engine; `ready` is set only while it is healthy and adapters are reloaded."""
 
     def __init__(self, config: EngineConfig, on_ready: OnReady | None = None):
         self.config = config
         self.on_ready = on_ready
-        self.port = config.port or free_port(HOST)
+        self.client = EngineClient()
+        self.port = free_port(HOST)
         self.url = f"http://{HOST}:{self.port}"
-        self.client = EngineClient(self.url)
         self.ready = asyncio.Event()
         self.restarts = 0
-        self.process: ChildProcess | None = None
+        self.engine: Any = None  # vLLM's AsyncLLM
+        self._stack: AsyncExitStack | None = None
         self._supervisor: asyncio.Task[None] | None = None
 
     def is_ready(self) -> bool:
         return self.ready.is_set()
+
+    def engine_core_pids(self) -> list[int]:
+        """The engine core process(es): what dies when the engine crashes."""
+        manager = getattr(getattr(getattr(self.engine, "engine_core", None), "resources", None), "engine_manager", None)
+        return [p.pid for p in getattr(manager, "processes", [])] if manager else []
 
     async def start(self) -> None:
         await self._launch()
         self._supervisor = asyncio.create_task(self._supervise(), name="engine-supervisor")
 
     async def _launch(self) -> None:
-        self.config.log_dir.mkdir(parents=True, exist_ok=True)
-        self.process = ChildProcess("vllm", self.config.argv(self.port), self.config.log_dir / "vllm.log",
-                                    env=self.config.env(), cwd=self.config.log_dir).start()
+        os.environ.update(self.config.env())  # before vLLM is first imported: it reads them then
         started = time.monotonic()
-        while not await self.client.healthy():
-            if not self.process.alive():
-                raise self.process.start_error("starting the engine")
-            if time.monotonic() - started > self.config.start_timeout_s:
-                self.process.stop()
-                raise self.process.start_error(f"not healthy after {self.config.start_timeout_s:.0f}s")
-            await asyncio.sleep(0.5)
-        await self.client.warm_up(self.config.served_base_name)
-        log.info("vLLM ready on %s after %.1fs", self.url, time.monotonic() - started)
+        self._stack = AsyncExitStack()
+        try:
+            self.engine, app = await self._build(self._stack)
+            self.client.app = app
+            if not await self.client.healthy():
+                raise RuntimeError("the engine is not healthy after start")
+            await self.client.warm_up(self.config.served_base_name)
+        except Exception as exc:
+            await self._teardown()
+            raise ServiceStartError(f"vllm failed to start: {tail_line(self.config.log_path) or exc} "
+                                    f"[log: {self.config.log_path}]") from exc
+        log.info("vLLM ready after %.1fs", time.monotonic() - started)
         if self.on_ready:
             await self.on_ready(self.client)
         self.ready.set()
+
+    async def _build(self, stack: AsyncExitStack) -> tuple[Any, Any]:
+        """What `vllm serve` does before it listens: engine client, app, app state, lifespan."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.config.argv())
+        validate_parsed_serve_args(args)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        usage = UsageContext.OPENAI_API_SERVER
+
+        def create() -> Any:  # blocks until the engine core has loaded the model: not on the event loop
+            vllm_config = engine_args.create_engine_config(usage_context=usage)
+            return AsyncLLM.from_vllm_config(vllm_config=vllm_config, usage_context=usage,
+                                             enable_log_requests=engine_args.enable_log_requests,
+                                             disable_log_stats=engine_args.disable_log_stats)
+
+        engine = await asyncio.to_thread(create)
+        stack.callback(engine.shutdown)
+        tasks = await engine.get_supported_tasks()
+        app = build_app(args, tasks, engine.model_config)
+        await init_app_state(engine, app.state, args, tasks)
+        server = _Server(uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", access_log=False))
+        serving = asyncio.create_task(server.serve(), name="vllm-http")
+        stack.push_async_callback(_stop_server, server, serving)
+        while not server.started:  # also runs vLLM's app lifespan
+            if serving.done():
+                serving.result()
+                raise RuntimeError(f"vLLM's HTTP server did not start on {self.url}")
+            await asyncio.sleep(0.05)
+        return engine, app
+
+    async def _teardown(self) -> None:
+        self.client.app = None
+        stack, self._stack, self.engine = self._stack, None, None
+        if stack is not None:
+            try:
+                await stack.aclose()
+            except Exception:  # a dead engine's shutdown may complain; it is gone either way
+                log.exception("engine shutdown")
+            gc.collect()  # vLLM's finalisers run now, not at interpreter exit with modules half gone
 
     async def _supervise(self) -> None:
         """Restart a dead engine; traffic waits (503) until every current adapter is back."""
         backoff = 1.0
         while True:
             await asyncio.sleep(1.0)
-            if self.process is not None and self.process.alive():
+            if self.engine is not None and not self.engine.errored:
                 continue
             self.ready.clear()
-            log.error("vLLM died (%s); restarting", self.process.last_log_line() if self.process else "")
-            if self.process:
-                self.process.stop(timeout_s=2.0)
+            log.error("vLLM engine died (%s); restarting", tail_line(self.config.log_path))
+            await self._teardown()
             try:
                 await self._launch()
                 self.restarts += 1
@@ -252,6 +394,15 @@ class EngineManager:
             except asyncio.CancelledError:
                 pass
         self.ready.clear()
-        await self.client.aclose()
-        if self.process:
-            self.process.stop()
+        await self._teardown()
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # the process's signals belong to `clora serve`, not to this server
+        yield
+
+
+async def _stop_server(server: uvicorn.Server, serving: asyncio.Task) -> None:
+    server.should_exit = True
+    await asyncio.wait([serving], timeout=10)

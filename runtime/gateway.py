@@ -7,7 +7,6 @@ asked for -> hand the full interaction to capture (never waiting on Kafka).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -16,7 +15,6 @@ from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,7 +25,7 @@ from starlette.background import BackgroundTask
 from runtime.adapters import AdapterVersion
 from runtime.capture import Capture
 from runtime.customers import CustomerStore
-from runtime.engine import AdapterRejected, EngineClient
+from runtime.engine import AdapterRejected, EngineClient, EngineResponse, EngineUnavailable
 from runtime.errors import APIError, install_error_handlers, model_not_found, unauthorized
 from runtime.protocol import NON_SAMPLING, ChatRequest
 from runtime.records import CapturedChoice, CapturedRequest, InteractionRecord
@@ -318,19 +316,19 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
 
 
 async def _send_upstream(stack: AsyncExitStack, router: Router, client: EngineClient,
-                         version: AdapterVersion | None, body: dict) -> aiohttp.ClientResponse:
+                         version: AdapterVersion | None, body: dict) -> EngineResponse:
     """Forward under a lease on the version; if the engine lost the adapter, reload once and retry."""
     for attempt in (1, 2):
         await stack.enter_async_context(router.lease(version))
         try:
             resp = await client.chat(body)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise APIError(503, f"Engine unreachable: {exc.__class__.__name__}", "engine_unavailable",
+        except EngineUnavailable as exc:
+            raise APIError(503, f"The engine is restarting; retry shortly ({exc}).", "engine_unavailable",
                            headers={"Retry-After": "5"}) from None
         stack.callback(resp.release)
         if resp.status == 200:
             return resp
-        text = (await resp.read()).decode(errors="replace")
+        text = await resp.text()
         if resp.status == 404 and version is not None and attempt == 1:
             log.warning("engine lost adapter %s; reloading", version.name)
             router.forget(version.name)
@@ -339,10 +337,10 @@ async def _send_upstream(stack: AsyncExitStack, router: Router, client: EngineCl
     raise AssertionError("unreachable")
 
 
-async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The `data:` payloads of an SSE stream (lines may exceed aiohttp's readline limit)."""
+async def _sse_data(resp: EngineResponse) -> AsyncIterator[bytes]:
+    """The `data:` payloads of an SSE stream."""
     buffer = b""
-    async for block in resp.content.iter_any():
+    async for block in resp.iter_any():
         buffer += block
         *lines, buffer = buffer.split(b"\n")
         for line in lines:

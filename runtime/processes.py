@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,47 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: rely on atexit/stop()
         pass
+
+
+def tail_line(path: Path) -> str:
+    """The last error line of a log (else its last line): the one-line cause of a failure."""
+    try:
+        lines = path.read_bytes()[-8192:].decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    meaningful = [ln.strip() for ln in lines if ln.strip()]
+    errors = [ln for ln in meaningful if "Error" in ln or "error" in ln]
+    return (errors or meaningful or [""])[-1][:300]
+
+
+def spawned_for_engine() -> bool:
+    """Whether this process is one vLLM spawned from a process hosting the engine, now importing
+    its parent's main module (multiprocessing's spawn does that before running the target)."""
+    return bool(os.environ.get("CLORA_ENGINE_LOG")) and getattr(multiprocessing.current_process(), "_inheriting", False)
+
+
+def become_engine_child() -> None:
+    """In a process vLLM spawned from us (its engine core, its workers): output to the engine log,
+    own process group (Ctrl-C reaches us, we stop the engine in order), and exit when the process
+    that spawned it is gone, even by SIGKILL. A thread watches the parent rather than
+    PR_SET_PDEATHSIG, which fires when the spawning *thread* ends (we spawn from a worker thread)."""
+    log_path = os.environ.get("CLORA_ENGINE_LOG")
+    if log_path:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    os.setpgid(0, 0)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # vLLM's handler shuts down its own children
+        time.sleep(10)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="clora-parent-watch", daemon=True).start()
 
 
 class ChildProcess:
@@ -82,13 +125,7 @@ class ChildProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def last_log_line(self) -> str:
-        try:
-            lines = self.log_path.read_bytes()[-8192:].decode(errors="replace").splitlines()
-        except OSError:
-            return ""
-        meaningful = [ln.strip() for ln in lines if ln.strip()]
-        errors = [ln for ln in meaningful if "Error" in ln or "error" in ln]
-        return (errors or meaningful or [""])[-1][:300]
+        return tail_line(self.log_path)
 
     def start_error(self, what: str) -> ServiceStartError:
         code = self.proc.poll() if self.proc else None

@@ -38,7 +38,6 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 600.0
 
     # Engine (vLLM).
-    engine_port: int = Field(default=0, description="vLLM port (0 picks a free one).")
     served_base_name: str = "base"
     dtype: str = "float32"
     max_model_len: int = 2048

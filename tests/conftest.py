@@ -120,8 +120,10 @@ def gateway(stack: StackThread) -> str:
 
 
 @pytest.fixture(scope="session")
-def engine_url(stack: StackThread) -> str:
-    return stack.stack.engine.url
+def engine(stack: StackThread):
+    """vLLM's own API, as `vllm serve` answers it (the engine's loopback port)."""
+    with httpx.Client(base_url=stack.stack.engine.url, timeout=120) as client:
+        yield client
 
 
 @pytest.fixture

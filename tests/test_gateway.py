@@ -25,15 +25,15 @@ def captured(broker: str, topic: str, trace_ids: set[str], timeout_s: float = 30
     return read_topic(broker, topic, InteractionRecord.model_validate_json, lambda r: r.trace_id, trace_ids, timeout_s)
 
 
-def direct_greedy(engine_url: str, model: str, messages: list, max_tokens: int = 12) -> dict:
-    resp = httpx.post(f"{engine_url}/v1/chat/completions", timeout=120, json={
+def direct_greedy(engine: httpx.Client, model: str, messages: list, max_tokens: int = 12) -> dict:
+    resp = engine.post("/v1/chat/completions", json={
         "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
         "return_token_ids": True, "logprobs": True, "top_logprobs": 0})
     resp.raise_for_status()
     return resp.json()
 
 
-def test_sync_chat_is_captured_with_vllm_token_ids_and_logprobs(gateway, engine_url, broker, make_customer, stack):
+def test_sync_chat_is_captured_with_vllm_token_ids_and_logprobs(gateway, engine, broker, make_customer, stack):
     name, key = make_customer()
     raw = client_for(gateway, key).chat.completions.with_raw_response.create(
         model="default", messages=MESSAGES, max_tokens=12, temperature=0)
@@ -47,7 +47,7 @@ def test_sync_chat_is_captured_with_vllm_token_ids_and_logprobs(gateway, engine_
     assert "token_ids" not in reply.choices[0].model_extra and "prompt_token_ids" not in reply.model_extra
 
     record = captured(broker, "clora.interactions", {trace_id})[trace_id]
-    direct = direct_greedy(engine_url, "base", MESSAGES)
+    direct = direct_greedy(engine, "base", MESSAGES)
     assert record.customer == name and record.adapter is None
     assert record.prompt_token_ids == direct["prompt_token_ids"]
     assert record.choices[0].token_ids == direct["choices"][0]["token_ids"]
@@ -57,7 +57,7 @@ def test_sync_chat_is_captured_with_vllm_token_ids_and_logprobs(gateway, engine_
     assert record.request.sampling["max_tokens"] == 12 and record.latency_ms > 0
 
 
-def test_streaming_relays_chunks_and_captures_the_whole_answer(gateway, engine_url, broker, make_customer):
+def test_streaming_relays_chunks_and_captures_the_whole_answer(gateway, engine, broker, make_customer):
     _, key = make_customer()
     stream = client_for(gateway, key).chat.completions.create(
         model="default", messages=MESSAGES, max_tokens=10, temperature=0, stream=True)
@@ -68,7 +68,7 @@ def test_streaming_relays_chunks_and_captures_the_whole_answer(gateway, engine_u
     assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
 
     record = captured(broker, "clora.interactions", {trace_id})[trace_id]
-    direct = direct_greedy(engine_url, "base", MESSAGES, max_tokens=10)
+    direct = direct_greedy(engine, "base", MESSAGES, max_tokens=10)
     assert record.stream and record.choices[0].message["content"] == text
     assert record.prompt_token_ids == direct["prompt_token_ids"]
     assert record.choices[0].token_ids == direct["choices"][0]["token_ids"]

@@ -23,7 +23,7 @@ def publish(admin: httpx.Client, customer: str, path) -> dict:
     return resp.json()
 
 
-def test_hot_swap_changes_output_to_exactly_a_fresh_load(gateway, engine_url, make_customer, make_adapter, admin):
+def test_hot_swap_changes_output_to_exactly_a_fresh_load(gateway, engine, make_customer, make_adapter, admin):
     name, key = make_customer()
     base = greedy_ids(gateway, key)
     v1 = publish(admin, name, make_adapter(seed=1))
@@ -32,12 +32,11 @@ def test_hot_swap_changes_output_to_exactly_a_fresh_load(gateway, engine_url, ma
 
     # The same weights loaded fresh into the engine under a brand-new name give the same tokens.
     fresh = f"fresh-{name}"
-    httpx.post(f"{engine_url}/v1/load_lora_adapter", json={"lora_name": fresh, "lora_path": v1["path"]},
-               timeout=60).raise_for_status()
+    engine.post("/v1/load_lora_adapter", json={"lora_name": fresh, "lora_path": v1["path"]}).raise_for_status()
     try:
-        assert direct_greedy(engine_url, fresh, MESSAGES)["choices"][0]["token_ids"] == after_v1
+        assert direct_greedy(engine, fresh, MESSAGES)["choices"][0]["token_ids"] == after_v1
     finally:
-        httpx.post(f"{engine_url}/v1/unload_lora_adapter", json={"lora_name": fresh}, timeout=60)
+        engine.post("/v1/unload_lora_adapter", json={"lora_name": fresh})
 
     v2 = publish(admin, name, make_adapter(seed=2))
     assert v2["name"] != v1["name"] and v2["version"] == v1["version"] + 1
@@ -49,12 +48,12 @@ def test_hot_swap_changes_output_to_exactly_a_fresh_load(gateway, engine_url, ma
     assert greedy_ids(gateway, key) == after_v1
 
 
-def test_replaced_version_is_unloaded_from_the_engine(gateway, engine_url, make_customer, make_adapter, admin):
+def test_replaced_version_is_unloaded_from_the_engine(gateway, engine, make_customer, make_adapter, admin):
     name, key = make_customer()
     v1 = publish(admin, name, make_adapter(seed=3))
     greedy_ids(gateway, key)
     v2 = publish(admin, name, make_adapter(seed=4))
-    served = {m["id"] for m in httpx.get(f"{engine_url}/v1/models").json()["data"]}
+    served = {m["id"] for m in engine.get("/v1/models").json()["data"]}
     assert v2["name"] in served and v1["name"] not in served
 
 

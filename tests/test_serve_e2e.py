@@ -92,9 +92,9 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         adapter_ids = greedy(client)
         assert adapter_ids != base_ids
 
-        # The engine dies; the supervisor restarts it and reloads e2e's adapter before serving again.
+        # The engine core dies; the supervisor restarts it and reloads e2e's adapter before serving again.
         engines = [p for p in psutil.Process(serve.pid).children(recursive=True)
-                   if "vllm.entrypoints" in " ".join(p.cmdline())]
+                   if "EngineCore" in " ".join(p.cmdline())]
         assert len(engines) == 1
         engines[0].send_signal(signal.SIGKILL)
         wait_until(lambda: not healthy(url), 30, "engine death noticed")
