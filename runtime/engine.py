@@ -304,6 +304,10 @@ class EngineManager:
 
     async def _launch(self) -> None:
         os.environ.update(self.config.env())  # before vLLM is first imported: it reads them then
+        vllm_logger = logging.getLogger("vllm")
+        if not vllm_logger.handlers:  # what vLLM logs while importing, before it applies the config above
+            vllm_logger.addHandler(logging.FileHandler(self.config.log_path))
+            vllm_logger.propagate = False
         started = time.monotonic()
         self._stack = AsyncExitStack()
         try:

@@ -187,6 +187,7 @@ class Stack:
         """The co-located trainer, in its own process (its compute must not hold the gateway's GIL)."""
         env = {**os.environ, "CLORA_HOME": str(self.settings.home), "CLORA_GATEWAY_URL": self.gateway_url,
                "CLORA_REDIS_URL": self.redis_url, "CLORA_MODEL": model}
+        env.pop("CLORA_ENGINE_LOG", None)  # marks processes vLLM spawns (runtime.processes); not the trainer
         return ChildProcess("trainer", [sys.executable, "-m", "runtime.cli", "train"], self.run_dir / "trainer.log",
                             env=env).start()
 
