@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -318,8 +317,8 @@ class EngineManager:
             await self.client.warm_up(self.config.served_base_name)
         except Exception as exc:
             await self._teardown()
-            raise ServiceStartError(f"vllm failed to start: {tail_line(self.config.log_path) or exc} "
-                                    f"[log: {self.config.log_path}]") from exc
+            cause = tail_line(self.config.log_path, errors_only=True) or f"{type(exc).__name__}: {exc}"
+            raise ServiceStartError(f"vllm failed to start: {cause[:300]} [log: {self.config.log_path}]") from exc
         log.info("vLLM ready after %.1fs", time.monotonic() - started)
         if self.on_ready:
             await self.on_ready(self.client)
@@ -363,13 +362,16 @@ class EngineManager:
 
     async def _teardown(self) -> None:
         self.client.app = None
-        stack, self._stack, self.engine = self._stack, None, None
+        engine, stack, self._stack, self.engine = self.engine, self._stack, None, None
         if stack is not None:
             try:
                 await stack.aclose()
             except Exception:  # a dead engine's shutdown may complain; it is gone either way
                 log.exception("engine shutdown")
-            gc.collect()  # vLLM's finalisers run now, not at interpreter exit with modules half gone
+        if engine is not None:
+            # Shut down above. AsyncLLM.__del__ would run shutdown again when the object is finally
+            # collected, at interpreter exit, with vLLM's modules already torn down (a traceback).
+            engine.shutdown = lambda timeout=None: None
 
     async def _supervise(self) -> None:
         """Restart a dead engine; traffic waits (503) until every current adapter is back."""

@@ -51,15 +51,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def tail_line(path: Path) -> str:
-    """The last error line of a log (else its last line): the one-line cause of a failure."""
+def tail_line(path: Path, errors_only: bool = False) -> str:
+    """The last error line of a log (else its last line, unless errors_only): the one-line cause."""
     try:
         lines = path.read_bytes()[-8192:].decode(errors="replace").splitlines()
     except OSError:
         return ""
     meaningful = [ln.strip() for ln in lines if ln.strip()]
     errors = [ln for ln in meaningful if "Error" in ln or "error" in ln]
-    return (errors or meaningful or [""])[-1][:300]
+    return (errors or ([] if errors_only else meaningful) or [""])[-1][:300]
 
 
 def spawned_for_engine() -> bool:

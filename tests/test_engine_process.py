@@ -1,7 +1,8 @@
-"""Processes vLLM spawns from `clora serve` (its engine core, which spawns its worker) are started by
-multiprocessing's spawn, not by us: they must still log to the engine log, keep out of Ctrl-C's
-process group, and exit when `clora serve` is SIGKILLed. Here a parent whose main module imports
-runtime.cli (as the `clora` console script does) spawns a child the way vLLM does."""
+"""The engine's processes. Those vLLM spawns from `clora serve` (its engine core, which spawns its
+worker) are started by multiprocessing's spawn, not by us: they must still log to the engine log,
+keep out of Ctrl-C's process group, and exit when `clora serve` is SIGKILLed. Here a parent whose
+main module imports runtime.cli (as the `clora` console script does) spawns a child the way vLLM
+does. And an engine that cannot start says why in one line."""
 
 from __future__ import annotations
 
@@ -74,3 +75,34 @@ def test_a_process_we_start_ourselves_is_not_taken_for_an_engine_child(tmp_path)
                          capture_output=True, text=True, timeout=60, check=True)
     assert "trainer output" in out.stdout
     assert not log.exists()
+
+
+ENGINE_THAT_CANNOT_START = """
+import asyncio, sys
+from pathlib import Path
+from runtime.engine import EngineConfig, EngineManager
+from runtime.processes import ServiceStartError
+
+async def main():
+    home = Path(sys.argv[1])
+    manager = EngineManager(EngineConfig(model=str(home / "model"), log_dir=home, cache_dir=home))
+    try:
+        await manager.start()
+    except ServiceStartError as exc:
+        print(exc)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_an_engine_that_cannot_start_fails_with_a_one_line_cause(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    script = tmp_path / "start.py"
+    script.write_text(ENGINE_THAT_CANNOT_START)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    message = out.stdout.strip()
+    assert message.startswith("vllm failed to start:") and "\n" not in message, out.stdout + out.stderr
+    assert "no-such-architecture" in message and str(tmp_path / "vllm.log") in message
