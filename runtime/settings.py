@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     cpu_threads_bind: str = Field(default="auto", description="VLLM_CPU_OMP_THREADS_BIND.")
     enforce_eager: bool = Field(default=True, description="Skip torch.compile: faster start.")
     engine_start_timeout_s: float = 300.0
-    engine_extra_args: list[str] = Field(default_factory=list)
+    engine_extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags.")
 
     adapter_keep_versions: int = Field(default=20, description="Versions kept per customer for rollback.")
 
