@@ -144,7 +144,16 @@ class IngestConsumer:
 
     def _close(self) -> None:
         if self._consumer is not None:
-            self._consumer.close(autocommit=False)
+            # Bounded and quiet: leaving the group only speeds up the next rebalance, and the
+            # embedded broker does not answer it (close took ~20 s, the request timeout, and
+            # logged an error on every stop).
+            coordinator_log = logging.getLogger("kafka.coordinator")
+            level = coordinator_log.level
+            coordinator_log.setLevel(logging.CRITICAL)
+            try:
+                self._consumer.close(autocommit=False, timeout_ms=2000)
+            finally:
+                coordinator_log.setLevel(level)
         if self._dead is not None:
             self._dead.close(timeout=5)
 

@@ -21,9 +21,10 @@ HOST = "127.0.0.1"
 class EmbeddedService:
     process: ChildProcess
     url: str
+    stop_grace_s: float = 10.0  # SIGTERM, then this long to exit, then SIGKILL
 
     def stop(self) -> None:
-        self.process.stop()
+        self.process.stop(timeout_s=self.stop_grace_s)
 
 
 def start_broker(log_dir: Path, port: int | None = None) -> EmbeddedService:
@@ -43,7 +44,8 @@ def start_broker(log_dir: Path, port: int | None = None) -> EmbeddedService:
         log_dir / "broker.log",
     ).start()
     proc.wait_for_port(HOST, port, timeout_s=30)
-    return EmbeddedService(proc, f"{HOST}:{port}")
+    # In memory, nothing to flush, and it does not exit on SIGTERM: a short grace, not 10 s per stop.
+    return EmbeddedService(proc, f"{HOST}:{port}", stop_grace_s=1.0)
 
 
 def start_redis(data_dir: Path, log_dir: Path, port: int | None = None,
