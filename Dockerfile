@@ -4,6 +4,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 CLORA_HOME=/data CLORA_HOST=0.0.0.0 CLORA_DTYPE=bfloat16
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY clora clora
 COPY runtime runtime
 COPY feedback feedback
 COPY agents agents

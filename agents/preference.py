@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from agents.envs import Completion, register
+from clora.agents.envs import Completion, register
 
 TEMPLATES = [
     "What is {s}?", "Explain {s} in simple words.", "Why do people care about {s}?",

@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from agents.arithmetic import TOOLS, Problem, calculator_result, reward
+from clora.agents.arithmetic import TOOLS, Problem, calculator_result, reward
 
 PROTOCOL = ("calculator", "final_answer")
 

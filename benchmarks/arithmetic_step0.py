@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from evals.report import machine  # noqa: E402
-from evals.scoring import admin_chat_client, score  # noqa: E402
-from evals.suites import EvalSuite  # noqa: E402
-from runtime.customers import CustomerStore  # noqa: E402
-from runtime.models import resolve_model  # noqa: E402
-from runtime.settings import Settings  # noqa: E402
-from runtime.stack import Stack, admin_key  # noqa: E402
+from clora.core.customers import CustomerStore  # noqa: E402
+from clora.core.models import resolve_model  # noqa: E402
+from clora.core.settings import Settings  # noqa: E402
+from clora.core.state import admin_key  # noqa: E402
+from clora.demo.report import machine  # noqa: E402
+from clora.evals.scoring import admin_chat_client, score  # noqa: E402
+from clora.evals.suites import EvalSuite  # noqa: E402
+from clora.stack import Stack  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> dict:

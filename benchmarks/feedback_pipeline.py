@@ -38,13 +38,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from feedback.records import FeedbackEvent, FeedbackMessage, TrainingRecord, join_json  # noqa: E402
-from runtime.kafka import ensure_topics, reliable_producer  # noqa: E402
-from runtime.processes import ChildProcess, free_port  # noqa: E402
-from runtime.records import CapturedChoice, CapturedRequest, InteractionRecord  # noqa: E402
-from runtime.services import start_broker, start_redis  # noqa: E402
-from runtime.traces import TraceSigner  # noqa: E402
+from clora.core.processes import ChildProcess, free_port  # noqa: E402
+from clora.core.services import start_broker, start_redis  # noqa: E402
+from clora.core.traces import TraceSigner  # noqa: E402
+from clora.wire.feedback import FeedbackEvent, FeedbackMessage, TrainingRecord, join_json  # noqa: E402
+from clora.wire.interactions import CapturedChoice, CapturedRequest, InteractionRecord  # noqa: E402
+from clora.wire.kafka import ensure_topics, reliable_producer  # noqa: E402
 
 console = Console()
 SECRET = b"benchmark-trace-secret-0123456789"
@@ -84,9 +83,9 @@ def serve_webhook(bootstrap: str, redis_url: str, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
-    from runtime.customers import CustomerStore
-    from runtime.errors import install_error_handlers
+    from clora.core.customers import CustomerStore
+    from clora.core.http import install_error_handlers
+    from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
 
     app = FastAPI()
     install_error_handlers(app)
@@ -225,7 +224,7 @@ async def run(args: argparse.Namespace) -> dict:
         message_bytes = len(FeedbackMessage(event=FeedbackEvent(**feedback_event(sample.trace_id, rng)),
                                             customer=customers[0], submitted_by="customer",
                                             received_at=time.time()).model_dump_json())
-        from feedback.consumer import feedback_signal
+        from clora.feedback.consumer import feedback_signal
         value_bytes = len(join_json(feedback_signal(FeedbackMessage(
             event=FeedbackEvent(**feedback_event(sample.trace_id, rng)), customer=customers[0],
             submitted_by="customer", received_at=time.time())), sample.model_dump_json().encode()))
@@ -235,9 +234,10 @@ async def run(args: argparse.Namespace) -> dict:
         ceiling = raw_ceiling(broker.url, store.url, args.events, message_bytes, value_bytes)
         console.print(f"   {ceiling:,.0f} events/s")
 
-        from feedback.replay import ReplayBuffer
-        from runtime.customers import CustomerStore
         import redis.asyncio as aioredis
+
+        from clora.core.customers import CustomerStore
+        from clora.feedback.replay import ReplayBuffer
         async_r = aioredis.Redis.from_url(store.url)
         keys = {c: await CustomerStore(async_r).create(c) for c in customers}
         for c in customers:  # room for every event: the benchmark counts records, eviction would hide some

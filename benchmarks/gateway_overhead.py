@@ -32,8 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from runtime.processes import free_port  # noqa: E402
+from clora.core.processes import free_port  # noqa: E402
 
 console = Console()
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
@@ -167,7 +166,7 @@ def start_serve(home: Path, extra_env: dict[str, str] | None = None) -> tuple[su
     env = {**os.environ, "CLORA_HOME": str(home), "CLORA_PORT": str(port), "CLORA_TRAINER_ENABLED": "false",
            **(extra_env or {})}
     # Its own session, as a service runs: not in the load generator's scheduling (auto)group.
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve"], env=env, cwd=REPO, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "clora.cli.main", "serve"], env=env, cwd=REPO, start_new_session=True,
                             stdout=open(home / "serve.out", "wb"), stderr=subprocess.STDOUT)
     state_file = home / "serve.json"
     deadline = time.monotonic() + 900
@@ -185,7 +184,7 @@ def start_serve(home: Path, extra_env: dict[str, str] | None = None) -> tuple[su
 
 
 def create_customer(env: dict, name: str) -> str:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", "customers", "create", name], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "clora.cli.main", "customers", "create", name], env=env, cwd=REPO,
                           capture_output=True, text=True, check=True).stdout.strip()
 
 

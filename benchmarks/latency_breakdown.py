@@ -37,7 +37,6 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import PROMPT, REPO, create_customer, pct, start_serve  # noqa: E402
 
-
 BLOCK = 8
 
 

@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from trainer.adapter_store import AdapterStore  # noqa: E402
-from trainer import lora  # noqa: E402
-from trainer.batching import TenantBatch, multi_tenant_backward, sequence_logprobs, shared_prefix_logprobs  # noqa: E402
-from trainer.lora import LoRASpec, Segment, bind, inject  # noqa: E402
-from trainer.losses import ppo_clip_loss  # noqa: E402
-from trainer.optim import adamw_step  # noqa: E402
+from clora.trainer import lora  # noqa: E402
+from clora.trainer.adapter_store import AdapterStore  # noqa: E402
+from clora.trainer.batching import TenantBatch, multi_tenant_backward, sequence_logprobs, shared_prefix_logprobs  # noqa: E402
+from clora.trainer.lora import LoRASpec, Segment, bind, inject  # noqa: E402
+from clora.trainer.losses import ppo_clip_loss  # noqa: E402
+from clora.trainer.optim import adamw_step  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "smollm2-135m": (576, 1536, 30, 9, 3),

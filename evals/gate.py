@@ -14,7 +14,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-from evals.scoring import EvalScore
+from clora.evals.scoring import EvalScore
 
 Action = Literal["promoted", "held-back", "manual-promote", "rollback", "baseline"]
 BASE = ""  # the base model in the promotion stack
@@ -81,6 +81,10 @@ class EvalHistory:
         await self.redis.hset("clora:eval:scores", f"{score.adapter}|{score.suite}", score.model_dump_json())
 
     # -- promotion stack (rollback targets) -----------------------------------------------------------
+    async def promotions(self, customer: str) -> int:
+        """How many promotions the stack holds (0: the gate never served anything for this customer)."""
+        return await self.redis.llen(f"clora:eval:served:{customer}")
+
     async def push_served(self, customer: str, version: str | None) -> list[str]:
         """Record a promotion; returns versions that fell off the stack (to unpin)."""
         key = f"clora:eval:served:{customer}"

@@ -13,20 +13,19 @@ import logging
 import openai
 import redis.asyncio as aioredis
 
-from evals.gate import Decision, EvalHistory, PromotionGate
-from evals.scoring import EvalScore, admin_chat_client, score
-from evals.suites import EvalSuite, SuiteStore
-from runtime.adapters import AdapterRegistry
-from runtime.admin_client import RuntimeClient
-from runtime.settings import Settings
+from clora.core.admin_client import RuntimeClient
+from clora.core.settings import Settings
+from clora.evals.gate import Decision, EvalHistory, PromotionGate
+from clora.evals.scoring import EvalScore, admin_chat_client, score
+from clora.evals.suites import EvalSuite, SuiteStore
 
 log = logging.getLogger("clora.evals")
 
 
 class EvalJob:
-    def __init__(self, admin: RuntimeClient, suites: SuiteStore, history: EvalHistory, registry: AdapterRegistry,
+    def __init__(self, admin: RuntimeClient, suites: SuiteStore, history: EvalHistory,
                  gate: PromotionGate, gateway_url: str, admin_key: str, base_name: str = "base"):
-        self.admin, self.suites, self.history, self.registry = admin, suites, history, registry
+        self.admin, self.suites, self.history = admin, suites, history
         self.gate, self.base_name = gate, base_name
         self.gateway_url, self.admin_key = gateway_url, admin_key
         self._clients: dict[str, openai.AsyncOpenAI] = {}
@@ -107,7 +106,6 @@ class EvalJob:
     def connect(cls, redis: aioredis.Redis, gateway_url: str, admin_key: str, settings: Settings) -> "EvalJob":
         """The job wired to a running runtime's Redis and gateway."""
         return cls(RuntimeClient(gateway_url, admin_key), SuiteStore(redis), EvalHistory(redis),
-                   AdapterRegistry(redis, settings.adapters_dir, settings.adapter_keep_versions),
                    PromotionGate(settings.eval_tolerance), gateway_url, admin_key, settings.served_base_name)
 
     # -- manual ----------------------------------------------------------------------------------------
@@ -136,10 +134,8 @@ class EvalJob:
         return decision
 
     async def _serve(self, customer: str, current: str | None, version: str) -> None:
-        served = await self.history.redis.llen(f"clora:eval:served:{customer}")
-        if not served:  # the first promotion: what was served before is the first rollback target
+        if not await self.history.promotions(customer):  # the first: what was served before is a rollback target
             await self.history.push_served(customer, current)
         dropped = await self.history.push_served(customer, version)
-        await self.registry.pin(customer, [v for v in (current, version) if v])
-        await self.registry.pin(customer, dropped, keep=False)
+        await self.admin.pin(customer, [v for v in (current, version) if v], unpin=dropped)
         await self.admin.route(customer, version)

@@ -15,10 +15,11 @@ from typing import Any
 import openai
 from pydantic import BaseModel
 
-from agents.arithmetic import generate
-from agents.envs import Completion, make_env
-from agents.runner import run_arithmetic
-from evals.suites import EvalSuite
+from clora.agents.arithmetic import generate
+from clora.agents.catalog import make_env
+from clora.agents.envs import Completion
+from clora.agents.runner import run_arithmetic
+from clora.evals.suites import EvalSuite
 
 
 class EvalScore(BaseModel):

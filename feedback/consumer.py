@@ -28,10 +28,10 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
-from feedback.records import FeedbackMessage, FeedbackSignal, join_json
-from feedback.replay import ReplayBuffer
-from runtime.kafka import ensure_topics, reliable_producer
-from runtime.records import InteractionRecord
+from clora.feedback.replay import ReplayBuffer
+from clora.wire.feedback import FeedbackMessage, FeedbackSignal, join_json
+from clora.wire.interactions import InteractionRecord
+from clora.wire.kafka import ensure_topics, reliable_producer
 
 log = logging.getLogger("clora.ingest")
 INGESTED = Counter("clora_ingest_messages_total", "Messages handled by the ingestion consumer", ["topic", "outcome"])

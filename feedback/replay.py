@@ -16,7 +16,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from feedback.records import FeedbackSignal, Kind, TrainingRecord
+from clora.wire.feedback import FeedbackSignal, Kind, TrainingRecord
 
 Policy = Literal["recent", "uniform", "prioritized"]
 KIND_RANK: dict[Kind, int] = {"comment": 0, "rating": 1, "reward": 2, "correction": 3}
@@ -159,6 +159,18 @@ class ReplayBuffer:
 
     async def count_newer(self, customer: str, after_seq: int) -> int:
         return int(await self.redis.zcount(self._keys(customer)["order"], f"({after_seq}", "+inf"))
+
+    # -- readers' cursors: how far a reader (the trainer) has read a customer's buffer -------------
+    @staticmethod
+    def _cursor_key(customer: str, reader: str) -> str:
+        return f"clora:{reader}:cursor:{customer}"
+
+    async def cursor(self, customer: str, reader: str = "trainer") -> int:
+        """Sequence number of the newest record `reader` has taken (0: none yet)."""
+        return int(await self.redis.get(self._cursor_key(customer, reader)) or 0)
+
+    async def set_cursor(self, customer: str, seq: int, reader: str = "trainer") -> None:
+        await self.redis.set(self._cursor_key(customer, reader), seq)
 
     async def _prioritized(self, evict_key: str, n: int, rng: random.Random) -> list[bytes]:
         """Weight = 1 + kind rank: corrections 4x as likely as comments; without replacement."""

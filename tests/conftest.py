@@ -15,10 +15,10 @@ import httpx
 import pytest
 import redis
 
-from runtime.models import build_random_llama, ensure_tokenizer
-from runtime.services import start_broker, start_redis
-from runtime.settings import Settings
-from runtime.stack import Stack
+from clora.core.models import build_random_llama, ensure_tokenizer
+from clora.core.services import start_broker, start_redis
+from clora.core.settings import Settings
+from clora.stack import Stack
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".clora" / "cache"  # survives between runs; never committed
@@ -135,8 +135,9 @@ def admin(gateway: str):
 @pytest.fixture
 def make_customer(stack: StackThread, redis_url: str):
     """Creates a fresh customer; returns (name, api_key)."""
-    from runtime.customers import CustomerStore
     import redis.asyncio as aioredis
+
+    from clora.core.customers import CustomerStore
 
     def make(prefix: str = "cust") -> tuple[str, str]:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"

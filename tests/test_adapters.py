@@ -7,7 +7,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from runtime.adapters import AdapterRegistry
+from clora.runtime.adapters import AdapterRegistry
 
 
 async def test_old_versions_are_pruned_but_never_the_current_one(redis_url, tmp_path):

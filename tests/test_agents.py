@@ -9,8 +9,8 @@ import random
 import openai
 from transformers import AutoTokenizer
 
-from agents.arithmetic import calculator_result, generate
-from agents.runner import run_arithmetic
+from clora.agents.arithmetic import calculator_result, generate
+from clora.agents.runner import run_arithmetic
 
 
 async def test_arithmetic_episodes_complete_through_the_gateway(gateway, make_customer, tokenizer_dir):

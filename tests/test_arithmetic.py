@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from agents.arithmetic import LEVELS, TOOLS, calculate, calculator_result, generate, reward
+from clora.agents.arithmetic import LEVELS, TOOLS, calculate, calculator_result, generate, reward
 
 
 def test_problems_are_seeded_exact_and_harder_by_level():

@@ -7,11 +7,11 @@ import uuid
 
 from kafka import KafkaConsumer
 
-from runtime.capture import Capture
-from runtime.processes import free_port
-from runtime.records import CapturedChoice, CapturedRequest, InteractionRecord
-from runtime.services import start_broker
-from runtime.spool import Spool, SpooledMessage
+from clora.core.processes import free_port
+from clora.core.services import start_broker
+from clora.runtime.capture import Capture
+from clora.runtime.spool import Spool, SpooledMessage
+from clora.wire.interactions import CapturedChoice, CapturedRequest, InteractionRecord
 
 
 def record(i: int, customer: str = "acme") -> InteractionRecord:

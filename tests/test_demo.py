@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.preference import DEMO_RULES
+from clora.agents.preference import DEMO_RULES
 from tests.test_serve_e2e import CLORA
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +25,15 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_rounds_trains_gates_and_reports(tiny_model: Path, tmp_path: Path):
     env = {**os.environ, "CLORA_HOME": str(tmp_path / "home"), "CLORA_MODEL": str(tiny_model),
            "CLORA_KV_CACHE_GIB": "1", "CLORA_MAX_MODEL_LEN": "1024"}
-    out = tmp_path / "report"
-    done = subprocess.run([*CLORA, "demo", "--minutes", "8", "--max-rounds", "2", "--requests-per-round", "4",
-                           "--out-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    reference = REPO / "benchmarks" / "results" / "demo.json"
+    reference_before = reference.read_bytes() if reference.exists() else None
+    done = subprocess.run([*CLORA, "demo", "--minutes", "8", "--max-rounds", "2", "--requests-per-round", "4"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-3000:]  # 1: rules not learnt
+    # Without --out-dir the report goes to a fresh folder under the data dir, never into the checkout.
+    (out,) = (tmp_path / "home" / "demo").iterdir()
+    assert len(out.name) == len("20261130-120000") and out.name[8] == "-"
+    assert (reference.read_bytes() if reference.exists() else None) == reference_before
     report = json.loads((out / "demo.json").read_text())
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["passed"] is (done.returncode == 0)

@@ -1,7 +1,7 @@
 """The engine's processes. Those vLLM spawns from `clora serve` (its engine core, which spawns its
 worker) are started by multiprocessing's spawn, not by us: they must still log to the engine log,
 keep out of Ctrl-C's process group, and exit when `clora serve` is SIGKILLed. Here a parent whose
-main module imports runtime.cli (as the `clora` console script does) spawns a child the way vLLM
+main module imports clora.cli.main (as the `clora` console script does) spawns a child the way vLLM
 does. And an engine that cannot start says why in one line."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 PARENT = """
 import multiprocessing, sys, time
-import runtime.cli  # noqa: F401  the `clora` script's main module imports it; so does every spawned child
+import clora.cli.main  # noqa: F401  the `clora` script's main module imports it; so does every spawned child
 
 def engine_core():
     print("engine core output", flush=True)
@@ -43,7 +43,7 @@ def test_a_spawned_engine_process_logs_to_the_engine_log_and_dies_with_clora(tmp
     script = tmp_path / "serve_like.py"
     script.write_text(PARENT)
     log = tmp_path / "vllm.log"
-    env = {**os.environ, "CLORA_ENGINE_LOG": str(log), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "CLORA_ENGINE_LOG": str(log)}
     parent = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         child = int(parent.stdout.readline())
@@ -70,8 +70,8 @@ def test_a_process_we_start_ourselves_is_not_taken_for_an_engine_child(tmp_path)
     """The trainer inherits CLORA_ENGINE_LOG from `clora serve` but is not spawned by vLLM: its
     output stays its own."""
     log = tmp_path / "vllm.log"
-    env = {**os.environ, "CLORA_ENGINE_LOG": str(log), "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", "import runtime.cli; print('trainer output')"], env=env,
+    env = {**os.environ, "CLORA_ENGINE_LOG": str(log)}
+    out = subprocess.run([sys.executable, "-c", "import clora.cli.main; print('trainer output')"], env=env,
                          capture_output=True, text=True, timeout=60, check=True)
     assert "trainer output" in out.stdout
     assert not log.exists()
@@ -80,8 +80,8 @@ def test_a_process_we_start_ourselves_is_not_taken_for_an_engine_child(tmp_path)
 ENGINE_THAT_CANNOT_START = """
 import asyncio, sys
 from pathlib import Path
-from runtime.engine import EngineConfig, EngineManager
-from runtime.processes import ServiceStartError
+from clora.runtime.engine import EngineConfig, EngineManager
+from clora.core.processes import ServiceStartError
 
 async def main():
     home = Path(sys.argv[1])
@@ -101,7 +101,7 @@ def test_an_engine_that_cannot_start_fails_with_a_one_line_cause(tmp_path):
     (tmp_path / "model" / "config.json").write_text('{"model_type": "no-such-architecture"}')
     script = tmp_path / "start.py"
     script.write_text(ENGINE_THAT_CANNOT_START)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], env={**os.environ},
                          capture_output=True, text=True, timeout=300)
     message = out.stdout.strip()
     assert message.startswith("vllm failed to start:") and "\n" not in message, out.stdout + out.stderr

@@ -8,12 +8,11 @@ import shutil
 import httpx
 import redis.asyncio as aioredis
 
-from evals.gate import EvalHistory, PromotionGate
-from evals.job import EvalJob
-from evals.scoring import EvalScore, admin_chat_client
-from evals.suites import EvalSuite, GoldenCase, SuiteStore
-from runtime.adapters import AdapterRegistry
-from runtime.admin_client import RuntimeClient
+from clora.core.admin_client import RuntimeClient
+from clora.evals.gate import EvalHistory, PromotionGate
+from clora.evals.job import EvalJob
+from clora.evals.scoring import EvalScore, admin_chat_client
+from clora.evals.suites import EvalSuite, GoldenCase, SuiteStore
 from tests.conftest import ADMIN_KEY
 from tests.test_gateway import client_for
 
@@ -37,7 +36,7 @@ def run(gateway: str, redis_url: str, tmp_path, action, tolerance: float = 0.05)
     async def main():
         client = aioredis.Redis.from_url(redis_url)
         job = EvalJob(RuntimeClient(gateway, ADMIN_KEY), SuiteStore(client), EvalHistory(client),
-                      AdapterRegistry(client, tmp_path), PromotionGate(tolerance), gateway, ADMIN_KEY)
+                      PromotionGate(tolerance), gateway, ADMIN_KEY)
         try:
             return await action(job)
         finally:
@@ -96,15 +95,33 @@ def test_equal_candidate_is_promoted_and_rollback_restores(gateway, redis_url, m
         await job.suites.set(name, suite)
         decision = await job.evaluate(name)
         served_after_gate = (await job.admin.versions(name))["current"]
+        pinned = await job.admin.pin(name, [])  # what the gate pinned through the admin API
         rolled = await job.rollback(name)
         served_after_rollback = (await job.admin.versions(name))["current"]
-        return decision, served_after_gate, rolled, served_after_rollback, await job.history.decisions(name)
+        return decision, served_after_gate, pinned, rolled, served_after_rollback, await job.history.decisions(name)
 
-    decision, after_gate, rolled, after_rollback, history = run(gateway, redis_url, tmp_path, promote_then_rollback)
+    decision, after_gate, pinned, rolled, after_rollback, history = run(gateway, redis_url, tmp_path,
+                                                                        promote_then_rollback)
     assert decision.action == "promoted" and decision.candidate_score == decision.current_score == 1.0
+    assert pinned == sorted([first["name"], candidate["name"]])  # both rollback targets survive pruning
     assert after_gate == candidate["name"]
     assert rolled.candidate == first["name"] and after_rollback == first["name"]
     assert [d.action for d in history] == ["promoted", "rollback"]
+
+
+def test_pins_take_only_the_customers_own_versions(make_customer, make_adapter, admin):
+    name, _ = make_customer("pins")
+    other, _ = make_customer("pins")
+    own = publish(admin, name, make_adapter(seed=15), switch=False)
+    foreign = publish(admin, other, make_adapter(seed=16), switch=False)
+    refused = admin.put(f"/admin/customers/{name}/pins", json={"pin": [foreign["name"]]})
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    pinned = admin.put(f"/admin/customers/{name}/pins", json={"pin": [own["name"]]})
+    assert pinned.status_code == 200 and pinned.json()["pinned"] == [own["name"]]
+    released = admin.put(f"/admin/customers/{name}/pins", json={"unpin": [own["name"], "base"]})
+    assert released.json()["pinned"] == []
+    assert admin.put(f"/admin/customers/{other}/pins", json={}, headers={"Authorization": "Bearer no"}).status_code \
+        == 401
 
 
 def test_rollback_past_the_first_promotion_serves_the_base_model(gateway, redis_url, make_customer, make_adapter,

@@ -8,11 +8,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from feedback.records import FeedbackMessage
-from feedback.webhook import FeedbackPublisher
-from runtime.customers import CustomerStore
-from runtime.errors import APIError
-from runtime.processes import free_port
+from clora.core.customers import CustomerStore
+from clora.core.http import APIError
+from clora.core.processes import free_port
+from clora.feedback.webhook import FeedbackPublisher
+from clora.wire.feedback import FeedbackMessage
 from tests.helpers import read_topic
 from tests.test_gateway import MESSAGES, client_for
 

@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
-from runtime.records import InteractionRecord
-from runtime.stack import trace_secret
-from runtime.traces import TraceSigner
+from clora.core.state import trace_secret
+from clora.core.traces import TraceSigner
+from clora.wire.interactions import InteractionRecord
 from tests.helpers import read_topic
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]

@@ -11,9 +11,9 @@ import uuid
 import redis.asyncio as aioredis
 from kafka import KafkaProducer
 
-from feedback.consumer import DeadLetter, IngestConfig, IngestConsumer
-from feedback.records import FeedbackEvent, FeedbackMessage
-from feedback.replay import ReplayBuffer
+from clora.feedback.consumer import DeadLetter, IngestConfig, IngestConsumer
+from clora.feedback.replay import ReplayBuffer
+from clora.wire.feedback import FeedbackEvent, FeedbackMessage
 from tests.helpers import read_topic
 from tests.test_capture import record as interaction
 

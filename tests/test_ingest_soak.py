@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from kafka import KafkaProducer
 
-from feedback.records import FeedbackEvent, FeedbackMessage
-from feedback.replay import ReplayBuffer
-from runtime.kafka import ensure_topics
+from clora.feedback.replay import ReplayBuffer
+from clora.wire.feedback import FeedbackEvent, FeedbackMessage
+from clora.wire.kafka import ensure_topics
 from tests.test_capture import record as interaction
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_nothing_lost_nothing_twice_across_kills(broker, redis_url, tmp_path):
     producer.close()
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "runtime.cli", "ingest"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "clora.cli.main", "ingest"], env=env,
                                 stdout=open(tmp_path / "ingest.log", "ab"), stderr=subprocess.STDOUT)
 
     total = sum(len(v) for v in expected.values())

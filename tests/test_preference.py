@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from agents.envs import Completion, make_env
-from agents.preference import DEMO_RULES, FALLBACK, HELD_OUT, TRAINING, core_answer, questions, rule
+from clora.agents.catalog import make_env
+from clora.agents.envs import Completion
+from clora.agents.preference import DEMO_RULES, FALLBACK, HELD_OUT, TRAINING, core_answer, questions, rule
 
 ANSWERS = [
     "A bicycle is a vehicle with two wheels. You pedal it to move forward. It is cheap and healthy.",

@@ -9,8 +9,8 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from feedback.records import FeedbackEvent, TrainingRecord
-from feedback.replay import ReplayBuffer
+from clora.feedback.replay import ReplayBuffer
+from clora.wire.feedback import FeedbackEvent, TrainingRecord
 from tests.test_capture import record
 
 

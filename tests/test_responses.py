@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from runtime.responses import ClientWants, StreamAccumulator, captured_choices, for_client
+from clora.runtime.responses import ClientWants, StreamAccumulator, for_client
+from clora.wire.interactions import captured_choices
 
 
 def lp(*values: float) -> dict:
@@ -45,7 +46,7 @@ def test_stream_accumulator_rebuilds_content_tool_calls_and_tokens():
 
 
 def test_trace_ids_prove_their_customer():
-    from runtime.traces import TraceSigner
+    from clora.core.traces import TraceSigner
 
     signer = TraceSigner(b"k" * 32)
     trace = signer.new("acme")

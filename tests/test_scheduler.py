@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from trainer.scheduler import Candidate, Scheduler
+from clora.trainer.scheduler import Candidate, Scheduler
 
 
 class Clock:

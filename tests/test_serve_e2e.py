@@ -19,12 +19,12 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from feedback.replay import ReplayBuffer
-from runtime.processes import free_port
+from clora.core.processes import free_port
+from clora.feedback.replay import ReplayBuffer
 from tests.test_gateway import MESSAGES, captured
 
 pytestmark = pytest.mark.slow
-CLORA = [sys.executable, "-m", "runtime.cli"]
+CLORA = [sys.executable, "-m", "clora.cli.main"]
 
 
 def wait_until(predicate, timeout_s: float, what: str):
@@ -125,7 +125,7 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
             found = []
             for p in psutil.Process(serve.pid).children(recursive=True):
                 try:
-                    if "runtime.cli train" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                    if "clora.cli.main train" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
                         found.append(p)
                 except psutil.Error:  # gone, or a zombie awaiting its reaper
                     pass

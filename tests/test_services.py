@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from runtime.processes import ChildProcess, ServiceStartError, free_port
-from runtime.services import start_redis
+from clora.core.processes import ChildProcess, ServiceStartError, free_port
+from clora.core.services import start_redis
 
 
 def test_embedded_redis_keeps_data_across_restarts(tmp_path):

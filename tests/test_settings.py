@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.settings import Settings
+from clora.core.settings import Settings
 
 
 def test_a_relative_home_becomes_absolute(tmp_path, monkeypatch):

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clora.trainer.config import TenantConfig, TenantConfigStore
+from clora.trainer.lora import load_peft
 from tests.conftest import ADMIN_KEY
-from trainer.config import TenantConfig, TenantConfigStore
-from trainer.lora import load_peft
 
 pytestmark = pytest.mark.slow
 KILLS = 3
@@ -49,7 +49,7 @@ def test_killed_trainer_resumes_and_no_version_is_lost_or_duplicated(gateway, ma
     log = open(tmp_path / "trainer.log", "ab")
     try:
         for round_ in range(KILLS + 1):
-            proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "train"], env=env, stdout=log,
+            proc = subprocess.Popen([sys.executable, "-m", "clora.cli.main", "train"], env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
             try:
                 have = len(versions(gateway, customer)["versions"])

@@ -15,16 +15,16 @@ import redis.asyncio as aioredis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agents import envs
-from feedback.replay import ReplayBuffer
+from clora.agents import envs, tokens
+from clora.core.admin_client import RuntimeClient
+from clora.feedback.replay import ReplayBuffer
+from clora.trainer.adapter_store import AdapterStore
+from clora.trainer.batching import sequence_logprobs
+from clora.trainer.config import TenantConfig, TenantConfigStore
+from clora.trainer.loop import Trainer
+from clora.trainer.lora import Segment, bind, inject
 from tests.conftest import ADMIN_KEY
 from tests.test_gateway import client_for
-from trainer.adapter_store import AdapterStore
-from trainer.config import TenantConfig, TenantConfigStore
-from trainer.batching import sequence_logprobs
-from trainer.lora import Segment, bind, inject
-from trainer.loop import Trainer
-from runtime.admin_client import RuntimeClient
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def make_trainer(tiny_model: Path, gateway: str, redis_client, root: Path) -> Tr
                    base_model=str(tiny_model))
 
 
-class Aligned(envs.TokenSet):
+class Aligned(tokens.TokenSet):
     def __init__(self, name: str, rewarded: frozenset[int], penalised: frozenset[int]):
         super().__init__(name, rewarded)
         self.penalised = penalised

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.adapter_store import AdapterStore
-from trainer.batching import TenantBatch, multi_tenant_backward, pack, sequence_logprobs, shared_prefix_logprobs
-from trainer import lora
-from trainer.lora import LoRASpec, Segment, bind, inject, load_peft, new_weights, save_peft
-from trainer.losses import group_advantages, ppo_clip_loss, sft_loss
-from trainer.optim import adamw_step
+from clora.trainer import lora
+from clora.trainer.adapter_store import AdapterStore
+from clora.trainer.batching import TenantBatch, multi_tenant_backward, pack, sequence_logprobs, shared_prefix_logprobs
+from clora.trainer.lora import LoRASpec, Segment, bind, inject, load_peft, new_weights, save_peft
+from clora.trainer.losses import group_advantages, ppo_clip_loss, sft_loss
+from clora.trainer.optim import adamw_step
 
 SPEC = LoRASpec(rank=8, alpha=16)
 

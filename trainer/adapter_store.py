@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.lora import LoRASpec, LoRAWeights, MultiLoRALinear, new_weights, save_peft
+from clora.trainer.lora import LoRASpec, LoRAWeights, MultiLoRALinear, new_weights, save_peft
 
 
 @dataclass

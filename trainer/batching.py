@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.lora import LoRAWeights, MultiLoRALinear, Segment, bind
-from trainer.losses import token_logprobs
+from clora.trainer.lora import LoRAWeights, MultiLoRALinear, Segment, bind
+from clora.trainer.losses import token_logprobs
 
 CHUNK_TOKENS = 512
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-from trainer.lora import DEFAULT_TARGETS, LoRASpec
+from clora.trainer.lora import DEFAULT_TARGETS, LoRASpec
 
 
 class LossWeights(BaseModel):

@@ -28,17 +28,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from agents.envs import Completion, make_env
-from feedback.records import TrainingRecord
-from feedback.replay import ReplayBuffer
-from trainer.adapter_store import AdapterStore, TenantState
-from trainer.batching import TenantBatch, multi_tenant_backward, sequence_logprobs, shared_prefix_logprobs
-from trainer.config import TenantConfig, TenantConfigStore
-from trainer.lora import MultiLoRALinear, Segment, bind
-from trainer.losses import (dpo_loss, group_advantages, kl_to_reference, off_policy_loss, ppo_clip_loss,
-                            sequence_sums, sft_loss)
-from trainer.optim import adamw_step
-from runtime.admin_client import RuntimeClient
+from clora.agents.catalog import make_env
+from clora.agents.envs import Completion
+from clora.core.admin_client import RuntimeClient
+from clora.feedback.replay import ReplayBuffer
+from clora.trainer.adapter_store import AdapterStore, TenantState
+from clora.trainer.batching import TenantBatch, multi_tenant_backward, sequence_logprobs, shared_prefix_logprobs
+from clora.trainer.config import TenantConfig, TenantConfigStore
+from clora.trainer.lora import MultiLoRALinear, Segment, bind
+from clora.trainer.losses import (
+    dpo_loss,
+    group_advantages,
+    kl_to_reference,
+    off_policy_loss,
+    ppo_clip_loss,
+    sequence_sums,
+    sft_loss,
+)
+from clora.trainer.optim import adamw_step
+from clora.wire.feedback import TrainingRecord
 
 log = logging.getLogger("clora.trainer")
 
@@ -107,7 +115,7 @@ class Trainer:
             self.store.swap_out(state)
             version = await self.publish(d.customer, switch=not d.config.gated)
             await self.replay.mark_consumed(d.customer, [r.event_id for r in d.rated + d.corrections], version)
-            await self.replay.redis.set(self._cursor_key(d.customer), d.cursor)
+            await self.replay.set_cursor(d.customer, d.cursor)
             rewards = [r for g in d.groups for r in g.rewards]
             reports.append(StepReport(d.customer, state.step, version, statistics.fmean(rewards) if rewards else None,
                                       len(d.rated), len(d.corrections), losses[d.customer],
@@ -187,7 +195,7 @@ class Trainer:
         data = TenantData(customer, config)
         if config.environment and config.weights.onpolicy:
             data.groups = await self.sample_groups(customer, config, state.rng, self.policy_model(customer, state))
-        cursor = await self.cursor(customer)
+        cursor = await self.replay.cursor(customer)
         records, data.cursor = await self.replay.newer(customer, cursor, config.records_per_step)
         if len(records) < config.records_per_step:  # top up from the buffer (replay)
             taken = {r.event_id for r in records}
@@ -226,13 +234,9 @@ class Trainer:
         text = str(record.correction["content"])
         return self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
 
-    @staticmethod
-    def _cursor_key(customer: str) -> str:
-        return f"clora:trainer:cursor:{customer}"
-
-    async def cursor(self, customer: str) -> int:
-        """Replay-buffer sequence number of the newest record this tenant has trained on."""
-        return int(await self.replay.redis.get(self._cursor_key(customer)) or 0)
+    async def pending(self, customer: str) -> int:
+        """Records in the tenant's replay buffer that it has not trained on yet."""
+        return await self.replay.count_newer(customer, await self.replay.cursor(customer))
 
     # -- versions ------------------------------------------------------------------------------------
     async def publish(self, customer: str, switch: bool = True) -> str:

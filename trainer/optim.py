@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.adamw import adamw
 
-from trainer.adapter_store import TenantState
+from clora.trainer.adapter_store import TenantState
 
 
 def adamw_step(state: TenantState, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from runtime.customers import CustomerStore
-from trainer.config import TenantConfig
-from trainer.loop import Trainer
-from trainer.scheduler import Candidate, Scheduler
+from clora.core.customers import CustomerStore
+from clora.trainer.config import TenantConfig
+from clora.trainer.loop import Trainer
+from clora.trainer.scheduler import Candidate, Scheduler
 
 log = logging.getLogger("clora.trainer")
 
@@ -31,7 +31,7 @@ def load_trainer_model(model_dir: Path, device: torch.device):
     """The base model, loaded once and frozen, with every target projection LoRA-wrapped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.lora import inject
+    from clora.trainer.lora import inject
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -52,7 +52,7 @@ class TrainingService:
             if config.environment and config.weights.onpolicy:
                 work = 1.0
             else:
-                new = await self.trainer.replay.count_newer(customer, await self.trainer.cursor(customer))
+                new = await self.trainer.pending(customer)
                 work = new / config.records_per_step if new >= config.min_records else 0.0
             out.append(Candidate(customer, work, config.priority))
         return out

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import openai
 
-from agents.preference import PreferenceEnv, Rule
-from feedback.records import FeedbackEvent
+from clora.agents.preference import PreferenceEnv, Rule
+from clora.wire.feedback import FeedbackEvent
 
 
 @dataclass

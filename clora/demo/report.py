@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from evals.gate import Decision
+from clora.evals.gate import Decision
 
 
 class CustomerReport(BaseModel):

@@ -42,3 +42,18 @@ class InteractionRecord(BaseModel):
     stream: bool = False
     latency_ms: float
     created_at: float = Field(description="Unix time the request arrived.")
+
+
+def logprob_values(logprobs: dict | None) -> list[float]:
+    """The sampled tokens' logprobs from an OpenAI `logprobs` object."""
+    return [item["logprob"] for item in (logprobs or {}).get("content") or []]
+
+
+def captured_choices(response: dict[str, Any]) -> list[CapturedChoice]:
+    """The choices of a vLLM chat response (asked with token ids and logprobs) as captured."""
+    return [
+        CapturedChoice(index=c.get("index", 0), message=c.get("message") or {},
+                       finish_reason=c.get("finish_reason"), token_ids=c.get("token_ids") or [],
+                       logprobs=logprob_values(c.get("logprobs")))
+        for c in response.get("choices", [])
+    ]

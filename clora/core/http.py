@@ -1,4 +1,6 @@
-"""OpenAI-style error bodies: {"error": {"message", "type", "param", "code"}} with the right status."""
+"""HTTP pieces every server of ours shares (gateway, admin API, feedback webhook): OpenAI-style
+error bodies ({"error": {"message", "type", "param", "code"}} with the right status), the bearer
+token of a request, and a body read with a size limit."""
 
 from __future__ import annotations
 
@@ -66,3 +68,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(500, "Internal error; the request was not served.", "internal_error")
+
+
+def bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -21,18 +21,19 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from agents.preference import DEMO_RULES
-from agents.simulation import SimulatedCustomer, SimulatedOperator
-from evals.gate import Decision
-from evals.job import EvalJob
-from evals.report import CustomerReport, DemoReport, machine, write
-from evals.scoring import EvalScore, admin_chat_client
-from evals.suites import EvalSuite, SuiteStore
-from runtime.customers import CustomerStore
-from runtime.models import resolve_model
-from runtime.settings import Settings
-from runtime.stack import Stack, admin_key
-from trainer.config import TenantConfig, TenantConfigStore
+from clora.agents.preference import DEMO_RULES
+from clora.core.customers import CustomerStore
+from clora.core.models import resolve_model
+from clora.core.settings import Settings
+from clora.core.state import admin_key
+from clora.demo.report import CustomerReport, DemoReport, machine, write
+from clora.demo.simulation import SimulatedCustomer, SimulatedOperator
+from clora.evals.gate import Decision
+from clora.evals.job import EvalJob
+from clora.evals.scoring import EvalScore, admin_chat_client
+from clora.evals.suites import EvalSuite, SuiteStore
+from clora.stack import Stack
+from clora.trainer.config import TenantConfig, TenantConfigStore
 
 
 @dataclass
@@ -44,7 +45,7 @@ class DemoOptions:
     max_tokens: int = 64
     target_gain: float = 0.4
     lr: float = 2e-3
-    out_dir: Path = Path("benchmarks/results")
+    out_dir: Path | None = None  # None: <CLORA_HOME>/demo/<start time>/
 
 
 @dataclass
@@ -261,7 +262,13 @@ def print_report(report: DemoReport, console: Console, paths: tuple[Path, Path])
                   f"another customer. Report: {paths[0]}  Plot: {paths[1]}")
 
 
+def default_out_dir(settings: Settings) -> Path:
+    """A fresh folder per run under the data dir: running the main job never writes into the checkout."""
+    return settings.home / "demo" / time.strftime("%Y%m%d-%H%M%S")
+
+
 async def run_demo(settings: Settings, options: DemoOptions, console: Console) -> DemoReport:
+    out_dir = options.out_dir or default_out_dir(settings)
     report = await Demo(demo_settings(settings), options, console).run()
-    print_report(report, console, write(report, options.out_dir))
+    print_report(report, console, write(report, out_dir))
     return report

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from runtime.records import InteractionRecord
+from clora.wire.interactions import InteractionRecord
 
 Kind = Literal["correction", "reward", "rating", "comment"]
 

@@ -1,8 +1,8 @@
 """Composition root of `clora serve`: wires services, engine, router, capture, gateway and the
 feedback webhook.
 
-The only place that knows every component (so the only runtime module that imports a later stage);
-each component gets just the values it uses.
+The only place that knows every component (top layer: it imports the stages, no stage imports
+it); each component gets just the values it uses.
 """
 
 from __future__ import annotations
@@ -11,73 +11,33 @@ import asyncio
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import uvicorn
 
-from feedback.consumer import IngestConfig, IngestConsumer
-from feedback.replay import ReplayBuffer
-from feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
-
-from runtime.adapters import AdapterRegistry
-from runtime.capture import Capture
-from runtime.customers import CustomerStore
-from runtime.engine import EngineConfig, EngineManager
-from runtime.gateway import GatewayConfig, create_app
-from runtime.models import resolve_model
-from runtime.processes import ChildProcess, free_port
-from runtime.routing import Router
-from runtime.services import EmbeddedService, start_broker, start_redis
-from runtime.settings import Settings
-from runtime.spool import Spool
-from runtime.traces import TraceSigner
-
-if TYPE_CHECKING:
-    from evals.job import EvalJob
+from clora.core.customers import CustomerStore
+from clora.core.models import resolve_model
+from clora.core.processes import ChildProcess, free_port
+from clora.core.services import EmbeddedService, start_broker, start_redis
+from clora.core.settings import Settings
+from clora.core.state import admin_key, trace_secret
+from clora.core.traces import TraceSigner
+from clora.evals.job import EvalJob
+from clora.feedback.consumer import IngestConfig, IngestConsumer
+from clora.feedback.replay import ReplayBuffer
+from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
+from clora.runtime.adapters import AdapterRegistry
+from clora.runtime.capture import Capture
+from clora.runtime.engine import EngineConfig, EngineManager
+from clora.runtime.gateway import GatewayConfig, create_app
+from clora.runtime.routing import Router
+from clora.runtime.spool import Spool
 
 log = logging.getLogger("clora.stack")
-
-
-def serve_state(settings: Settings) -> dict | None:
-    """What a running `clora serve` wrote about itself, if it is still alive."""
-    try:
-        state = json.loads(settings.state_file.read_text())
-        os.kill(state["pid"], 0)
-        return state
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def admin_key(settings: Settings) -> str:
-    """CLORA_ADMIN_KEY, else one generated on first start and kept (0600) in the data dir."""
-    if settings.admin_key:
-        return settings.admin_key
-    return _secret_file(settings.home / "admin_key", "sk-clora-admin-")
-
-
-def trace_secret(settings: Settings) -> bytes:
-    """CLORA_TRACE_SECRET (shared by every gateway replica), else one generated and kept (0600)."""
-    if settings.trace_secret:
-        return settings.trace_secret.encode()
-    return _secret_file(settings.home / "trace_secret", "").encode()
-
-
-def _secret_file(path: Path, prefix: str) -> str:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it meanwhile
-            return path.read_text().strip()
-        with os.fdopen(fd, "w") as f:
-            f.write(prefix + secrets.token_urlsafe(32))
-    return path.read_text().strip()
 
 
 def ingest_config(settings: Settings, bootstrap: str) -> IngestConfig:
@@ -120,7 +80,7 @@ class Stack:
     trainer: ChildProcess | None = None
     redis_url: str = ""
     kafka_bootstrap: str = ""
-    evals: "EvalJob | None" = None
+    evals: EvalJob | None = None
     trainer_watch: asyncio.Task | None = None
     evals_task: asyncio.Task | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -178,8 +138,6 @@ class Stack:
             self.trainer = self._start_trainer(model)
             self.trainer_watch = asyncio.create_task(self._keep_trainer_running(), name="trainer-watch")
         if s.eval_interval_s > 0:
-            from evals.job import EvalJob  # evals depend on the runtime, not the other way round
-
             self.evals = EvalJob.connect(self.redis, self.gateway_url, admin_key(s), s)
             self.evals_task = asyncio.create_task(self.evals.run(self._stopping, s.eval_interval_s), name="evals")
 
@@ -187,8 +145,8 @@ class Stack:
         """The co-located trainer, in its own process (its compute must not hold the gateway's GIL)."""
         env = {**os.environ, "CLORA_HOME": str(self.settings.home), "CLORA_GATEWAY_URL": self.gateway_url,
                "CLORA_REDIS_URL": self.redis_url, "CLORA_MODEL": model}
-        env.pop("CLORA_ENGINE_LOG", None)  # marks processes vLLM spawns (runtime.processes); not the trainer
-        return ChildProcess("trainer", [sys.executable, "-m", "runtime.cli", "train"], self.run_dir / "trainer.log",
+        env.pop("CLORA_ENGINE_LOG", None)  # marks processes vLLM spawns (clora.core.processes); not the trainer
+        return ChildProcess("trainer", [sys.executable, "-m", "clora.cli.main", "train"], self.run_dir / "trainer.log",
                             env=env).start()
 
     async def _keep_trainer_running(self, check_s: float = 2.0) -> None:

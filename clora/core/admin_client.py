@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from runtime.records import CapturedChoice
-from runtime.responses import captured_choices
+from clora.wire.interactions import CapturedChoice, captured_choices
 
 
 @dataclass
@@ -75,6 +74,13 @@ class RuntimeClient:
             resp = await self.http.put(f"/admin/customers/{customer}/route", json={"adapter": adapter})
         resp.raise_for_status()
         return resp.json()
+
+    @_retrying
+    async def pin(self, customer: str, pin: list[str], unpin: list[str] = ()) -> list[str]:
+        """Keep `pin` through version pruning, release `unpin`; returns the customer's pinned versions."""
+        resp = await self.http.put(f"/admin/customers/{customer}/pins", json={"pin": list(pin), "unpin": list(unpin)})
+        resp.raise_for_status()
+        return resp.json()["pinned"]
 
     @_retrying
     async def load(self) -> dict[str, Any]:

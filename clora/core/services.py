@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from runtime.processes import ChildProcess, ServiceStartError, free_port
+from clora.core.processes import ChildProcess, ServiceStartError, free_port
 
 HOST = "127.0.0.1"
 

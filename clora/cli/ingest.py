@@ -1,0 +1,40 @@
+"""`clora ingest`: the ingestion consumer alone (interactions + feedback -> replay buffers)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import redis.asyncio as aioredis
+
+from clora.cli.common import fail, setup_logging
+from clora.core.settings import Settings
+from clora.core.state import serve_state
+from clora.feedback.consumer import IngestConsumer
+from clora.feedback.replay import ReplayBuffer
+from clora.stack import ingest_config
+
+
+def ingest() -> None:
+    """Run the ingestion consumer alone (feedback + interactions -> replay buffers)."""
+    setup_logging()
+    settings = Settings()
+    state = serve_state(settings) or {}
+    bootstrap = settings.kafka_bootstrap or state.get("kafka_bootstrap")
+    url = settings.redis_url or state.get("redis_url")
+    if not bootstrap or not url:
+        raise fail("set CLORA_KAFKA_BOOTSTRAP and CLORA_REDIS_URL, or start `clora serve` first")
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(url)
+        consumer = IngestConsumer(ingest_config(settings, bootstrap), client,
+                                  ReplayBuffer(client, settings.replay_capacity))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, consumer.stop)
+        try:
+            await consumer.run()
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
