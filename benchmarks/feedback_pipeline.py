@@ -85,14 +85,13 @@ def serve_webhook(bootstrap: str, redis_url: str, port: int) -> None:
 
     from clora.core.customers import CustomerStore
     from clora.core.http import install_error_handlers
-    from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
+    from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 
     app = FastAPI()
     install_error_handlers(app)
     publisher = FeedbackPublisher(bootstrap, TOPICS["CLORA_FEEDBACK_TOPIC"])
     limits = WebhookLimits(events_per_s=1e9, burst=10**9)  # measure the pipeline, not the rate limiter
-    app.include_router(create_feedback_router(CustomerStore(aioredis.Redis.from_url(redis_url)),
-                                              TraceSigner(SECRET), publisher, limits))
+    mount_feedback(app, CustomerStore(aioredis.Redis.from_url(redis_url)), TraceSigner(SECRET), publisher, limits)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -29,10 +29,11 @@ from clora.core.traces import TraceSigner
 from clora.evals.job import EvalJob
 from clora.feedback.consumer import IngestConfig, IngestConsumer
 from clora.feedback.replay import ReplayBuffer
-from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, create_feedback_router
+from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 from clora.runtime.adapters import AdapterRegistry
 from clora.runtime.capture import Capture
-from clora.runtime.engine import EngineConfig, EngineManager
+from clora.runtime.engine import EngineManager
+from clora.runtime.engine_config import EngineConfig
 from clora.runtime.gateway import GatewayConfig, create_app
 from clora.runtime.routing import Router
 from clora.runtime.spool import Spool
@@ -125,7 +126,7 @@ class Stack:
         app = create_app(config, customers, router, self.engine, self.capture, traces)
         self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions)
         limits = WebhookLimits(s.feedback_max_body_bytes, s.feedback_events_per_s, s.feedback_burst)
-        app.include_router(create_feedback_router(customers, traces, self.feedback, limits))
+        mount_feedback(app, customers, traces, self.feedback, limits)
         port = s.port or free_port(s.host)
         self.server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
                                                    access_log=False, lifespan="off"))

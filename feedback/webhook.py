@@ -9,19 +9,18 @@ a client can retry a batch without double-applying it.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from kafka.errors import KafkaError
 from prometheus_client import Counter
-from pydantic import ValidationError
 
 from clora.core.customers import CustomerStore
-from clora.core.http import APIError, bearer, read_body, unauthorized
+from clora.core.http import APIError, JsonBody, bearer, unauthorized
 from clora.core.traces import TraceSigner
 from clora.wire.feedback import FeedbackBatch, FeedbackEvent, FeedbackMessage
 from clora.wire.kafka import ensure_topics, reliable_producer
@@ -90,58 +89,76 @@ class WebhookLimits:
     burst: int = 2000
 
 
-def _parse(raw: bytes) -> list[FeedbackEvent]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "Request body is not valid JSON.", "invalid_json") from None
-    try:
-        if isinstance(body, dict) and "events" in body:
-            return FeedbackBatch.model_validate(body).events
-        return [FeedbackEvent.model_validate(body)]
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"Invalid feedback: {param}: {first['msg']}", "invalid_feedback", param) from None
+@dataclass
+class Webhook:
+    """The webhook's parts; one per app, on `app.state.feedback`."""
 
+    customers: CustomerStore
+    traces: TraceSigner
+    publisher: FeedbackPublisher
+    limits: WebhookLimits
+    limiter: RateLimiter = field(init=False)
 
-def create_feedback_router(customers: CustomerStore, traces: TraceSigner, publisher: FeedbackPublisher,
-                           limits: WebhookLimits) -> APIRouter:
-    router = APIRouter()
-    limiter = RateLimiter(limits.events_per_s, limits.burst)
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(self.limits.events_per_s, self.limits.burst)
 
-    async def caller_scope(request: Request) -> tuple[str, list[str]]:
+    async def caller_scope(self, request: Request) -> tuple[str, list[str]]:
+        """(who submits, the customers whose traces they may rate)."""
         key = bearer(request)
-        customer = await customers.authenticate(key)
+        customer = await self.customers.authenticate(key)
         if customer is not None:
             return "customer", [customer]
-        operator = await customers.authenticate_operator(key)
+        operator = await self.customers.authenticate_operator(key)
         if operator is not None:
             return f"operator:{operator.name}", operator.customers
         raise unauthorized()
 
-    @router.post("/v1/feedback", status_code=202)
-    async def submit_feedback(request: Request) -> JSONResponse:
-        submitted_by, scope = await caller_scope(request)
-        events = _parse(await read_body(request, limits.max_body_bytes))
-        wait = limiter.take(submitted_by if submitted_by != "customer" else scope[0], len(events))
-        if wait:
-            FEEDBACK.labels("rate_limited").inc(len(events))
-            raise APIError(429, f"Feedback rate limit ({limits.events_per_s:g} events/s) exceeded.",
-                           "rate_limited", headers={"Retry-After": str(max(1, round(wait)))})
-        received = time.time()
-        messages = []
-        for event in events:
-            owner = next((c for c in scope if traces.issued_to(event.trace_id, c)), None)
-            if owner is None:
-                FEEDBACK.labels("unknown_trace").inc()
-                raise APIError(404, f"Trace `{event.trace_id}` does not exist.", "trace_not_found", "trace_id")
-            event = event if event.event_id else event.model_copy(update={"event_id": uuid.uuid4().hex})
-            messages.append(FeedbackMessage(event=event, customer=owner, submitted_by=submitted_by,
-                                            received_at=received))
-        await publisher.publish(messages)
-        FEEDBACK.labels("accepted").inc(len(messages))
-        return JSONResponse({"accepted": len(messages), "event_ids": [m.event.event_id for m in messages]},
-                            status_code=202)
 
-    return router
+def webhook_of(request: Request) -> Webhook:
+    return request.app.state.feedback
+
+
+def _events(body: Any) -> list[FeedbackEvent]:
+    """One event, or `{"events": [...]}`."""
+    if isinstance(body, dict) and "events" in body:
+        return FeedbackBatch.model_validate(body).events
+    return [FeedbackEvent.model_validate(body)]
+
+
+FEEDBACK_BODY = JsonBody(FeedbackEvent | FeedbackBatch, lambda request: webhook_of(request).limits.max_body_bytes,
+                         name="FeedbackBody", validate=_events, what="feedback", code="invalid_feedback")
+router = APIRouter(tags=["feedback"])
+
+
+@router.post("/v1/feedback", status_code=202, openapi_extra=FEEDBACK_BODY.openapi)
+async def submit_feedback(request: Request) -> JSONResponse:
+    webhook = webhook_of(request)
+    submitted_by, scope = await webhook.caller_scope(request)
+    events: list[FeedbackEvent] = (await FEEDBACK_BODY(request)).value
+    limits = webhook.limits
+    wait = webhook.limiter.take(submitted_by if submitted_by != "customer" else scope[0], len(events))
+    if wait:
+        FEEDBACK.labels("rate_limited").inc(len(events))
+        raise APIError(429, f"Feedback rate limit ({limits.events_per_s:g} events/s) exceeded.",
+                       "rate_limited", headers={"Retry-After": str(max(1, round(wait)))})
+    received = time.time()
+    messages = []
+    for event in events:
+        owner = next((c for c in scope if webhook.traces.issued_to(event.trace_id, c)), None)
+        if owner is None:
+            FEEDBACK.labels("unknown_trace").inc()
+            raise APIError(404, f"Trace `{event.trace_id}` does not exist.", "trace_not_found", "trace_id")
+        event = event if event.event_id else event.model_copy(update={"event_id": uuid.uuid4().hex})
+        messages.append(FeedbackMessage(event=event, customer=owner, submitted_by=submitted_by,
+                                        received_at=received))
+    await webhook.publisher.publish(messages)
+    FEEDBACK.labels("accepted").inc(len(messages))
+    return JSONResponse({"accepted": len(messages), "event_ids": [m.event.event_id for m in messages]},
+                        status_code=202)
+
+
+def mount_feedback(app: FastAPI, customers: CustomerStore, traces: TraceSigner, publisher: FeedbackPublisher,
+                   limits: WebhookLimits) -> None:
+    """Serve `POST /v1/feedback` from `app` (the gateway's, in `clora serve`)."""
+    app.state.feedback = Webhook(customers, traces, publisher, limits)
+    app.include_router(router)

@@ -19,7 +19,7 @@ from pathlib import Path
 from prometheus_client import Gauge, Histogram
 
 from clora.runtime.adapters import AdapterRegistry, AdapterVersion
-from clora.runtime.engine import EngineClient
+from clora.runtime.engine_client import EngineClient
 
 log = logging.getLogger("clora.routing")
 SWAP_SECONDS = Histogram("clora_adapter_swap_seconds", "Load + switch of a new adapter version")

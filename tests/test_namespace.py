@@ -53,9 +53,17 @@ def test_bottom_layer_and_feedback_load_without_torch_or_vllm(tmp_path):
     assert "torch" not in loaded and "vllm" not in loaded
 
 
+def test_the_cli_loads_torch_only_for_the_commands_that_need_it(tmp_path):
+    """`clora customers create` and friends stay quick: torch, vLLM and matplotlib load inside the
+    commands that use them (train, demo; serve through vLLM), not with the CLI."""
+    loaded = json.loads(python("import json, sys, clora.cli.main\n"
+                               "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))", tmp_path))
+    assert "typer" in loaded and not {"torch", "vllm", "matplotlib", "transformers"} & set(loaded)
+
+
 def test_trainer_maths_load_with_torch_alone(tmp_path):
     """What a GPU machine with only torch (and safetensors) needs: no redis, kafka or vLLM."""
-    modules = [f"clora.trainer.{m}" for m in ("losses", "lora", "batching", "adapter_store", "optim")]
+    modules = [f"clora.trainer.{m}" for m in ("losses", "lora", "batching", "adapter_store", "optim", "step")]
     loaded = json.loads(python(
         f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
         "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))", tmp_path))

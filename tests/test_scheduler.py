@@ -1,10 +1,12 @@
 """Who trains next: every ready tenant when they fit, fair shares by priority when they do not,
-nobody without work, failing tenants backed off (and only them)."""
+nobody without work, failing tenants backed off (and only them: the trainer's loop retries a failed
+step tenant by tenant)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+from clora.trainer import loop
 from clora.trainer.scheduler import Candidate, Scheduler
 
 
@@ -48,3 +50,26 @@ def test_a_failing_tenant_is_backed_off_exponentially_and_others_go_on():
     assert scheduler.pick(both) == ["good"]
     scheduler.succeeded("bad")
     assert sorted(scheduler.pick(both)) == ["bad", "good"]
+
+
+async def test_a_failed_step_is_retried_tenant_by_tenant_and_only_the_failing_one_backs_off(monkeypatch):
+    steps: list[list[str]] = []
+
+    async def step(trainer, customers: list[str]) -> list[loop.StepReport]:
+        steps.append(list(customers))
+        if "bad" in customers:
+            raise RuntimeError("this tenant's data breaks the step")
+        return [loop.StepReport(c, 1, f"{c}.v1", None, 0, 0, {}, 0.0) for c in customers]
+
+    monkeypatch.setattr(loop, "step", step)
+    clock = Clock()
+    scheduler = Scheduler(max_tenants=8, base_backoff_s=5, clock=clock)
+    scheduler.failed("good")  # an earlier failure: a step that lands clears it
+    clock.now = 5.0
+    await loop.train(None, scheduler, ["good", "bad", "other"])
+    assert steps == [["good", "bad", "other"], ["good"], ["bad"], ["other"]]
+    everyone = [Candidate("good", 1.0), Candidate("bad", 1.0), Candidate("other", 1.0)]
+    assert sorted(scheduler.pick(everyone)) == ["good", "other"]
+    assert scheduler.failures == {"bad": 1}
+    clock.now = 10.0
+    assert sorted(scheduler.pick(everyone)) == ["bad", "good", "other"]

@@ -13,16 +13,18 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clora.agents import envs, tokens
 from clora.core.admin_client import RuntimeClient
+from clora.core.customers import CustomerStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore
 from clora.trainer.batching import sequence_logprobs
 from clora.trainer.config import TenantConfig, TenantConfigStore
-from clora.trainer.loop import Trainer
-from clora.trainer.lora import Segment, bind, inject
+from clora.trainer.data import TrainerIO
+from clora.trainer.loop import Trainer, load_model, step
+from clora.trainer.lora import Segment, bind
+from clora.trainer.step import greedy
 from tests.conftest import ADMIN_KEY
 from tests.test_gateway import client_for
 
@@ -47,11 +49,19 @@ def register_opposite_targets(model) -> None:
 
 
 def make_trainer(tiny_model: Path, gateway: str, redis_client, root: Path) -> Trainer:
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    layers = inject(model)
-    return Trainer(model, layers, AutoTokenizer.from_pretrained(tiny_model), AdapterStore(root),
-                   RuntimeClient(gateway, ADMIN_KEY), ReplayBuffer(redis_client), TenantConfigStore(redis_client),
-                   base_model=str(tiny_model))
+    """Wired as `clora train`'s main wires it (the model loaded the same way, on the CPU)."""
+    model, layers, tokenizer = load_model(tiny_model, "cpu")
+    store = AdapterStore(root)
+    io = TrainerIO(store, RuntimeClient(gateway, ADMIN_KEY), ReplayBuffer(redis_client),
+                   TenantConfigStore(redis_client), CustomerStore(redis_client), tokenizer, base_model=str(tiny_model))
+    return Trainer(model, layers, store, io)
+
+
+def trainer_greedy(trainer: Trainer, customer: str, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The trainer's own greedy completion under the customer's current weights."""
+    state = trainer.store.swap_in(customer)
+    return greedy(trainer.model, trainer.layers, state.weights, prompt_token_ids, max_new_tokens,
+                  trainer.io.tokenizer.eos_token_id)
 
 
 class Aligned(tokens.TokenSet):
@@ -72,12 +82,12 @@ async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_c
     high, _ = make_customer("high")
     register_opposite_targets(trainer.model)
     for name, env in ((low, "aligned:+"), (high, "aligned:-")):
-        await trainer.configs.set(name, TenantConfig(environment=env, lr=1.5e-2, rank=8, alpha=16, group_size=8,
-                                                     prompts_per_step=6, max_new_tokens=12, seed=1))
+        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=1.5e-2, rank=8, alpha=16, group_size=8,
+                                                        prompts_per_step=6, max_new_tokens=12, seed=1))
     rewards: dict[str, list[float]] = {low: [], high: []}
     try:
         for _ in range(STEPS):
-            reports = await trainer.step([low, high])
+            reports = await step(trainer, [low, high])
             assert {r.customer for r in reports} == {low, high}
             for report in reports:
                 rewards[report.customer].append(report.mean_reward)
@@ -85,26 +95,26 @@ async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_c
         for name in (low, high):
             start, end = statistics.fmean(rewards[name][:2]), statistics.fmean(rewards[name][-4:])
             assert end - start > 0.12, (name, [round(r, 3) for r in rewards[name]])
-        versions = await trainer.client.versions(low)
+        versions = await trainer.io.client.versions(low)
         assert versions["current"] == f"{low}.v{STEPS}" and len(versions["versions"]) == STEPS
 
         # The server's greedy answer under the published version is the trainer's own.
         prompt = [{"role": "user", "content": "Write about the sea."}]
-        other_before = await trainer.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
-        served = await trainer.client.sample(low, prompt, n=1, max_tokens=12, temperature=0)
+        other_before = await trainer.io.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
+        served = await trainer.io.client.sample(low, prompt, n=1, max_tokens=12, temperature=0)
         assert served.adapter == f"{low}.v{STEPS}"
-        assert served.choices[0].token_ids == trainer.greedy(low, served.prompt_token_ids, 12)
+        assert served.choices[0].token_ids == trainer_greedy(trainer, low, served.prompt_token_ids, 12)
 
         # One more step for `low` only: its new version is served, `high`'s output is unchanged.
-        await trainer.step([low])
-        served_next = await trainer.client.sample(low, prompt, n=1, max_tokens=12, temperature=0)
+        await step(trainer, [low])
+        served_next = await trainer.io.client.sample(low, prompt, n=1, max_tokens=12, temperature=0)
         assert served_next.adapter == f"{low}.v{STEPS + 1}"
-        assert served_next.choices[0].token_ids == trainer.greedy(low, served_next.prompt_token_ids, 12)
-        other_after = await trainer.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
+        assert served_next.choices[0].token_ids == trainer_greedy(trainer, low, served_next.prompt_token_ids, 12)
+        other_after = await trainer.io.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
         assert other_after.adapter == other_before.adapter
         assert other_after.choices[0].token_ids == other_before.choices[0].token_ids
     finally:
-        await trainer.client.close()
+        await trainer.io.client.close()
         await redis_client.aclose()
 
 
@@ -115,8 +125,8 @@ async def test_feedback_from_the_webhook_trains_the_customer(gateway, make_custo
     redis_client = aioredis.Redis.from_url(redis_url)
     trainer = make_trainer(tiny_model, gateway, redis_client, tmp_path / "trainer")
     customer, key = make_customer("fb")
-    await trainer.configs.set(customer, TenantConfig(lr=3e-2, rank=8, alpha=16, records_per_step=4,
-                                                     weights={"preference": 0.5}))
+    await trainer.io.configs.set(customer, TenantConfig(lr=3e-2, rank=8, alpha=16, records_per_step=4,
+                                                        weights={"preference": 0.5}))
     client = client_for(gateway, key)
     traces = [client.chat.completions.with_raw_response.create(
         model="default", messages=[{"role": "user", "content": f"Say hello to {who}."}], max_tokens=8,
@@ -128,18 +138,18 @@ async def test_feedback_from_the_webhook_trains_the_customer(gateway, make_custo
         assert resp.status_code == 202, resp.text
     try:
         deadline = time.monotonic() + 60
-        while (await trainer.replay.stats(customer)).size < 2:
+        while (await trainer.io.replay.stats(customer)).size < 2:
             assert time.monotonic() < deadline, "feedback never reached the replay buffer"
             await asyncio.sleep(0.2)
-        fixed = next(r for r in await trainer.replay.sample(customer, 2) if r.correction)
-        target = trainer.target_ids(fixed)
+        fixed = next(r for r in await trainer.io.replay.sample(customer, 2) if r.correction)
+        target = trainer.io.target_ids(fixed)
 
         def target_logprob() -> float:
             state = trainer.store.swap_in(customer)
             with torch.no_grad(), bind(trainer.layers, [Segment(0, 1, state.weights)]):
                 return float(sequence_logprobs(trainer.model, [fixed.prompt_token_ids], [target]).logprobs.sum())
 
-        reports = [await trainer.step([customer]) for _ in range(4)]
+        reports = [await step(trainer, [customer]) for _ in range(4)]
         first = reports[0][0]
         assert (first.rated, first.corrections) == (1, 1)
         assert set(first.losses) == {"offpolicy", "correction", "preference"}
@@ -152,10 +162,10 @@ async def test_feedback_from_the_webhook_trains_the_customer(gateway, make_custo
             base = float(sequence_logprobs(trainer.model, [fixed.prompt_token_ids], [target]).logprobs.sum())
         assert target_logprob() > base + 5.0  # the correction became far more likely
         versions = [r[0].version for r in reports]
-        assert await trainer.replay.consumed_by(customer, fixed.event_id) == versions
-        served = await trainer.client.sample(customer, fixed.messages, n=1, max_tokens=12, temperature=0)
+        assert await trainer.io.replay.consumed_by(customer, fixed.event_id) == versions
+        served = await trainer.io.client.sample(customer, fixed.messages, n=1, max_tokens=12, temperature=0)
         assert served.adapter == versions[-1]
-        assert served.choices[0].token_ids == trainer.greedy(customer, served.prompt_token_ids, 12)
+        assert served.choices[0].token_ids == trainer_greedy(trainer, customer, served.prompt_token_ids, 12)
     finally:
-        await trainer.client.close()
+        await trainer.io.client.close()
         await redis_client.aclose()

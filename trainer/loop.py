@@ -1,77 +1,89 @@
-"""The training loop: one multi-tenant step, top to bottom, in `Trainer.step`.
+"""`clora train`, top to bottom: `main` loads the model, connects, and loops; `step` is one step.
 
-  1. Gather, per tenant: on-policy groups sampled now from the live server under the tenant's
-     current adapter and scored by its environment; new rated answers and corrections from its
-     replay buffer, topped up with older ones (prioritized: corrections first) when few are new.
-  2. Swap each tenant's state onto the device.
-  3. Forward/backward, gradients accumulating per tenant: on-policy groups through the shared-prefix
-     pass (PPO-clip against the logprobs vLLM sampled with, optional KL to the base model); rated
-     answers (truncated importance weights against the serving version's logprobs) and
-     corrections (SFT, optional DPO against the answer they replaced) through passes shared by
-     every tenant's rows.
-  4. Per tenant: AdamW, swap out, checkpoint, publish the new version (the gateway loads it and
-     switches the customer to it, or keeps it as a candidate for the eval job's promotion gate),
-     record which records the version consumed.
-A step that fails is retried tenant by tenant; a tenant that fails alone is backed off by the
-scheduler, and the others' steps land.
+  main: recover unpublished checkpoints; then, until stopped: wait while serving is busy, let the
+        scheduler pick tenants, run one step for them (a step that fails is retried tenant by
+        tenant; a tenant that fails alone is backed off, and the others' steps land).
+  step: gather each tenant's data (data.py), copy its state onto the device, backward of every
+        loss (step.py), then per tenant AdamW, copy back, checkpoint and publish (data.py).
+
+Everything it runs with is one frozen `TrainRun`, resolved once by the command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
+import signal
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
+import redis.asyncio as aioredis
 import torch
 from torch import nn
 
-from clora.agents.catalog import make_env
-from clora.agents.envs import Completion
 from clora.core.admin_client import RuntimeClient
+from clora.core.customers import CustomerStore
+from clora.core.settings import Settings
 from clora.feedback.replay import ReplayBuffer
-from clora.trainer.adapter_store import AdapterStore, TenantState
-from clora.trainer.batching import TenantBatch, multi_tenant_backward, sequence_logprobs, shared_prefix_logprobs
-from clora.trainer.config import TenantConfig, TenantConfigStore
-from clora.trainer.lora import MultiLoRALinear, Segment, bind
-from clora.trainer.losses import (
-    dpo_loss,
-    group_advantages,
-    kl_to_reference,
-    off_policy_loss,
-    ppo_clip_loss,
-    sequence_sums,
-    sft_loss,
-)
+from clora.trainer.adapter_store import AdapterStore
+from clora.trainer.config import TenantConfigStore
+from clora.trainer.data import TrainerIO
+from clora.trainer.lora import MultiLoRALinear, inject
 from clora.trainer.optim import adamw_step
-from clora.wire.feedback import TrainingRecord
+from clora.trainer.scheduler import Scheduler
+from clora.trainer.step import backward
 
 log = logging.getLogger("clora.trainer")
 
 
+@dataclass(frozen=True)
+class TrainRun:
+    """What `clora train` runs with, resolved once (`CLORA_TRAINER_*` and where the runtime is)."""
+
+    gateway_url: str
+    redis_url: str
+    admin_key: str
+    model_dir: Path
+    device: str  # cpu, cuda, cuda:N
+    pass_tokens: int  # tokens per batched pass
+    trainer_dir: Path  # tenants' states and checkpoints
+    keep_checkpoints: int  # per tenant
+    replay_capacity: int
+    max_tenants: int  # trained together in one step
+    idle_s: float  # pause when nobody has anything to learn
+    max_inflight: int  # serving requests in flight above which training waits
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, gateway_url: str, redis_url: str, model_dir: str | Path,
+                      admin_key: str) -> TrainRun:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
+            if settings.trainer_device == "auto" else torch.device(settings.trainer_device)
+        return cls(gateway_url, redis_url, admin_key, Path(model_dir), str(device),
+                   settings.trainer_pass_tokens or (65536 if device.type == "cuda" else 512),
+                   settings.trainer_dir, settings.trainer_keep_checkpoints, settings.replay_capacity,
+                   settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight)
+
+
+def load_model(model_dir: Path, device: str) -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
+    """The base model, loaded once and frozen, with every target projection LoRA-wrapped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, inject(model), AutoTokenizer.from_pretrained(model_dir)
+
+
 @dataclass
-class Group:
-    """K completions of one prompt, as the server sampled them, with their rewards."""
+class Trainer:
+    """What a step works on: the frozen model and its LoRA layers, the tenants' states, the I/O."""
 
-    prompt_token_ids: list[int]
-    completions: list[list[int]]
-    logprobs: list[list[float]]
-    rewards: list[float]
-
-
-@dataclass
-class TenantData:
-    customer: str
-    config: TenantConfig
-    groups: list[Group] = field(default_factory=list)
-    rated: list[TrainingRecord] = field(default_factory=list)
-    corrections: list[TrainingRecord] = field(default_factory=list)
-    cursor: int = 0  # replay-buffer sequence number of the newest record taken
-
-    def empty(self) -> bool:
-        return not (self.groups or self.rated or self.corrections)
+    model: nn.Module
+    layers: dict[str, MultiLoRALinear]
+    store: AdapterStore
+    io: TrainerIO
+    pass_tokens: int = 512
 
 
 @dataclass
@@ -86,221 +98,82 @@ class StepReport:
     seconds: float
 
 
-class Trainer:
-    def __init__(self, model: nn.Module, layers: dict[str, MultiLoRALinear], tokenizer, store: AdapterStore,
-                 client: RuntimeClient, replay: ReplayBuffer, configs: TenantConfigStore, base_model: str,
-                 pass_tokens: int = 512):
-        self.model, self.layers, self.tokenizer = model, layers, tokenizer
-        self.store, self.client, self.replay, self.configs = store, client, replay, configs
-        self.base_model = base_model
-        self.pass_tokens = pass_tokens
-        self.device = model.lm_head.weight.device
+async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
+    """One step for several tenants; raises if any part fails (no tenant's result is then kept)."""
+    started = time.perf_counter()
+    io, store = trainer.io, trainer.store
+    # 1. Data for each tenant (sampling for all tenants runs concurrently on the server).
+    data = [d for d in await asyncio.gather(*[io.gather(c, trainer.layers) for c in customers]) if not d.empty()]
+    if not data:
+        return []
+    # 2. Device copies of each tenant's state (a failure below leaves the masters untouched).
+    states = {d.customer: store.swap_in(d.customer) for d in data}
+    # 3. Every loss's gradients into them (in a thread: the event loop stays responsive).
+    losses = await asyncio.to_thread(backward, trainer.model, trainer.layers, data, states, trainer.pass_tokens)
+    # 4. Per tenant: AdamW, copy back, checkpoint then publish, record what the version learnt from.
+    reports = []
+    for d in data:
+        state = states[d.customer]
+        adamw_step(state, lr=d.config.lr)
+        state.published_version = None  # a new step: not published until publish() says so
+        store.swap_out(state)
+        version = await io.publish(d.customer, switch=not d.config.gated)
+        await io.consumed(d, version)
+        rewards = [r for g in d.groups for r in g.rewards]
+        reports.append(StepReport(d.customer, state.step, version, statistics.fmean(rewards) if rewards else None,
+                                  len(d.rated), len(d.corrections), losses[d.customer],
+                                  time.perf_counter() - started))
+    return reports
 
-    # -- the step ----------------------------------------------------------------------------------
-    async def step(self, customers: list[str]) -> list[StepReport]:
-        started = time.perf_counter()
-        # 1. Data for each tenant (sampling for all tenants runs concurrently on the server).
-        data = [d for d in await asyncio.gather(*[self.gather(c) for c in customers]) if not d.empty()]
-        if not data:
-            return []
-        # 2-3. Device copies of each tenant's state; gradients of every loss into them.
-        states = {d.customer: self.store.swap_in(d.customer) for d in data}
-        losses = await asyncio.to_thread(self.backward, data, states)
-        # 4. Update, keep, publish.
-        reports = []
-        for d in data:
-            state = states[d.customer]
-            adamw_step(state, lr=d.config.lr)
-            state.published_version = None  # a new step: not published until publish() says so
-            self.store.swap_out(state)
-            version = await self.publish(d.customer, switch=not d.config.gated)
-            await self.replay.mark_consumed(d.customer, [r.event_id for r in d.rated + d.corrections], version)
-            await self.replay.set_cursor(d.customer, d.cursor)
-            rewards = [r for g in d.groups for r in g.rewards]
-            reports.append(StepReport(d.customer, state.step, version, statistics.fmean(rewards) if rewards else None,
-                                      len(d.rated), len(d.corrections), losses[d.customer],
-                                      time.perf_counter() - started))
-        return reports
 
-    def backward(self, data: list[TenantData], states: dict[str, TenantState]) -> dict[str, dict[str, float]]:
-        losses: dict[str, dict[str, float]] = {d.customer: {} for d in data}
-        for d in data:  # on-policy: one shared-prefix pass per group
-            weights, config = states[d.customer].weights, d.config
-            total = sum(len(c) for g in d.groups for c in g.completions)
-            for group in d.groups:
-                adv = group_advantages(torch.tensor([group.rewards]))[0].to(self.device)
-                with bind(self.layers, [Segment(0, len(group.completions), weights)]):
-                    result = shared_prefix_logprobs(self.model, group.prompt_token_ids, group.completions)
-                old = torch.tensor([lp for lps in group.logprobs for lp in lps], device=self.device)
-                loss = ppo_clip_loss(result.logprobs, old, adv[result.rows], config.clip)
-                if config.kl_coef:
-                    with torch.no_grad():
-                        ref = shared_prefix_logprobs(self.model, group.prompt_token_ids, group.completions)
-                    loss = loss + config.kl_coef * kl_to_reference(result.logprobs, ref.logprobs)
-                share = sum(len(c) for c in group.completions) / total
-                (loss * config.weights.onpolicy * share).backward()
-                _add(losses[d.customer], "onpolicy", float(loss.detach()) * share)
-
-        rated = [d for d in data if d.rated and d.config.weights.offpolicy]
-        if rated:  # production answers with a reward: truncated-IS policy gradient, tenants batched
-            advantages = [_centred([r.reward or 0.0 for r in d.rated]) for d in rated]
-
-            def off_policy(t: int, logp: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                d = rated[t]
-                behaviour = torch.tensor(_row_values(d.rated, rows, "behaviour_logprobs"), device=logp.device)
-                loss = off_policy_loss(logp, behaviour, advantages[t].to(logp.device)[rows], d.config.is_cap)
-                return loss * d.config.weights.offpolicy
-
-            batches = [TenantBatch(states[d.customer].weights, [r.prompt_token_ids for r in d.rated],
-                                   [r.completion_token_ids for r in d.rated]) for d in rated]
-            for d, value in zip(rated, multi_tenant_backward(self.model, self.layers, batches, off_policy,
-                                                             self.pass_tokens)):
-                _add(losses[d.customer], "offpolicy", value)
-
-        corrected = [d for d in data if d.corrections and d.config.weights.correction]
-        if corrected:  # operators' corrections: supervised targets, tenants batched
-            batches = [TenantBatch(states[d.customer].weights, [r.prompt_token_ids for r in d.corrections],
-                                   [self.target_ids(r) for r in d.corrections]) for d in corrected]
-            for d, value in zip(corrected, multi_tenant_backward(
-                    self.model, self.layers, batches,
-                    lambda t, logp, _rows: sft_loss(logp) * corrected[t].config.weights.correction, self.pass_tokens)):
-                _add(losses[d.customer], "correction", value)
-
-        for d in data:
-            if d.corrections and d.config.weights.preference:
-                _add(losses[d.customer], "preference", self._preference(d, states[d.customer]))
-        return losses
-
-    def _preference(self, d: TenantData, state: TenantState) -> float:
-        """DPO: the correction over the answer it replaced, against the base model as reference."""
-        prompts = [r.prompt_token_ids for r in d.corrections] * 2
-        completions = [self.target_ids(r) for r in d.corrections] + [r.completion_token_ids for r in d.corrections]
-        n = len(d.corrections)
-        with torch.no_grad():
-            ref = sequence_logprobs(self.model, prompts, completions)
-        ref_sums = sequence_sums(ref.logprobs, ref.rows, 2 * n)
-        with bind(self.layers, [Segment(0, 2 * n, state.weights)]):
-            result = sequence_logprobs(self.model, prompts, completions)
-        sums = sequence_sums(result.logprobs, result.rows, 2 * n)
-        loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], d.config.dpo_beta)
-        (loss * d.config.weights.preference).backward()
-        return float(loss.detach())
-
-    # -- data ----------------------------------------------------------------------------------------
-    async def gather(self, customer: str) -> TenantData:
-        config = await self.configs.get(customer) or TenantConfig()
-        state = self.store.get(customer) or self.store.create(customer, self.layers, config.lora_spec(), config.seed)
-        if state.published_version is None and state.step > 0:
-            await self.recover(customer)  # an earlier publish failed: its step must not be skipped
-        data = TenantData(customer, config)
-        if config.environment and config.weights.onpolicy:
-            data.groups = await self.sample_groups(customer, config, state.rng, self.policy_model(customer, state))
-        cursor = await self.replay.cursor(customer)
-        records, data.cursor = await self.replay.newer(customer, cursor, config.records_per_step)
-        if len(records) < config.records_per_step:  # top up from the buffer (replay)
-            taken = {r.event_id for r in records}
-            older = await self.replay.sample(customer, config.records_per_step, "prioritized", state.rng)
-            records += [r for r in older if r.event_id not in taken][:config.records_per_step - len(records)]
-        data.rated = [r for r in records if r.reward is not None and r.correction is None and r.completion_token_ids
-                      and len(r.behaviour_logprobs) == len(r.completion_token_ids)]
-        data.corrections = [r for r in records if r.correction is not None and r.prompt_token_ids]
-        return data
-
-    @staticmethod
-    def policy_model(customer: str, state: TenantState) -> str:
-        """The version holding the weights being trained: the newest published one, which under the
-        promotion gate may not be the one served yet (`default`)."""
-        return f"{customer}.v{state.published_version}" if state.published_version else "default"
-
-    async def sample_groups(self, customer: str, config: TenantConfig, rng: random.Random,
-                            model: str = "default") -> list[Group]:
-        env = make_env(config.environment)
-        prompts = env.prompts(rng, config.prompts_per_step)
-        samples = await asyncio.gather(*[
-            self.client.sample(customer, messages, n=config.group_size, max_tokens=config.max_new_tokens,
-                               temperature=config.temperature, model=model) for messages in prompts])
-        groups = []
-        for messages, sampled in zip(prompts, samples):
-            choices = [c for c in sampled.choices if c.token_ids]
-            rewards = [env.reward(messages, Completion(str(c.message.get("content") or ""), c.token_ids,
-                                                       c.finish_reason, c.message.get("tool_calls")))
-                       for c in choices]
-            groups.append(Group(sampled.prompt_token_ids, [c.token_ids for c in choices],
-                                [c.logprobs for c in choices], rewards))
-        return groups
-
-    def target_ids(self, record: TrainingRecord) -> list[int]:
-        """A correction as the tokens the model should have produced, ending its turn."""
-        text = str(record.correction["content"])
-        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
-
-    async def pending(self, customer: str) -> int:
-        """Records in the tenant's replay buffer that it has not trained on yet."""
-        return await self.replay.count_newer(customer, await self.replay.cursor(customer))
-
-    # -- versions ------------------------------------------------------------------------------------
-    async def publish(self, customer: str, switch: bool = True) -> str:
-        """Checkpoint (state + PEFT adapter, whole or absent), then publish it as a new version
-        (served now, or a candidate for the promotion gate). The origin names the checkpoint, so a
-        restart can tell whether it was published already."""
-        checkpoint = self.store.checkpoint(customer, self.base_model)
-        origin = f"trainer:{checkpoint.name}"
-        published = await self.client.publish(customer, checkpoint / "adapter", origin, switch)
-        self.store.mark_published(customer, checkpoint, published["version"])
-        log.info("customer %s: step %s published as %s", customer, checkpoint.name, published["name"])
-        return published["name"]
-
-    async def recover(self, customer: str) -> None:
-        """After a restart: a checkpoint written but not (known to be) published gets published."""
-        self.store.discard_partial(customer)
-        state = self.store.get(customer)
-        checkpoint = self.store.latest_checkpoint(customer)
-        if state is None or checkpoint is None or state.published_version is not None:
+async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str]) -> None:
+    """A step for `customers`; if it fails, each alone, so that only the failing tenant is backed off."""
+    try:
+        reports = await step(trainer, customers)
+    except Exception:  # noqa: BLE001 - a tenant's failure must not stop the trainer
+        if len(customers) == 1:
+            delay = scheduler.failed(customers[0])
+            log.exception("customer %s: step failed; backing off %.0f s", customers[0], delay)
             return
-        origin = f"trainer:{checkpoint.name}"
-        listed = await self.client.versions(customer)
-        match = next((v for v in listed["versions"] if v.get("source") == origin), None)
-        if match is None:
-            config = await self.configs.get(customer) or TenantConfig()
-            match = await self.client.publish(customer, checkpoint / "adapter", origin, not config.gated)
-        self.store.mark_published(customer, checkpoint, match["version"])
-
-    # -- inspection ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def greedy(self, customer: str, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
-        """The trainer's own greedy completion under the tenant's current weights."""
-        state = self.store.swap_in(customer)
-        out: list[int] = []
-        ids = torch.tensor([prompt_token_ids], device=self.device)
-        cache = None
-        with bind(self.layers, [Segment(0, 1, state.weights)]):
-            for _ in range(max_new_tokens):
-                result = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-                cache = result.past_key_values
-                token = int(result.logits[0, -1].argmax())
-                out.append(token)
-                if token == self.tokenizer.eos_token_id:
-                    break
-                ids = torch.tensor([[token]], device=self.device)
-        return out
+        log.exception("step for %d tenants failed; retrying each alone", len(customers))
+        for customer in customers:
+            await train(trainer, scheduler, [customer])
+        return
+    for report in reports:
+        scheduler.succeeded(report.customer)
+        reward = f"{report.mean_reward:.3f}" if report.mean_reward is not None else "-"
+        log.info("customer %s: step %d -> %s (reward %s, %d rated, %d corrections, %.1f s)", report.customer,
+                 report.step, report.version, reward, report.rated, report.corrections, report.seconds)
 
 
-def _add(losses: dict[str, float], key: str, value: float) -> None:
-    losses[key] = losses.get(key, 0.0) + value
-
-
-def _centred(rewards: list[float]) -> torch.Tensor:
-    """Rewards minus their mean (a baseline), unless there is only one."""
-    values = torch.tensor(rewards)
-    return values - values.mean() if len(rewards) > 1 else values
-
-
-def _row_values(records: list[TrainingRecord], rows: torch.Tensor, attribute: str) -> list[float]:
-    """Per-token values of the given rows, in the order the tokens appear."""
-    out: list[float] = []
-    previous = -1
-    for row in rows.tolist():
-        if row != previous:
-            out += getattr(records[row], attribute)
-            previous = row
-    return out
+async def main(run: TrainRun) -> None:
+    """Until SIGINT or SIGTERM."""
+    # The model, once; then the connections: Redis (replay buffer, configs, customers), the gateway.
+    model, layers, tokenizer = await asyncio.to_thread(load_model, run.model_dir, run.device)
+    redis = aioredis.Redis.from_url(run.redis_url)
+    runtime = RuntimeClient(run.gateway_url, run.admin_key)
+    store = AdapterStore(run.trainer_dir, run.device, run.keep_checkpoints)
+    io = TrainerIO(store, runtime, ReplayBuffer(redis, run.replay_capacity), TenantConfigStore(redis),
+                   CustomerStore(redis), tokenizer, base_model=str(run.model_dir))
+    trainer = Trainer(model, layers, store, io, run.pass_tokens)
+    scheduler = Scheduler(run.max_tenants)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    log.info("trainer up on %s (gateway %s)", run.device, run.gateway_url)
+    try:
+        await io.recover_all()  # checkpoints a previous run wrote but did not get to publish
+        while not stop.is_set():
+            load = await runtime.load()  # serving first: no training while it is saturated
+            busy = load["requests_in_flight"] > run.max_inflight or not load["engine_ready"]
+            chosen = [] if busy else scheduler.pick(await io.candidates())
+            if not chosen:
+                try:
+                    await asyncio.wait_for(stop.wait(), run.idle_s)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            await train(trainer, scheduler, chosen)
+    finally:
+        await runtime.close()
+        await redis.aclose()

@@ -1,17 +1,24 @@
 """HTTP pieces every server of ours shares (gateway, admin API, feedback webhook): OpenAI-style
 error bodies ({"error": {"message", "type", "param", "code"}} with the right status), the bearer
-token of a request, and a body read with a size limit."""
+token of a request, and the one JSON body parser (size limit, orjson, a pydantic model, the model
+documented in the OpenAPI document)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("clora.errors")
+M = TypeVar("M")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -87,3 +94,72 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(413, f"Request body exceeds {limit} bytes.", "request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:  # also raised for invalid UTF-8
+        raise APIError(400, "Request body is not valid JSON.", "invalid_json") from None
+
+
+def validation_error(exc: ValidationError, what: str, code: str) -> APIError:
+    """A pydantic error as a 400 naming the first offending field."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return APIError(400, f"Invalid {what}: {param}: {first['msg']}", code, param)
+
+
+# Schemas of the bodies we parse ourselves: FastAPI documents only the ones it parses.
+_BODY_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+@dataclass
+class Body(Generic[M]):
+    value: M  # the validated body
+    raw: Any  # the JSON as sent (the chat endpoint forwards vLLM's extras from it unchanged)
+
+
+class JsonBody(Generic[M]):
+    """The one body parser, as a FastAPI dependency: read at most `limit_of(request)` bytes (413
+    beyond, before reading the rest), parse with orjson, validate with `schema` (or `validate`),
+    and answer 400 naming the field otherwise. `openapi` documents the body on its route."""
+
+    def __init__(self, schema: Any, limit_of: Callable[[Request], int], *, name: str | None = None,
+                 validate: Callable[[Any], M] | None = None, what: str = "request", code: str = "invalid_request",
+                 object_only: bool = False):
+        self.adapter = TypeAdapter(schema)
+        self.limit_of, self.validate, self.what, self.code = limit_of, validate, what, code
+        self.object_only = object_only
+        name = name or getattr(schema, "__name__", "Body")
+        document = self.adapter.json_schema(ref_template="#/components/schemas/{model}")
+        _BODY_SCHEMAS.update(document.pop("$defs", {}))
+        _BODY_SCHEMAS[name] = document
+        self.openapi = {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+    def parse(self, raw: bytes) -> Body[M]:
+        data = parse_json(raw)
+        if self.object_only and not isinstance(data, dict):
+            raise APIError(400, "Request body must be a JSON object.", "invalid_request")
+        try:
+            value = self.validate(data) if self.validate else self.adapter.validate_python(data)
+        except ValidationError as exc:
+            raise validation_error(exc, self.what, self.code) from None
+        return Body(value, data)
+
+    async def __call__(self, request: Request) -> Body[M]:
+        return self.parse(await read_body(request, self.limit_of(request)))
+
+
+def document_bodies(app: FastAPI) -> None:
+    """Add the schemas of `JsonBody` bodies to the app's OpenAPI components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(_BODY_SCHEMAS)
+        return app.openapi_schema
+
+    app.openapi = openapi

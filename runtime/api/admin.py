@@ -1,0 +1,116 @@
+"""The admin API (bearer `CLORA_ADMIN_KEY`): adapter versions, routes, pins, uncaptured sampling,
+load. The trainer, the eval job and the CLI reach serving only through here
+(`clora.core.admin_client`), because the gateway owns the routing table and the engine."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import orjson
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from clora.core.http import APIError, model_not_found
+from clora.runtime.api.deps import (
+    CHAT_BODY,
+    PIN_BODY,
+    PUBLISH_BODY,
+    ROUTE_BODY,
+    Admin,
+    AdminOf,
+    ChatBody,
+    PinIn,
+    PublishIn,
+    RouteIn,
+)
+from clora.runtime.api.upstream import send_upstream
+from clora.runtime.engine_config import AdapterRejected
+from clora.runtime.routing import ModelNotFound
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@router.post("/customers/{customer}/adapters", openapi_extra=PUBLISH_BODY.openapi)
+async def publish_adapter(scope: AdminOf, body: PublishIn) -> dict:
+    """Publish a PEFT adapter directory as the customer's next version (served now, or a candidate)."""
+    scope.gateway.require_engine()
+    started = time.perf_counter()
+    try:
+        version = await scope.gateway.router.publish(scope.customer, Path(body.value.path), body.value.origin,
+                                                     switch=body.value.switch)
+    except AdapterRejected as exc:
+        raise APIError(422, str(exc), "adapter_rejected") from None
+    return {**version.model_dump(), "swap_ms": (time.perf_counter() - started) * 1000}
+
+
+@router.post("/customers/{customer}/sample", openapi_extra=CHAT_BODY.openapi)
+@router.post("/customers/{customer}/v1/chat/completions", openapi_extra=CHAT_BODY.openapi)  # for the openai SDK
+async def sample(scope: AdminOf, body: ChatBody) -> JSONResponse:
+    """For the trainer and evals: completions under one of the customer's adapters (`default` =
+    its current one; the base model by its served name) with token ids and sampled-token
+    logprobs; not captured, but leased like any request, so a swap meanwhile cannot unload the
+    version being sampled."""
+    gateway, chat = scope.gateway, body.value
+    if chat.stream:
+        raise APIError(400, "Sampling does not stream.", "invalid_request", "stream")
+    base = gateway.config.served_base_name
+    try:  # the base model by name too: evals compare against it
+        version = None if chat.model == base else await gateway.router.resolve(scope.customer, chat.model)
+    except ModelNotFound:
+        raise model_not_found(chat.model) from None
+    gateway.require_engine()
+    upstream = dict(body.raw, model=version.name if version else base, return_token_ids=True, logprobs=True,
+                    top_logprobs=0)
+    async with AsyncExitStack() as stack:
+        resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream)
+        payload = orjson.loads(await resp.read())
+    return JSONResponse({**payload, "adapter": version.name if version else None})
+
+
+@router.put("/customers/{customer}/route", openapi_extra=ROUTE_BODY.openapi)
+async def set_route(scope: AdminOf, body: RouteIn) -> dict:
+    """Serve one of the customer's versions from now on (promote, roll back)."""
+    scope.gateway.require_engine()
+    registry = scope.gateway.router.registry
+    version = await registry.get(body.value.adapter)
+    if version is None or version.customer != scope.customer:
+        raise model_not_found(body.value.adapter)
+    await scope.gateway.router.switch(version)
+    return version.model_dump()
+
+
+@router.delete("/customers/{customer}/route")
+async def clear_route(scope: AdminOf) -> dict:
+    """Serve the base model to the customer again."""
+    await scope.gateway.router.serve_base(scope.customer)
+    return {"customer": scope.customer, "current": None}
+
+
+@router.put("/customers/{customer}/pins", openapi_extra=PIN_BODY.openapi)
+async def set_pins(scope: AdminOf, body: PinIn) -> dict:
+    """Keep versions through pruning whatever their age (the promotion gate pins rollback targets)."""
+    registry = scope.gateway.router.registry
+    for name in body.value.pin:
+        version = await registry.get(name)
+        if version is None or version.customer != scope.customer:
+            raise model_not_found(name)
+    await registry.pin(scope.customer, body.value.unpin, keep=False)
+    await registry.pin(scope.customer, body.value.pin)
+    return {"customer": scope.customer, "pinned": await registry.pinned(scope.customer)}
+
+
+@router.get("/customers/{customer}/adapters")
+async def customer_adapters(scope: AdminOf) -> dict:
+    """The customer's versions, oldest first, and the one served now."""
+    current = scope.gateway.router.routes.get(scope.customer)
+    versions = await scope.gateway.router.registry.versions(scope.customer)
+    return {"customer": scope.customer, "current": current.name if current else None,
+            "versions": [v.model_dump() for v in versions]}
+
+
+@router.get("/load")
+async def load(gateway: Admin) -> dict:
+    """How busy serving is: the trainer yields the machine when this is high."""
+    return {"requests_in_flight": gateway.router.requests_in_flight(), "engine_ready": gateway.engine.is_ready()}

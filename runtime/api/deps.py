@@ -1,0 +1,121 @@
+"""What the gateway's handlers share: its parts (kept on the app), authentication, the admin
+preamble as one dependency, and the request bodies (parsed by `clora.core.http.JsonBody`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, Field
+
+from clora.core.customers import CustomerStore
+from clora.core.http import APIError, Body, JsonBody, bearer, unauthorized
+from clora.core.traces import TraceSigner
+from clora.runtime.capture import Capture
+from clora.runtime.engine_client import EngineClient
+from clora.runtime.protocol import ChatRequest
+from clora.runtime.routing import Router
+
+
+class Engine(Protocol):
+    client: EngineClient
+
+    def is_ready(self) -> bool: ...
+
+
+@dataclass
+class GatewayConfig:
+    base_model: str
+    served_base_name: str = "base"
+    max_request_bytes: int = 1 << 20
+    admin_key: str | None = None
+
+
+@dataclass
+class Gateway:
+    """Everything a handler may use; one per app, on `app.state.gateway`."""
+
+    config: GatewayConfig
+    customers: CustomerStore
+    router: Router
+    engine: Engine
+    capture: Capture | None
+    traces: TraceSigner
+
+    def require_engine(self) -> None:
+        if not self.engine.is_ready():
+            raise APIError(503, "The engine is restarting; retry shortly.", "engine_unavailable",
+                           headers={"Retry-After": "5"})
+
+    async def authenticate(self, request: Request) -> str:
+        customer = await self.customers.authenticate(bearer(request))
+        if customer is None:
+            raise unauthorized()
+        return customer
+
+    def require_admin(self, request: Request) -> None:
+        if not self.config.admin_key or bearer(request) != self.config.admin_key:
+            raise unauthorized()
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway_of)]
+
+
+@dataclass
+class AdminScope:
+    gateway: Gateway
+    customer: str
+
+
+async def admin_scope(customer: str, request: Request) -> AdminScope:
+    """The admin preamble: the admin key, then a customer that exists."""
+    gateway = gateway_of(request)
+    gateway.require_admin(request)
+    if not await gateway.customers.exists(customer):
+        raise APIError(404, f"Customer `{customer}` does not exist.", "customer_not_found")
+    return AdminScope(gateway, customer)
+
+
+def require_admin(request: Request) -> Gateway:
+    gateway = gateway_of(request)
+    gateway.require_admin(request)
+    return gateway
+
+
+AdminOf = Annotated[AdminScope, Depends(admin_scope)]  # /admin/customers/{customer}/...
+Admin = Annotated[Gateway, Depends(require_admin)]  # admin routes about no customer
+
+
+# -- request bodies --------------------------------------------------------------------------------
+def _request_limit(request: Request) -> int:
+    return gateway_of(request).config.max_request_bytes
+
+
+class PublishBody(BaseModel):
+    path: str
+    origin: str = Field(default="manual", max_length=200, description="Who made it (the trainer names its checkpoint).")
+    switch: bool = Field(default=True, description="Serve it now; false = a candidate for the promotion gate.")
+
+
+class RouteBody(BaseModel):
+    adapter: str
+
+
+class PinBody(BaseModel):
+    pin: list[str] = Field(default_factory=list, description="Versions kept through pruning from now on.")
+    unpin: list[str] = Field(default_factory=list, description="Versions pruning may delete again.")
+
+
+CHAT_BODY = JsonBody(ChatRequest, _request_limit, object_only=True)
+PUBLISH_BODY = JsonBody(PublishBody, _request_limit)
+ROUTE_BODY = JsonBody(RouteBody, _request_limit)
+PIN_BODY = JsonBody(PinBody, _request_limit)
+ChatBody = Annotated[Body[ChatRequest], Depends(CHAT_BODY)]
+PublishIn = Annotated[Body[PublishBody], Depends(PUBLISH_BODY)]
+RouteIn = Annotated[Body[RouteBody], Depends(ROUTE_BODY)]
+PinIn = Annotated[Body[PinBody], Depends(PIN_BODY)]

@@ -1,0 +1,177 @@
+"""The trainer's I/O: what a step learns from, and where its results go. No torch maths here.
+
+  - `gather`: per tenant, on-policy groups sampled now through the gateway's admin API under the
+    tenant's newest version and scored by its environment; new rated answers and corrections from
+    its replay buffer, topped up with older ones (prioritized: corrections first) when few are new.
+  - `publish`: checkpoint (state + PEFT adapter, whole or absent), then a new version through the
+    admin API with origin `trainer:step-N`; `consumed` records which records it learnt from.
+  - `recover`: after a restart, a checkpoint written but not (known to be) published is published,
+    unless a version with its origin exists already.
+  - `candidates`: who has something to learn from, for the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+
+from clora.agents.catalog import make_env
+from clora.agents.envs import Completion
+from clora.core.admin_client import RuntimeClient
+from clora.core.customers import CustomerStore
+from clora.feedback.replay import ReplayBuffer
+from clora.trainer.adapter_store import AdapterStore, TenantState
+from clora.trainer.config import TenantConfig, TenantConfigStore
+from clora.trainer.lora import MultiLoRALinear
+from clora.trainer.scheduler import Candidate
+from clora.wire.feedback import TrainingRecord
+
+log = logging.getLogger("clora.trainer")
+
+
+@dataclass
+class Group:
+    """K completions of one prompt, as the server sampled them, with their rewards."""
+
+    prompt_token_ids: list[int]
+    completions: list[list[int]]
+    logprobs: list[list[float]]  # vLLM's, per completion token: the sampling policy's
+    rewards: list[float]
+
+
+@dataclass
+class TenantData:
+    """One tenant's data for one step: token ids and numbers, ready for `step.backward`."""
+
+    customer: str
+    config: TenantConfig
+    groups: list[Group] = field(default_factory=list)
+    rated: list[TrainingRecord] = field(default_factory=list)
+    corrections: list[TrainingRecord] = field(default_factory=list)
+    targets: list[list[int]] = field(default_factory=list)  # the corrections as token ids (when a loss uses them)
+    cursor: int = 0  # replay-buffer sequence number of the newest record taken
+
+    def empty(self) -> bool:
+        return not (self.groups or self.rated or self.corrections)
+
+
+class TrainerIO:
+    def __init__(self, store: AdapterStore, client: RuntimeClient, replay: ReplayBuffer, configs: TenantConfigStore,
+                 customers: CustomerStore, tokenizer, base_model: str):
+        self.store, self.client, self.replay, self.configs = store, client, replay, configs
+        self.customers, self.tokenizer, self.base_model = customers, tokenizer, base_model
+
+    async def config(self, customer: str) -> TenantConfig:
+        return await self.configs.get(customer) or TenantConfig()
+
+    # -- what a step learns from ---------------------------------------------------------------
+    async def gather(self, customer: str, layers: dict[str, MultiLoRALinear]) -> TenantData:
+        """The tenant's data for a step; its state is restored or created (shaped after `layers`)."""
+        config = await self.config(customer)
+        state = self.store.get(customer) or self.store.create(customer, layers, config.lora_spec(), config.seed)
+        if state.published_version is None and state.step > 0:
+            await self.recover(customer)  # an earlier publish failed: its step must not be skipped
+        data = TenantData(customer, config)
+        if config.environment and config.weights.onpolicy:
+            data.groups = await self.sample_groups(customer, config, state.rng, self.policy_model(customer, state))
+        cursor = await self.replay.cursor(customer)
+        records, data.cursor = await self.replay.newer(customer, cursor, config.records_per_step)
+        if len(records) < config.records_per_step:  # top up from the buffer (replay)
+            taken = {r.event_id for r in records}
+            older = await self.replay.sample(customer, config.records_per_step, "prioritized", state.rng)
+            records += [r for r in older if r.event_id not in taken][:config.records_per_step - len(records)]
+        data.rated = [r for r in records if r.reward is not None and r.correction is None and r.completion_token_ids
+                      and len(r.behaviour_logprobs) == len(r.completion_token_ids)]
+        data.corrections = [r for r in records if r.correction is not None and r.prompt_token_ids]
+        if config.weights.correction or config.weights.preference:  # only the losses that use them
+            data.targets = [self.target_ids(r) for r in data.corrections]
+        return data
+
+    @staticmethod
+    def policy_model(customer: str, state: TenantState) -> str:
+        """The version holding the weights being trained: the newest published one, which under the
+        promotion gate may not be the one served yet (`default`)."""
+        return f"{customer}.v{state.published_version}" if state.published_version else "default"
+
+    async def sample_groups(self, customer: str, config: TenantConfig, rng: random.Random,
+                            model: str = "default") -> list[Group]:
+        env = make_env(config.environment)
+        prompts = env.prompts(rng, config.prompts_per_step)
+        samples = await asyncio.gather(*[
+            self.client.sample(customer, messages, n=config.group_size, max_tokens=config.max_new_tokens,
+                               temperature=config.temperature, model=model) for messages in prompts])
+        groups = []
+        for messages, sampled in zip(prompts, samples):
+            choices = [c for c in sampled.choices if c.token_ids]
+            rewards = [env.reward(messages, Completion(str(c.message.get("content") or ""), c.token_ids,
+                                                       c.finish_reason, c.message.get("tool_calls")))
+                       for c in choices]
+            groups.append(Group(sampled.prompt_token_ids, [c.token_ids for c in choices],
+                                [c.logprobs for c in choices], rewards))
+        return groups
+
+    def target_ids(self, record: TrainingRecord) -> list[int]:
+        """A correction as the tokens the model should have produced, ending its turn."""
+        text = str(record.correction["content"])
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+
+    # -- who has something to learn from -------------------------------------------------------
+    async def pending(self, customer: str) -> int:
+        """Records in the tenant's replay buffer that it has not trained on yet."""
+        return await self.replay.count_newer(customer, await self.replay.cursor(customer))
+
+    async def candidates(self) -> list[Candidate]:
+        """Every customer with its work: a full step's worth with an environment, else its new
+        records in steps (nothing below `min_records`)."""
+        configs = await self.configs.all()
+        out = []
+        for customer in [c.name for c in await self.customers.list()]:
+            config = configs.get(customer) or TenantConfig()
+            if config.environment and config.weights.onpolicy:
+                work = 1.0
+            else:
+                new = await self.pending(customer)
+                work = new / config.records_per_step if new >= config.min_records else 0.0
+            out.append(Candidate(customer, work, config.priority))
+        return out
+
+    # -- versions --------------------------------------------------------------------------------
+    async def publish(self, customer: str, switch: bool = True) -> str:
+        """Checkpoint (state + PEFT adapter, whole or absent), then publish it as a new version
+        (served now, or a candidate for the promotion gate). The origin names the checkpoint, so a
+        restart can tell whether it was published already."""
+        checkpoint = self.store.checkpoint(customer, self.base_model)
+        origin = f"trainer:{checkpoint.name}"
+        published = await self.client.publish(customer, checkpoint / "adapter", origin, switch)
+        self.store.mark_published(customer, checkpoint, published["version"])
+        log.info("customer %s: step %s published as %s", customer, checkpoint.name, published["name"])
+        return published["name"]
+
+    async def consumed(self, data: TenantData, version: str) -> None:
+        """The records `version` learnt from, and the replay buffer's cursor past the new ones."""
+        await self.replay.mark_consumed(data.customer, [r.event_id for r in data.rated + data.corrections], version)
+        await self.replay.set_cursor(data.customer, data.cursor)
+
+    async def recover(self, customer: str) -> None:
+        """After a restart: a checkpoint written but not (known to be) published gets published."""
+        self.store.discard_partial(customer)
+        state = self.store.get(customer)
+        checkpoint = self.store.latest_checkpoint(customer)
+        if state is None or checkpoint is None or state.published_version is not None:
+            return
+        origin = f"trainer:{checkpoint.name}"
+        listed = await self.client.versions(customer)
+        match = next((v for v in listed["versions"] if v.get("source") == origin), None)
+        if match is None:
+            config = await self.config(customer)
+            match = await self.client.publish(customer, checkpoint / "adapter", origin, not config.gated)
+        self.store.mark_published(customer, checkpoint, match["version"])
+
+    async def recover_all(self) -> None:
+        """Publish any checkpoint a previous run wrote but did not get to publish."""
+        root = self.store.root
+        for directory in sorted(root.iterdir()) if root.exists() else []:
+            if directory.is_dir():
+                await self.recover(directory.name)
