@@ -25,6 +25,7 @@ from clora.core.processes import ChildProcess, free_port
 from clora.core.services import EmbeddedService, start_broker, start_redis
 from clora.core.settings import Settings
 from clora.core.state import admin_key, trace_secret
+from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.evals.job import EvalJob
 from clora.feedback.consumer import IngestConfig, IngestConsumer
@@ -123,7 +124,8 @@ class Stack:
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
                                max_request_bytes=s.max_request_bytes, admin_key=admin_key(s))
         traces = TraceSigner(trace_secret(s))
-        app = create_app(config, customers, router, self.engine, self.capture, traces)
+        app = create_app(config, customers, router, self.engine, self.capture, traces,
+                         configs=TenantConfigStore(self.redis), validate_lora=engine_config.validate_lora)
         self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions)
         limits = WebhookLimits(s.feedback_max_body_bytes, s.feedback_events_per_s, s.feedback_burst)
         mount_feedback(app, customers, traces, self.feedback, limits)

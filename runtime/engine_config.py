@@ -127,6 +127,19 @@ class EngineConfig:
             if dropped:
                 raise AdapterRejected(f"adapter targets {dropped}, which this engine does not serve")
 
+    def validate_lora(self, rank: int, targets: list[str]) -> None:
+        """What a trainer config asks for, checked before any adapter of that shape exists: a config
+        the engine cannot serve is refused when it is set, not at every publish afterwards."""
+        unknown = sorted({t for t in targets if t.split(".")[-1] not in _PEFT_TO_VLLM})
+        if unknown:
+            raise AdapterRejected(f"unknown target modules {unknown}; known: {sorted(_PEFT_TO_VLLM)}")
+        if rank > self.max_lora_rank:
+            raise AdapterRejected(f"rank {rank} exceeds the engine's max_lora_rank {self.max_lora_rank}")
+        if self.lora_target_modules:
+            dropped = _unserved_targets({"target_modules": targets}, set(self.lora_target_modules))
+            if dropped:
+                raise AdapterRejected(f"targets {dropped}, which this engine does not serve")
+
 
 def _read_adapter_config(path: Path) -> dict:
     """A PEFT adapter directory's config; anything else is refused before vLLM sees it."""

@@ -4,10 +4,13 @@ router is mounted into the same app by the composition root (`clora.stack`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI
 
 from clora.core.customers import CustomerStore
 from clora.core.http import document_bodies, install_error_handlers
+from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.runtime.api import admin, chat, health, models
 from clora.runtime.api.deps import Engine, Gateway, GatewayConfig
@@ -18,9 +21,10 @@ __all__ = ["GatewayConfig", "create_app"]
 
 
 def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, engine: Engine,
-               capture: Capture | None, traces: TraceSigner) -> FastAPI:
+               capture: Capture | None, traces: TraceSigner, configs: TenantConfigStore | None = None,
+               validate_lora: Callable[[int, list[str]], None] | None = None) -> FastAPI:
     app = FastAPI(title="clora gateway", docs_url=None, redoc_url=None)
-    app.state.gateway = Gateway(config, customers, router, engine, capture, traces)
+    app.state.gateway = Gateway(config, customers, router, engine, capture, traces, configs, validate_lora)
     install_error_handlers(app)
     document_bodies(app)
     for api in (chat, models, health, admin):

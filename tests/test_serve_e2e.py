@@ -120,6 +120,16 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         history = clora("eval", "history", "e2e")
         assert history.index("promoted") < history.index("rollback")
 
+        # Trainer configs through the admin API: changed settings, the others kept; an environment
+        # the trainer cannot build is refused by the CLI, a rank the engine cannot serve by the gateway.
+        shown = clora("trainer-config", "set", "e2e", "lr=0.002", "records_per_step=6")
+        assert "0.002" in shown and "records_per_step" in shown
+        assert "0.002" in clora("trainer-config", "show", "e2e")
+        for bad, why in (("environment=nope:1", "unknown environment 'nope'"), ("rank=64", "max_lora_rank 16")):
+            refused = subprocess.run([*CLORA, "trainer-config", "set", "e2e", bad], env={**env, "COLUMNS": "200"},
+                                     capture_output=True, text=True)
+            assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+
         # The trainer child dies; clora serve starts it again.
         def trainers() -> list[psutil.Process]:
             found = []

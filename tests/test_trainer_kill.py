@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clora.trainer.config import TenantConfig, TenantConfigStore
+from clora.core.tenant_configs import TenantConfigStore
 from clora.trainer.lora import load_peft
+from clora.wire.trainer_config import TenantConfig
 from tests.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.slow

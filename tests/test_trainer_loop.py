@@ -17,14 +17,15 @@ import torch
 from clora.agents import envs, tokens
 from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
+from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore
 from clora.trainer.batching import sequence_logprobs
-from clora.trainer.config import TenantConfig, TenantConfigStore
 from clora.trainer.data import TrainerIO
 from clora.trainer.loop import Trainer, load_model, step
-from clora.trainer.lora import Segment, bind
+from clora.trainer.lora import Segment, bind, spec_of
 from clora.trainer.step import greedy
+from clora.wire.trainer_config import TenantConfig
 from tests.conftest import ADMIN_KEY
 from tests.test_gateway import client_for
 
@@ -156,7 +157,7 @@ async def test_feedback_from_the_webhook_trains_the_customer(gateway, make_custo
         # Later steps had no new records: the buffer's records were replayed.
         assert all(r[0].corrections == 1 for r in reports[1:])
         before = TenantConfig(rank=8)  # a fresh adapter (B = 0) is the base model: compare against it
-        trainer.store.create("probe", trainer.layers, before.lora_spec())
+        trainer.store.create("probe", trainer.layers, spec_of(before))
         state = trainer.store.swap_in("probe")
         with torch.no_grad(), bind(trainer.layers, [Segment(0, 1, state.weights)]):
             base = float(sequence_logprobs(trainer.model, [fixed.prompt_token_ids], [target]).logprobs.sum())

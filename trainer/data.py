@@ -21,12 +21,13 @@ from clora.agents.catalog import make_env
 from clora.agents.envs import Completion
 from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
+from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore, TenantState
-from clora.trainer.config import TenantConfig, TenantConfigStore
-from clora.trainer.lora import MultiLoRALinear
+from clora.trainer.lora import MultiLoRALinear, spec_of
 from clora.trainer.scheduler import Candidate
 from clora.wire.feedback import TrainingRecord
+from clora.wire.trainer_config import TenantConfig
 
 log = logging.getLogger("clora.trainer")
 
@@ -70,7 +71,7 @@ class TrainerIO:
     async def gather(self, customer: str, layers: dict[str, MultiLoRALinear]) -> TenantData:
         """The tenant's data for a step; its state is restored or created (shaped after `layers`)."""
         config = await self.config(customer)
-        state = self.store.get(customer) or self.store.create(customer, layers, config.lora_spec(), config.seed)
+        state = self.store.get(customer) or self.store.create(customer, layers, spec_of(config), config.seed)
         if state.published_version is None and state.step > 0:
             await self.recover(customer)  # an earlier publish failed: its step must not be skipped
         data = TenantData(customer, config)

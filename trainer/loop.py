@@ -26,9 +26,9 @@ from torch import nn
 from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
 from clora.core.settings import Settings
+from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore
-from clora.trainer.config import TenantConfigStore
 from clora.trainer.data import TrainerIO
 from clora.trainer.lora import MultiLoRALinear, inject
 from clora.trainer.optim import adamw_step

@@ -21,7 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from clora.wire.trainer_config import DEFAULT_TARGETS, TenantConfig
+
 PEFT_PREFIX = "base_model.model."
 STACKED_DEVICES = {"cuda"}  # where equal tenant segments use batched matmuls (see _stacked_delta)
 
@@ -37,6 +38,11 @@ class LoRASpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+def spec_of(config: TenantConfig) -> LoRASpec:
+    """The adapter shape a tenant's configuration asks for."""
+    return LoRASpec(rank=config.rank, alpha=config.alpha, targets=tuple(config.targets))
 
 
 @dataclass

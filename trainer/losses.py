@@ -46,9 +46,13 @@ def off_policy_loss(logp_N: torch.Tensor, behaviour_logp_N: torch.Tensor, advant
 
 
 def kl_to_reference(logp_N: torch.Tensor, ref_logp_N: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref): non-negative, unbiased, low variance."""
-    log_ratio = ref_logp_N - logp_N
-    return (torch.exp(log_ratio) - log_ratio - 1).mean()
+    """KL(pi || ref) penalty on tokens the policy sampled, as the k2 estimator (log pi - log ref)^2 / 2.
+
+    What matters in a loss is the gradient: averaged over the policy's samples, k2's gradient,
+    (log pi - log ref) grad log pi, is exactly the gradient of KL(pi || ref). Schulman's k3
+    (r - log r - 1, r = ref/pi) estimates KL(pi || ref)'s *value* without bias, but its gradient,
+    (1 - r) grad log pi, averages to the gradient of KL(ref || pi) (tests/test_losses.py)."""
+    return (0.5 * (logp_N - ref_logp_N) ** 2).mean()
 
 
 def sft_loss(logp_N: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ WHY = "adapters are loaded into its engine"
 def adapters_publish(customer: str, path: Path, candidate: bool = typer.Option(
         False, "--candidate", help="Only register it: the promotion gate (or `clora eval promote`) serves it.")) -> None:
     """Publish a PEFT adapter dir as the customer's next version and switch traffic to it."""
-    out = call_admin(Settings(), lambda admin: admin.publish(customer, path, origin="manual", switch=not candidate),
-                     WHY)
+    out = call_admin(Settings(), lambda admin: admin.publish(customer, path, origin="manual",
+                                                             switch=not candidate), WHY)
     if candidate:
         console.print(f"{customer}: candidate [bold]{out['name']}[/] registered (not served yet)")
     else:

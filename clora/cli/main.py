@@ -21,6 +21,7 @@ from clora.cli.evals import eval_app  # noqa: E402
 from clora.cli.ingest import ingest  # noqa: E402
 from clora.cli.serve import serve  # noqa: E402
 from clora.cli.train import train  # noqa: E402
+from clora.cli.trainer_config import trainer_config_app  # noqa: E402
 
 app = typer.Typer(help="clora: continual learning for LLM agents, one LoRA adapter per customer.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -32,6 +33,7 @@ app.add_typer(customers_app, name="customers")
 app.add_typer(operators_app, name="operators")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(eval_app, name="eval")
+app.add_typer(trainer_config_app, name="trainer-config")
 
 if __name__ == "__main__":
     app()

@@ -83,6 +83,20 @@ class RuntimeClient:
         return resp.json()["pinned"]
 
     @_retrying
+    async def trainer_config(self, customer: str) -> dict[str, Any]:
+        """The customer's training configuration (the defaults until one is set)."""
+        resp = await self.http.get(f"/admin/customers/{customer}/trainer-config")
+        resp.raise_for_status()
+        return resp.json()
+
+    @_retrying
+    async def set_trainer_config(self, customer: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Replace it; a shape the engine cannot serve answers 422."""
+        resp = await self.http.put(f"/admin/customers/{customer}/trainer-config", json=config)
+        resp.raise_for_status()
+        return resp.json()
+
+    @_retrying
     async def load(self) -> dict[str, Any]:
         resp = await self.http.get("/admin/load")
         resp.raise_for_status()

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from clora.agents.preference import DEMO_RULES
+from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
 from clora.core.models import resolve_model
 from clora.core.settings import Settings
@@ -33,7 +34,7 @@ from clora.evals.job import EvalJob
 from clora.evals.scoring import EvalScore, admin_chat_client
 from clora.evals.suites import EvalSuite, SuiteStore
 from clora.stack import Stack
-from clora.trainer.config import TenantConfig, TenantConfigStore
+from clora.wire.trainer_config import TenantConfig
 
 
 @dataclass
@@ -81,15 +82,18 @@ class Demo:
     async def enroll(self, stack: Stack) -> SimulatedOperator:
         """Customers with keys, gated trainer configs, eval suites; an operator for all of them."""
         redis = stack.redis
-        store, configs, suites = CustomerStore(redis), TenantConfigStore(redis), SuiteStore(redis)
+        store, suites = CustomerStore(redis), SuiteStore(redis)
+        admin = RuntimeClient(stack.gateway_url, admin_key(self.settings))
         for name, rule_spec in DEMO_RULES.items():
             key = await store.create(name)
-            await configs.set(name, TenantConfig(gated=True, lr=self.options.lr, records_per_step=8, min_records=4))
+            config = TenantConfig(gated=True, lr=self.options.lr, records_per_step=8, min_records=4)
+            await admin.set_trainer_config(name, config.model_dump())
             suite = EvalSuite(environment=f"preference:{rule_spec}", n=self.options.eval_prompts,
                               max_tokens=self.options.max_tokens)
             await suites.set(name, suite)
             self.tenants[name] = Tenant(SimulatedCustomer(name, rule_spec, key, stack.gateway_url, seed=len(self.tenants)),
                                         suite)
+        await admin.close()
         # The operator's reference answers: the base model's greedy answer to the question (uncaptured).
         self.reference_client = admin_chat_client(stack.gateway_url, admin_key(self.settings), next(iter(DEMO_RULES)))
 

@@ -13,21 +13,26 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from clora.core.http import APIError, model_not_found
+from clora.core.tenant_configs import TenantConfigStore
 from clora.runtime.api.deps import (
     CHAT_BODY,
     PIN_BODY,
     PUBLISH_BODY,
     ROUTE_BODY,
+    TRAINER_CONFIG_BODY,
     Admin,
     AdminOf,
+    AdminScope,
     ChatBody,
     PinIn,
     PublishIn,
     RouteIn,
+    TrainerConfigIn,
 )
 from clora.runtime.api.upstream import send_upstream
 from clora.runtime.engine_config import AdapterRejected
 from clora.runtime.routing import ModelNotFound
+from clora.wire.trainer_config import TenantConfig
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -108,6 +113,34 @@ async def customer_adapters(scope: AdminOf) -> dict:
     versions = await scope.gateway.router.registry.versions(scope.customer)
     return {"customer": scope.customer, "current": current.name if current else None,
             "versions": [v.model_dump() for v in versions]}
+
+
+@router.get("/customers/{customer}/trainer-config")
+async def get_trainer_config(scope: AdminOf) -> dict:
+    """The customer's training configuration (the defaults until one is set)."""
+    configs = _configs(scope)
+    return (await configs.get(scope.customer) or TenantConfig()).model_dump()
+
+
+@router.put("/customers/{customer}/trainer-config", openapi_extra=TRAINER_CONFIG_BODY.openapi)
+async def set_trainer_config(scope: AdminOf, body: TrainerConfigIn) -> dict:
+    """Replace the customer's training configuration; one whose adapter shape the engine cannot
+    serve is refused now (422) instead of failing every publish later."""
+    config = body.value
+    if scope.gateway.validate_lora is not None:
+        try:
+            scope.gateway.validate_lora(config.rank, config.targets)
+        except AdapterRejected as exc:
+            raise APIError(422, f"The engine cannot serve this adapter shape: {exc}", "invalid_trainer_config",
+                           "targets" if "target" in str(exc) else "rank") from None
+    await _configs(scope).set(scope.customer, config)
+    return config.model_dump()
+
+
+def _configs(scope: AdminScope) -> TenantConfigStore:
+    if scope.gateway.configs is None:
+        raise APIError(503, "Trainer configs are not kept by this gateway.", "not_configured")
+    return scope.gateway.configs
 
 
 @router.get("/load")

@@ -3,6 +3,7 @@ preamble as one dependency, and the request bodies (parsed by `clora.core.http.J
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Protocol
 
@@ -11,11 +12,13 @@ from pydantic import BaseModel, Field
 
 from clora.core.customers import CustomerStore
 from clora.core.http import APIError, Body, JsonBody, bearer, unauthorized
+from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.runtime.capture import Capture
 from clora.runtime.engine_client import EngineClient
 from clora.runtime.protocol import ChatRequest
 from clora.runtime.routing import Router
+from clora.wire.trainer_config import TenantConfig
 
 
 class Engine(Protocol):
@@ -42,6 +45,8 @@ class Gateway:
     engine: Engine
     capture: Capture | None
     traces: TraceSigner
+    configs: TenantConfigStore | None = None  # trainer configs (the admin API sets them)
+    validate_lora: Callable[[int, list[str]], None] | None = None  # raises AdapterRejected
 
     def require_engine(self) -> None:
         if not self.engine.is_ready():
@@ -115,7 +120,9 @@ CHAT_BODY = JsonBody(ChatRequest, _request_limit, object_only=True)
 PUBLISH_BODY = JsonBody(PublishBody, _request_limit)
 ROUTE_BODY = JsonBody(RouteBody, _request_limit)
 PIN_BODY = JsonBody(PinBody, _request_limit)
+TRAINER_CONFIG_BODY = JsonBody(TenantConfig, _request_limit)
 ChatBody = Annotated[Body[ChatRequest], Depends(CHAT_BODY)]
 PublishIn = Annotated[Body[PublishBody], Depends(PUBLISH_BODY)]
 RouteIn = Annotated[Body[RouteBody], Depends(ROUTE_BODY)]
 PinIn = Annotated[Body[PinBody], Depends(PIN_BODY)]
+TrainerConfigIn = Annotated[Body[TenantConfig], Depends(TRAINER_CONFIG_BODY)]

@@ -1,11 +1,12 @@
-"""Per-customer training configuration, kept in Redis; defaults that work for SmolLM2-135M."""
+"""A customer's training configuration: a Redis record (`clora:trainer:config`) and the body of
+`GET/PUT /admin/customers/{c}/trainer-config`. Defaults that work for SmolLM2-135M."""
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from clora.trainer.lora import DEFAULT_TARGETS, LoRASpec
+# PEFT's names of the projections a LoRA adapter may target (Llama-style models).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LossWeights(BaseModel):
@@ -16,6 +17,8 @@ class LossWeights(BaseModel):
 
 
 class TenantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
+
     environment: str | None = Field(default=None, description="On-policy environment spec; None = feedback only.")
     lr: float = Field(default=1e-3, gt=0)
     rank: int = Field(default=16, ge=1, le=256)
@@ -36,24 +39,3 @@ class TenantConfig(BaseModel):
     gated: bool = Field(default=False, description="Publish versions as candidates: the eval job's promotion "
                                                    "gate decides when one is served.")
     seed: int = 0
-
-    def lora_spec(self) -> LoRASpec:
-        return LoRASpec(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets))
-
-
-class TenantConfigStore:
-    KEY = "clora:trainer:config"
-
-    def __init__(self, redis: aioredis.Redis):
-        self.redis = redis
-
-    async def get(self, customer: str) -> TenantConfig | None:
-        raw = await self.redis.hget(self.KEY, customer)
-        return TenantConfig.model_validate_json(raw) if raw else None
-
-    async def set(self, customer: str, config: TenantConfig) -> None:
-        await self.redis.hset(self.KEY, customer, config.model_dump_json())
-
-    async def all(self) -> dict[str, TenantConfig]:
-        raw = await self.redis.hgetall(self.KEY)
-        return {k.decode(): TenantConfig.model_validate_json(v) for k, v in raw.items()}
