@@ -74,6 +74,12 @@ class EngineConfig:
             "--max-loras", str(self.max_loras), "--max-cpu-loras", str(self.max_cpu_loras),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
             "--chat-template", str(CHAT_TEMPLATE), "--disable-uvicorn-access-log",
+            # Logprobs of the distribution each token was sampled from (after temperature, top-k and
+            # top-p), not vLLM's default raw ones: the behaviour policy the trainer's ratios divide by.
+            "--logprobs-mode", "processed_logprobs",
+            # vLLM's neutral sampling defaults (T=1, no top-p/top-k), not the model's generation
+            # config: the gateway records the parameters each answer was sampled with.
+            "--generation-config", "vllm",
             # Compact JSON for response_format: small models otherwise wander off into whitespace.
             "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         ]

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clora.wire.interactions import Sampler
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -43,3 +45,28 @@ class ChatRequest(BaseModel):
 # Fields that are not sampling parameters, left out of the captured `sampling` dict.
 NON_SAMPLING = frozenset({"model", "messages", "stream", "stream_options", "tools", "tool_choice",
                           "return_token_ids"})
+
+
+# Request fields through which vLLM masks the vocabulary (a grammar, a whitelist, a ban).
+_CONSTRAINING = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                 "allowed_token_ids", "bad_words")
+
+
+def sampler_of(chat: ChatRequest, raw: dict[str, Any]) -> Sampler:
+    """The sampling parameters vLLM will use for this request, its defaults filled in (the engine
+    runs with `--generation-config vllm`, so a model's own generation config changes none)."""
+    def number(name: str, default: float) -> float:
+        value = raw.get(name)
+        return default if value is None else float(value)
+
+    response_format = raw.get("response_format") if isinstance(raw.get("response_format"), dict) else {}
+    forced_tool = chat.tool_choice == "required" or isinstance(chat.tool_choice, dict)
+    constrained = (forced_tool or response_format.get("type", "text") != "text"
+                   or any(raw.get(name) for name in _CONSTRAINING) or bool(raw.get("min_tokens")))
+    return Sampler(
+        temperature=1.0 if chat.temperature is None else chat.temperature,
+        top_p=1.0 if chat.top_p is None else chat.top_p,
+        top_k=max(0, int(number("top_k", 0))), min_p=number("min_p", 0.0),
+        presence_penalty=number("presence_penalty", 0.0), frequency_penalty=number("frequency_penalty", 0.0),
+        repetition_penalty=number("repetition_penalty", 1.0), logit_bias=bool(raw.get("logit_bias")),
+        constrained=constrained)

@@ -8,6 +8,7 @@ from collections import Counter
 
 from clora.trainer import loop
 from clora.trainer.scheduler import Candidate, Scheduler
+from clora.trainer.step import TenantResult
 
 
 class Clock:
@@ -59,7 +60,7 @@ async def test_a_failed_step_is_retried_tenant_by_tenant_and_only_the_failing_on
         steps.append(list(customers))
         if "bad" in customers:
             raise RuntimeError("this tenant's data breaks the step")
-        return [loop.StepReport(c, 1, f"{c}.v1", None, 0, 0, {}, 0.0) for c in customers]
+        return [loop.StepReport(c, 1, f"{c}.v1", None, 0, 0, TenantResult(), 0.0) for c in customers]
 
     monkeypatch.setattr(loop, "step", step)
     clock = Clock()

@@ -50,10 +50,17 @@ def greedy(client: openai.OpenAI) -> list[int]:
     return reply.choices[0].model_extra["token_ids"]
 
 
+def trainer_metrics(port: str) -> str | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+
+
 def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
     env = {**os.environ, "CLORA_HOME": str(tmp_path / "home"), "CLORA_MODEL": str(tiny_model),
            "CLORA_PORT": str(free_port()), "CLORA_KV_CACHE_GIB": "1", "CLORA_MAX_MODEL_LEN": "1024",
-           "CLORA_EVAL_INTERVAL_S": "2"}
+           "CLORA_EVAL_INTERVAL_S": "2", "CLORA_TRAINER_METRICS_PORT": str(free_port())}
     serve = subprocess.Popen([*CLORA, "serve"], env=env, stdout=open(tmp_path / "serve.out", "wb"),
                              stderr=subprocess.STDOUT)
     state_file = tmp_path / "home" / "serve.json"
@@ -129,6 +136,10 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
             refused = subprocess.run([*CLORA, "trainer-config", "set", "e2e", bad], env={**env, "COLUMNS": "200"},
                                      capture_output=True, text=True)
             assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+
+        # The trainer exports its metrics (steps, rated records by path, logprob gap).
+        metrics = wait_until(lambda: trainer_metrics(env["CLORA_TRAINER_METRICS_PORT"]), 60, "trainer metrics")
+        assert "clora_trainer_logprob_gap_nats" in metrics and "clora_trainer_rated_records_total" in metrics
 
         # The trainer child dies; clora serve starts it again.
         def trainers() -> list[psutil.Process]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from clora.trainer.lora import LoRASpec, LoRAWeights, MultiLoRALinear, new_weights, save_peft
+from clora.trainer.lora import LoRASpec, LoRAWeights, MultiLoRALinear, mismatch, new_weights, save_peft
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TenantState:
     step: int = 0
     rng: random.Random = field(default_factory=random.Random)
     published_version: int | None = None  # registry version this step's adapter was published as
+    reward_baseline: float = 0.0  # running mean of rated answers' rewards (their advantages' baseline)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.weights.tensors(), *self.exp_avg, *self.exp_avg_sq]
@@ -49,7 +50,7 @@ def _copy_state(state: TenantState, device: torch.device, pin: bool) -> TenantSt
     weights = LoRAWeights(state.weights.spec, {n: move(t) for n, t in state.weights.a.items()},
                           {n: move(t) for n, t in state.weights.b.items()})
     return TenantState(state.customer, weights, [move(t) for t in state.exp_avg], [move(t) for t in state.exp_avg_sq],
-                       state.step, state.rng, state.published_version)
+                       state.step, state.rng, state.published_version, state.reward_baseline)
 
 
 class AdapterStore:
@@ -62,6 +63,7 @@ class AdapterStore:
 
     # -- life of a tenant ---------------------------------------------------------------------
     def create(self, customer: str, layers: dict[str, MultiLoRALinear], spec: LoRASpec, seed: int = 0) -> TenantState:
+        """A new tenant: a fresh adapter (zero B: the base model)."""
         generator = torch.Generator().manual_seed(seed)
         weights = new_weights(layers, spec, generator)
         zeros = [torch.zeros_like(t) for t in weights.tensors()]
@@ -69,6 +71,19 @@ class AdapterStore:
         state = _copy_state(state, torch.device("cpu"), self.pin) if self.pin else state
         self.tenants[customer] = state
         return state
+
+    def adopt(self, customer: str, start: LoRAWeights, version: int) -> str | None:
+        """A new tenant's weights become `start`'s, the adapter published as `version`; why not, if
+        its shape differs (the tenant then stays as it is)."""
+        state = self.tenants[customer]
+        reason = mismatch(state.weights, start)
+        if reason is None:
+            with torch.no_grad():
+                for name in state.weights.a:
+                    state.weights.a[name].copy_(start.a[name])
+                    state.weights.b[name].copy_(start.b[name])
+            state.published_version = version
+        return reason
 
     def get(self, customer: str) -> TenantState | None:
         """In memory, else the latest checkpoint on disk, else None."""
@@ -94,7 +109,8 @@ class AdapterStore:
                 dst.copy_(src, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        host.step, host.rng, host.published_version = device_state.step, device_state.rng, device_state.published_version
+        host.step, host.rng = device_state.step, device_state.rng
+        host.published_version, host.reward_baseline = device_state.published_version, device_state.reward_baseline
 
     # -- checkpoints --------------------------------------------------------------------------
     def _dir(self, customer: str) -> Path:
@@ -134,6 +150,7 @@ class AdapterStore:
         rng_version, rng_internal, rng_gauss = state.rng.getstate()
         (directory / "meta.json").write_text(json.dumps({
             "customer": state.customer, "step": state.step, "published_version": state.published_version,
+            "reward_baseline": state.reward_baseline,
             "spec": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)},
             "rng": [rng_version, list(rng_internal), rng_gauss]}))
 
@@ -168,5 +185,6 @@ class AdapterStore:
         rng = random.Random()
         rng.setstate((meta["rng"][0], tuple(meta["rng"][1]), meta["rng"][2]))
         state = TenantState(customer, weights, [tensors[f"m1.{i}"] for i in range(count)],
-                            [tensors[f"m2.{i}"] for i in range(count)], meta["step"], rng, meta["published_version"])
+                            [tensors[f"m2.{i}"] for i in range(count)], meta["step"], rng, meta["published_version"],
+                            meta.get("reward_baseline", 0.0))
         return _copy_state(state, torch.device("cpu"), self.pin) if self.pin else state

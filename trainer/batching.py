@@ -10,7 +10,8 @@
   per token (cache misses), while a GPU wants every tenant in one pass.
 
 Logits are the big tensor here (tokens x 49k vocabulary): `chunked_logprobs` computes them a chunk
-at a time and recomputes them during backward instead of keeping them.
+at a time and recomputes them during backward instead of keeping them. Rows may carry the sampler
+that produced them (`Sampler`): their logprobs are then of the processed distribution (sampling.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clora.trainer.lora import LoRAWeights, MultiLoRALinear, Segment, bind
-from clora.trainer.losses import token_logprobs
+from clora.trainer.sampling import Processing, processed_logprobs
+from clora.wire.interactions import Sampler
 
 CHUNK_TOKENS = 512
 
@@ -32,25 +34,32 @@ CHUNK_TOKENS = 512
 class Completions:
     """Flat per-token results of a pass: logprob of each completion token and which row it is in."""
 
-    logprobs: torch.Tensor  # [N]
+    logprobs: torch.Tensor  # [N], under each row's sampler processing
     rows: torch.Tensor  # [N] row index of each token
+    raw_logprobs: torch.Tensor | None = None  # [N], of the unprocessed distribution (when asked for)
 
 
-def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return token_logprobs(lm_head(hidden), targets)
+def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    processing: Processing | None, with_raw: bool) -> torch.Tensor:
+    return processed_logprobs(lm_head(hidden), targets, processing, with_raw)
 
 
 def chunked_logprobs(lm_head: nn.Module, hidden_N_H: torch.Tensor, targets_N: torch.Tensor,
-                     chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """log p(target | hidden) without ever holding [N, vocab] logits (recomputed in backward)."""
+                     processing: Processing | None = None, chunk: int = CHUNK_TOKENS,
+                     with_raw: bool = False) -> torch.Tensor:
+    """log p(target | hidden) without ever holding [N, vocab] logits (recomputed in backward),
+    under the sampler's processing when given; [2, N] with the unprocessed ones too if `with_raw`."""
     out = []
     for start in range(0, hidden_N_H.shape[0], chunk):
         h, t = hidden_N_H[start:start + chunk], targets_N[start:start + chunk]
+        p = processing.slice(start, start + chunk) if processing is not None else None
         if torch.is_grad_enabled() and h.requires_grad:
-            out.append(checkpoint(_chunk_logprobs, lm_head, h, t, use_reentrant=False))
+            out.append(checkpoint(_chunk_logprobs, lm_head, h, t, p, with_raw, use_reentrant=False))
         else:
-            out.append(_chunk_logprobs(lm_head, h, t))
-    return torch.cat(out) if out else hidden_N_H.new_zeros(0)
+            out.append(_chunk_logprobs(lm_head, h, t, p, with_raw))
+    if not out:
+        return hidden_N_H.new_zeros((2, 0) if with_raw else (0,))
+    return torch.cat(out, dim=-1)
 
 
 def pad(rows: list[list[int]], device: torch.device, value: int = 0) -> torch.Tensor:
@@ -58,8 +67,10 @@ def pad(rows: list[list[int]], device: torch.device, value: int = 0) -> torch.Te
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
-def sequence_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> Completions:
-    """Each row is prompt + completion, right-padded (causal attention: padding only follows)."""
+def sequence_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
+                      samplers: list[Sampler | None] | None = None) -> Completions:
+    """Each row is prompt + completion, right-padded (causal attention: padding only follows);
+    a row's logprobs under its sampler's processing when `samplers` gives one."""
     device = model.lm_head.weight.device
     input_ids = pad([p + c for p, c in zip(prompts, completions)], device)
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -69,13 +80,17 @@ def sequence_logprobs(model: nn.Module, prompts: list[list[int]], completions: l
         positions += range(len(p), len(p) + len(c))
     rows_t = torch.tensor(rows, device=device)
     positions_t = torch.tensor(positions, device=device)
+    processing = Processing.of_rows(samplers, rows_t) if samplers else None
     # The token at position t is predicted by the hidden state at t - 1.
-    logprobs = chunked_logprobs(model.lm_head, hidden[rows_t, positions_t - 1], input_ids[rows_t, positions_t])
+    logprobs = chunked_logprobs(model.lm_head, hidden[rows_t, positions_t - 1], input_ids[rows_t, positions_t],
+                                processing)
     return Completions(logprobs, rows_t)
 
 
-def shared_prefix_logprobs(model: nn.Module, prompt: list[int], completions: list[list[int]]) -> Completions:
-    """K completions of one prompt: the prompt's forward runs once and its cache serves all K."""
+def shared_prefix_logprobs(model: nn.Module, prompt: list[int], completions: list[list[int]],
+                           sampler: Sampler | None = None, with_raw: bool = False) -> Completions:
+    """K completions of one prompt: the prompt's forward runs once and its cache serves all K
+    (their logprobs under the sampler's processing when given, and the raw ones if `with_raw`)."""
     device = model.lm_head.weight.device
     k = len(completions)
     prefix = model.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
@@ -94,7 +109,11 @@ def shared_prefix_logprobs(model: nn.Module, prompt: list[int], completions: lis
     # Token j of completion i is predicted by the completion's hidden state j - 1, or for j = 0 by
     # the prompt's last hidden state (shared by all K).
     h = torch.where((cols_t == 0)[:, None], last_prompt.expand(len(rows), -1), hidden[rows_t, (cols_t - 1).clamp(min=0)])
-    return Completions(chunked_logprobs(model.lm_head, h, comp[rows_t, cols_t]), rows_t)
+    processing = Processing.of_rows([sampler] * k, rows_t) if sampler else None
+    logprobs = chunked_logprobs(model.lm_head, h, comp[rows_t, cols_t], processing, with_raw=with_raw)
+    if with_raw:
+        return Completions(logprobs[0], rows_t, logprobs[1])
+    return Completions(logprobs, rows_t)
 
 
 @dataclass
@@ -104,6 +123,7 @@ class TenantBatch:
     weights: LoRAWeights
     prompts: list[list[int]]
     completions: list[list[int]]
+    samplers: list[Sampler | None] | None = None  # per row: its logprobs under that processing
 
     def tokens(self) -> int:
         return sum(len(c) for c in self.completions)
@@ -144,8 +164,9 @@ def multi_tenant_backward(model: nn.Module, layers: dict[str, MultiLoRALinear], 
             else:
                 segments.append(Segment(i, i + 1, batches[t].weights))
         with bind(layers, segments):
+            samplers = [batches[t].samplers[r] if batches[t].samplers else None for t, r in rows]
             result = sequence_logprobs(model, [batches[t].prompts[r] for t, r in rows],
-                                       [batches[t].completions[r] for t, r in rows])
+                                       [batches[t].completions[r] for t, r in rows], samplers)
             local_rows = torch.tensor([r for _, r in rows], device=result.rows.device)
             tenant_of = torch.tensor([t for t, _ in rows], device=result.rows.device)
             total = result.logprobs.new_zeros(())

@@ -1,8 +1,10 @@
 """The trainer's I/O: what a step learns from, and where its results go. No torch maths here.
 
   - `gather`: per tenant, on-policy groups sampled now through the gateway's admin API under the
-    tenant's newest version and scored by its environment; new rated answers and corrections from
-    its replay buffer, topped up with older ones (prioritized: corrections first) when few are new.
+    version holding the weights being trained (the newest published one, else the base model) and
+    scored by its environment; new rated answers and corrections from its replay buffer, topped up
+    with older ones (prioritized: corrections first) when few are new. A tenant's first state starts
+    from the adapter it is served when that has the configured shape (else from zero, saying so).
   - `publish`: checkpoint (state + PEFT adapter, whole or absent), then a new version through the
     admin API with origin `trainer:step-N`; `consumed` records which records it learnt from.
   - `recover`: after a restart, a checkpoint written but not (known to be) published is published,
@@ -16,6 +18,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from clora.agents.catalog import make_env
 from clora.agents.envs import Completion
@@ -24,9 +27,10 @@ from clora.core.customers import CustomerStore
 from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore, TenantState
-from clora.trainer.lora import MultiLoRALinear, spec_of
+from clora.trainer.lora import LoRAWeights, MultiLoRALinear, load_peft, spec_of
 from clora.trainer.scheduler import Candidate
 from clora.wire.feedback import TrainingRecord
+from clora.wire.interactions import Sampler
 from clora.wire.trainer_config import TenantConfig
 
 log = logging.getLogger("clora.trainer")
@@ -38,8 +42,9 @@ class Group:
 
     prompt_token_ids: list[int]
     completions: list[list[int]]
-    logprobs: list[list[float]]  # vLLM's, per completion token: the sampling policy's
+    logprobs: list[list[float]]  # vLLM's, per completion token: the sampling policy's (processed)
     rewards: list[float]
+    sampler: Sampler  # what they were sampled with
 
 
 @dataclass
@@ -53,16 +58,26 @@ class TenantData:
     corrections: list[TrainingRecord] = field(default_factory=list)
     targets: list[list[int]] = field(default_factory=list)  # the corrections as token ids (when a loss uses them)
     cursor: int = 0  # replay-buffer sequence number of the newest record taken
+    baseline: float = 0.0  # the tenant's running mean of rewards before this step
+    current: list[bool] = field(default_factory=list)  # per rated record: sampled by the weights being trained
 
     def empty(self) -> bool:
         return not (self.groups or self.rated or self.corrections)
 
+    def next_baseline(self) -> float:
+        """The running mean of rewards after this step's rated answers (exponential, in record order)."""
+        baseline = self.baseline
+        for record in self.rated:
+            baseline += self.config.baseline_rate * ((record.reward or 0.0) - baseline)
+        return baseline
+
 
 class TrainerIO:
     def __init__(self, store: AdapterStore, client: RuntimeClient, replay: ReplayBuffer, configs: TenantConfigStore,
-                 customers: CustomerStore, tokenizer, base_model: str):
+                 customers: CustomerStore, tokenizer, base_model: str, served_base: str = "base"):
         self.store, self.client, self.replay, self.configs = store, client, replay, configs
         self.customers, self.tokenizer, self.base_model = customers, tokenizer, base_model
+        self.served_base = served_base  # the base model's name on the server
 
     async def config(self, customer: str) -> TenantConfig:
         return await self.configs.get(customer) or TenantConfig()
@@ -71,10 +86,10 @@ class TrainerIO:
     async def gather(self, customer: str, layers: dict[str, MultiLoRALinear]) -> TenantData:
         """The tenant's data for a step; its state is restored or created (shaped after `layers`)."""
         config = await self.config(customer)
-        state = self.store.get(customer) or self.store.create(customer, layers, spec_of(config), config.seed)
+        state = self.store.get(customer) or await self.first_state(customer, layers, config)
         if state.published_version is None and state.step > 0:
             await self.recover(customer)  # an earlier publish failed: its step must not be skipped
-        data = TenantData(customer, config)
+        data = TenantData(customer, config, baseline=state.reward_baseline)
         if config.environment and config.weights.onpolicy:
             data.groups = await self.sample_groups(customer, config, state.rng, self.policy_model(customer, state))
         cursor = await self.replay.cursor(customer)
@@ -85,16 +100,40 @@ class TrainerIO:
             records += [r for r in older if r.event_id not in taken][:config.records_per_step - len(records)]
         data.rated = [r for r in records if r.reward is not None and r.correction is None and r.completion_token_ids
                       and len(r.behaviour_logprobs) == len(r.completion_token_ids)]
+        data.current = [r.adapter_version == state.published_version for r in data.rated]
         data.corrections = [r for r in records if r.correction is not None and r.prompt_token_ids]
         if config.weights.correction or config.weights.preference:  # only the losses that use them
             data.targets = [self.target_ids(r) for r in data.corrections]
         return data
 
+    async def first_state(self, customer: str, layers: dict[str, MultiLoRALinear], config: TenantConfig) -> TenantState:
+        """A new tenant's state: the weights of the adapter it is served now when they have the shape
+        the config asks for (training continues from what customers see), else a fresh adapter."""
+        state = self.store.create(customer, layers, spec_of(config), config.seed)
+        listed = await self.client.versions(customer)
+        served = next((v for v in listed["versions"] if v["name"] == listed.get("current")), None)
+        if served is None:
+            return state
+        start = await asyncio.to_thread(self._load_adapter, Path(served["path"]))
+        reason = self.store.adopt(customer, start, served["version"]) if isinstance(start, LoRAWeights) else start
+        if reason is None:
+            log.info("customer %s: training starts from the served adapter %s", customer, served["name"])
+        else:
+            log.warning("customer %s: the served adapter %s does not fit the trainer config (%s): training starts "
+                        "from zero (the base model)", customer, served["name"], reason)
+        return state
+
     @staticmethod
-    def policy_model(customer: str, state: TenantState) -> str:
-        """The version holding the weights being trained: the newest published one, which under the
-        promotion gate may not be the one served yet (`default`)."""
-        return f"{customer}.v{state.published_version}" if state.published_version else "default"
+    def _load_adapter(path: Path) -> LoRAWeights | str:
+        try:
+            return load_peft(path)
+        except (OSError, ValueError, KeyError) as exc:
+            return f"unreadable: {exc}"
+
+    def policy_model(self, customer: str, state: TenantState) -> str:
+        """The version holding the weights being trained: the newest published one (under the
+        promotion gate perhaps not the one served yet), or the base model for a fresh adapter."""
+        return f"{customer}.v{state.published_version}" if state.published_version else self.served_base
 
     async def sample_groups(self, customer: str, config: TenantConfig, rng: random.Random,
                             model: str = "default") -> list[Group]:
@@ -110,7 +149,7 @@ class TrainerIO:
                                                        c.finish_reason, c.message.get("tool_calls")))
                        for c in choices]
             groups.append(Group(sampled.prompt_token_ids, [c.token_ids for c in choices],
-                                [c.logprobs for c in choices], rewards))
+                                [c.logprobs for c in choices], rewards, Sampler(temperature=config.temperature)))
         return groups
 
     def target_ids(self, record: TrainingRecord) -> list[int]:

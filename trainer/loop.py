@@ -4,7 +4,8 @@
         scheduler pick tenants, run one step for them (a step that fails is retried tenant by
         tenant; a tenant that fails alone is backed off, and the others' steps land).
   step: gather each tenant's data (data.py), copy its state onto the device, backward of every
-        loss (step.py), then per tenant AdamW, copy back, checkpoint and publish (data.py).
+        loss (step.py); then per tenant: skip it if its logprob gap says the trainer does not see
+        what the server sampled, else AdamW, copy back, checkpoint and publish (data.py).
 
 Everything it runs with is one frozen `TrainRun`, resolved once by the command.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 import torch
+from prometheus_client import Counter, Gauge, start_http_server
 from torch import nn
 
 from clora.core.admin_client import RuntimeClient
@@ -33,9 +35,13 @@ from clora.trainer.data import TrainerIO
 from clora.trainer.lora import MultiLoRALinear, inject
 from clora.trainer.optim import adamw_step
 from clora.trainer.scheduler import Scheduler
-from clora.trainer.step import backward
+from clora.trainer.step import TenantResult, backward
 
 log = logging.getLogger("clora.trainer")
+STEPS = Counter("clora_trainer_steps_total", "Tenant steps by outcome", ["customer", "outcome"])
+RATED = Counter("clora_trainer_rated_records_total", "Rated records trained on, by path", ["customer", "path"])
+GAP = Gauge("clora_trainer_logprob_gap_nats", "|trainer - vLLM| logprob on tokens the trained weights sampled, "
+            "last step", ["customer", "stat"])
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class TrainRun:
     max_tenants: int  # trained together in one step
     idle_s: float  # pause when nobody has anything to learn
     max_inflight: int  # serving requests in flight above which training waits
+    served_base: str = "base"  # the base model's name on the server
+    metrics_port: int = 0  # Prometheus endpoint; 0: none
 
     @classmethod
     def from_settings(cls, settings: Settings, *, gateway_url: str, redis_url: str, model_dir: str | Path,
@@ -63,7 +71,8 @@ class TrainRun:
         return cls(gateway_url, redis_url, admin_key, Path(model_dir), str(device),
                    settings.trainer_pass_tokens or (65536 if device.type == "cuda" else 512),
                    settings.trainer_dir, settings.trainer_keep_checkpoints, settings.replay_capacity,
-                   settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight)
+                   settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight,
+                   settings.served_base_name, settings.trainer_metrics_port)
 
 
 def load_model(model_dir: Path, device: str) -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
@@ -90,12 +99,13 @@ class Trainer:
 class StepReport:
     customer: str
     step: int
-    version: str | None
+    version: str | None  # None: skipped
     mean_reward: float | None  # on-policy samples of this step (before the update)
     rated: int
     corrections: int
-    losses: dict[str, float]
+    result: TenantResult  # losses, rated records per path, logprob gap
     seconds: float
+    skipped: str | None = None  # why the step was not applied
 
 
 async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
@@ -109,20 +119,29 @@ async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
     # 2. Device copies of each tenant's state (a failure below leaves the masters untouched).
     states = {d.customer: store.swap_in(d.customer) for d in data}
     # 3. Every loss's gradients into them (in a thread: the event loop stays responsive).
-    losses = await asyncio.to_thread(backward, trainer.model, trainer.layers, data, states, trainer.pass_tokens)
-    # 4. Per tenant: AdamW, copy back, checkpoint then publish, record what the version learnt from.
+    results = await asyncio.to_thread(backward, trainer.model, trainer.layers, data, states, trainer.pass_tokens)
+    # 4. Per tenant: unless its logprob gap is over its bound (the trainer would be correcting for a
+    #    policy that did not sample: skipped, the records kept), AdamW, copy back, checkpoint then
+    #    publish, record what the version learnt from.
     reports = []
     for d in data:
-        state = states[d.customer]
-        adamw_step(state, lr=d.config.lr)
-        state.published_version = None  # a new step: not published until publish() says so
-        store.swap_out(state)
-        version = await io.publish(d.customer, switch=not d.config.gated)
-        await io.consumed(d, version)
+        state, result = states[d.customer], results[d.customer]
         rewards = [r for g in d.groups for r in g.rewards]
-        reports.append(StepReport(d.customer, state.step, version, statistics.fmean(rewards) if rewards else None,
-                                  len(d.rated), len(d.corrections), losses[d.customer],
-                                  time.perf_counter() - started))
+        report = StepReport(d.customer, state.step + 1, None, statistics.fmean(rewards) if rewards else None,
+                            len(d.rated), len(d.corrections), result, 0.0)
+        gap = result.gap.mean
+        if gap is not None and gap > d.config.max_logprob_gap:
+            report.skipped = (f"logprob gap {gap:.4f} nats (max {result.gap.max:.4f}, {result.gap.tokens} tokens) "
+                              f"above max_logprob_gap {d.config.max_logprob_gap}")
+        else:
+            adamw_step(state, lr=d.config.lr)
+            state.published_version = None  # a new step: not published until publish() says so
+            state.reward_baseline = d.next_baseline()
+            store.swap_out(state)
+            report.version = await io.publish(d.customer, switch=not d.config.gated)
+            await io.consumed(d, report.version)
+        report.seconds = time.perf_counter() - started
+        reports.append(report)
     return reports
 
 
@@ -140,10 +159,29 @@ async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str]) ->
             await train(trainer, scheduler, [customer])
         return
     for report in reports:
+        observe(report)
+        if report.skipped:
+            delay = scheduler.failed(report.customer)
+            log.warning("customer %s: step %d skipped: %s; backing off %.0f s", report.customer, report.step,
+                        report.skipped, delay)
+            continue
         scheduler.succeeded(report.customer)
         reward = f"{report.mean_reward:.3f}" if report.mean_reward is not None else "-"
-        log.info("customer %s: step %d -> %s (reward %s, %d rated, %d corrections, %.1f s)", report.customer,
-                 report.step, report.version, reward, report.rated, report.corrections, report.seconds)
+        gap = report.result.gap
+        log.info("customer %s: step %d -> %s (reward %s, %d rated %s, %d corrections, logprob gap %s, %.1f s)",
+                 report.customer, report.step, report.version, reward, report.rated, report.result.paths or "",
+                 report.corrections, f"{gap.mean:.4f}/{gap.max:.4f}" if gap.mean is not None else "-", report.seconds)
+
+
+def observe(report: StepReport) -> None:
+    """The step's outcome, rated records per path and logprob gap, as metrics."""
+    STEPS.labels(report.customer, "skipped" if report.skipped else "published").inc()
+    for path, count in report.result.paths.items():
+        RATED.labels(report.customer, path).inc(count)
+    gap = report.result.gap
+    if gap.mean is not None:
+        GAP.labels(report.customer, "mean").set(gap.mean)
+        GAP.labels(report.customer, "max").set(gap.max)
 
 
 async def main(run: TrainRun) -> None:
@@ -154,12 +192,17 @@ async def main(run: TrainRun) -> None:
     runtime = RuntimeClient(run.gateway_url, run.admin_key)
     store = AdapterStore(run.trainer_dir, run.device, run.keep_checkpoints)
     io = TrainerIO(store, runtime, ReplayBuffer(redis, run.replay_capacity), TenantConfigStore(redis),
-                   CustomerStore(redis), tokenizer, base_model=str(run.model_dir))
+                   CustomerStore(redis), tokenizer, base_model=str(run.model_dir), served_base=run.served_base)
     trainer = Trainer(model, layers, store, io, run.pass_tokens)
     scheduler = Scheduler(run.max_tenants)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    if run.metrics_port:
+        try:
+            start_http_server(run.metrics_port, addr="127.0.0.1")
+        except OSError as exc:  # metrics are worth a warning, not the trainer
+            log.warning("trainer metrics not served on port %d: %s", run.metrics_port, exc)
     log.info("trainer up on %s (gateway %s)", run.device, run.gateway_url)
     try:
         await io.recover_all()  # checkpoints a previous run wrote but did not get to publish

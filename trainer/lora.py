@@ -200,3 +200,17 @@ def load_peft(adapter_dir: Path) -> LoRAWeights:
         name, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         (weights.a if kind.startswith("A") else weights.b)[name] = tensor.float()
     return weights
+
+
+def mismatch(weights: LoRAWeights, other: LoRAWeights) -> str | None:
+    """Why `other` cannot stand in for `weights` (shape, scale, modules), or None if it can."""
+    a, b = weights.spec, other.spec
+    if (a.rank, a.alpha, sorted(a.targets)) != (b.rank, b.alpha, sorted(b.targets)):
+        return (f"rank {b.rank}, alpha {b.alpha}, targets {sorted(b.targets)} where the config asks for rank "
+                f"{a.rank}, alpha {a.alpha}, targets {sorted(a.targets)}")
+    if set(weights.a) != set(other.a) or set(weights.b) != set(other.b):
+        return "different modules"
+    for name in weights.a:
+        if weights.a[name].shape != other.a[name].shape or weights.b[name].shape != other.b[name].shape:
+            return f"module {name} has another shape"
+    return None

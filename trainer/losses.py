@@ -10,11 +10,6 @@ import torch
 import torch.nn.functional as F
 
 
-def token_logprobs(logits_N_V: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-    """log p(target) under the logits, in float32 whatever the model's dtype."""
-    return torch.log_softmax(logits_N_V.float(), dim=-1).gather(-1, targets_N[:, None]).squeeze(-1)
-
-
 def group_advantages(rewards_G_K: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: each sample's reward against its group's mean, in units of the group's spread.
     A group whose samples all scored the same teaches nothing: zeros."""
@@ -40,9 +35,25 @@ def truncated_importance_weights(logp_N: torch.Tensor, behaviour_logp_N: torch.T
 
 def off_policy_loss(logp_N: torch.Tensor, behaviour_logp_N: torch.Tensor, advantages_N: torch.Tensor,
                     cap: float = 2.0) -> torch.Tensor:
-    """Policy gradient on logged production samples, importance-weighted (truncated) per token."""
+    """Policy gradient on logged production samples, importance-weighted (truncated) per token.
+    A token the policy can no longer sample (logprob -inf: outside its top-p set) has weight 0."""
     weights = truncated_importance_weights(logp_N, behaviour_logp_N, cap)
-    return -(weights * advantages_N * logp_N).mean()
+    return -(weights * advantages_N * finite_or_zero(logp_N)).mean()
+
+
+def ratio_free_loss(logp_N: torch.Tensor, advantages_N: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """For answers whose sampling the trainer cannot reproduce (greedy, grammar-constrained,
+    penalised): no importance ratio. Positive advantage: advantage-weighted likelihood (SFT on the
+    answer). Negative: advantage-weighted unlikelihood, -log(1 - p) per token, whose gradient
+    vanishes as p -> 0: it pushes a bad answer down and then stops, where -log p would push forever."""
+    up_N, down_N = advantages_N.clamp(min=0), (-advantages_N).clamp(min=0)
+    unlikelihood_N = -torch.log1p(-logp_N.exp().clamp(max=1 - floor))
+    return (-up_N * logp_N + down_N * unlikelihood_N).mean()
+
+
+def finite_or_zero(logp_N: torch.Tensor) -> torch.Tensor:
+    """-inf logprobs (tokens outside the sampler's kept set) as 0, with no gradient through them."""
+    return torch.where(torch.isfinite(logp_N), logp_N, torch.zeros_like(logp_N))
 
 
 def kl_to_reference(logp_N: torch.Tensor, ref_logp_N: torch.Tensor) -> torch.Tensor:

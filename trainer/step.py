@@ -1,19 +1,30 @@
 """One step's maths: every tenant's losses, backward into each tenant's device copy of its LoRA.
 
-Input is what `data.py` gathered (token ids, rewards, logprobs: no I/O here); output is gradients
-on the tenants' device weights and each tenant's losses by name. AdamW, checkpoint and publish are
-the caller's (`loop.py`). Shapes as in `losses.py`: `N` completion tokens of a pass (flattened
-over its rows), `K` samples of one group, `S` sequences (records) of one tenant.
+Input is what `data.py` gathered (token ids, rewards, logprobs, samplers: no I/O here); output is
+gradients on the tenants' device weights and, per tenant, its losses by name, how many rated
+records took each path, and the logprob gap. AdamW, checkpoint and publish are the caller's
+(`loop.py`). Shapes as in `losses.py`: `N` completion tokens of a pass (flattened over its rows),
+`K` samples of one group, `S` sequences (records) of one tenant.
 
-  - on-policy: one shared-prefix pass per group, PPO-clip against the logprobs vLLM sampled with
-    (optional KL to the base model), weighted by the group's share of the tenant's tokens;
-  - rated production answers: truncated-importance-weighted policy gradient against the serving
-    version's logprobs, tenants' rows sharing passes;
+  - on-policy: one shared-prefix pass per group, PPO-clip against the logprobs vLLM sampled with,
+    the trainer's logprobs under the same sampler processing (temperature, top-k, top-p: see
+    sampling.py); optional KL to the base model on the unprocessed distributions;
+  - rated production answers, advantage = reward - the tenant's running mean of rewards (so
+    thumbs-up alone teaches, and thumbs-down alone), tenants' rows sharing passes, by path:
+      `importance`: answers sampled by a sampler the trainer reproduces: truncated-importance-
+        weighted policy gradient against the serving version's processed logprobs;
+      `ratio_free`: greedy, grammar-constrained, penalised or biased answers (or captured before
+        the sampler was recorded): no ratio to take; advantage-weighted likelihood / unlikelihood;
   - corrections: SFT, tenants' rows sharing passes; optional DPO against the answer they replaced.
+
+The logprob gap is |trainer logprob - vLLM's| on tokens the trainer's current weights sampled
+(on-policy groups; `importance` records of the version it holds), before the update: the
+rollout/train mismatch; the loop skips a tenant's step when its mean is above the tenant's bound.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +39,7 @@ from clora.trainer.losses import (
     kl_to_reference,
     off_policy_loss,
     ppo_clip_loss,
+    ratio_free_loss,
     sequence_sums,
     sft_loss,
 )
@@ -37,34 +49,71 @@ if TYPE_CHECKING:  # types only: this module loads with torch alone
     from clora.wire.feedback import TrainingRecord
 
 Layers = dict[str, MultiLoRALinear]
+IMPORTANCE, RATIO_FREE = "importance", "ratio_free"
+
+
+@dataclass
+class Gap:
+    """|trainer logprob - vLLM logprob| over the tokens compared."""
+
+    tokens: int = 0
+    total: float = 0.0
+    max: float = 0.0
+    outside: int = 0  # tokens vLLM sampled that the trainer's top-k/top-p set excludes (not in the mean)
+
+    def add(self, trainer_N: torch.Tensor, served_N: torch.Tensor) -> None:
+        trainer_N, served_N = trainer_N.detach().float().cpu(), served_N.detach().float().cpu()
+        finite = torch.isfinite(trainer_N) & torch.isfinite(served_N)
+        diff = (trainer_N[finite] - served_N[finite]).abs()
+        self.outside += int((~finite).sum())
+        if diff.numel():
+            self.tokens += diff.numel()
+            self.total += float(diff.sum())
+            self.max = max(self.max, float(diff.max()))
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.tokens if self.tokens else None
+
+
+@dataclass
+class TenantResult:
+    """What a step's backward learnt of one tenant."""
+
+    losses: dict[str, float] = field(default_factory=dict)
+    paths: dict[str, int] = field(default_factory=dict)  # rated records per path
+    gap: Gap = field(default_factory=Gap)
 
 
 def backward(model: nn.Module, layers: Layers, data: list[TenantData], states: dict[str, TenantState],
-             pass_tokens: int) -> dict[str, dict[str, float]]:
-    """Gradients of every tenant's weighted losses into `states` (device copies); each tenant's
-    losses by name, unweighted."""
-    losses: dict[str, dict[str, float]] = {d.customer: {} for d in data}
+             pass_tokens: int) -> dict[str, TenantResult]:
+    """Gradients of every tenant's weighted losses into `states` (device copies); per tenant its
+    losses by name (unweighted), its records per path and its logprob gap."""
+    results = {d.customer: TenantResult() for d in data}
     for d in data:
         if d.groups:
-            losses[d.customer]["onpolicy"] = onpolicy_backward(model, layers, d, states[d.customer].weights)
+            result = results[d.customer]
+            result.losses["onpolicy"] = onpolicy_backward(model, layers, d, states[d.customer].weights, result.gap)
 
     rated = [d for d in data if d.rated and d.config.weights.offpolicy]
     if rated:
-        for d, value in zip(rated, offpolicy_backward(model, layers, rated, states, pass_tokens)):
-            losses[d.customer]["offpolicy"] = value
+        values = offpolicy_backward(model, layers, rated, states, pass_tokens, [results[d.customer] for d in rated])
+        for d, value in zip(rated, values):
+            results[d.customer].losses["offpolicy"] = value
 
     corrected = [d for d in data if d.corrections and d.config.weights.correction]
     if corrected:
         for d, value in zip(corrected, correction_backward(model, layers, corrected, states, pass_tokens)):
-            losses[d.customer]["correction"] = value
+            results[d.customer].losses["correction"] = value
 
     for d in data:
         if d.corrections and d.config.weights.preference:
-            losses[d.customer]["preference"] = preference_backward(model, layers, d, states[d.customer].weights)
-    return losses
+            results[d.customer].losses["preference"] = preference_backward(model, layers, d,
+                                                                           states[d.customer].weights)
+    return results
 
 
-def onpolicy_backward(model: nn.Module, layers: Layers, d: TenantData, weights: LoRAWeights) -> float:
+def onpolicy_backward(model: nn.Module, layers: Layers, d: TenantData, weights: LoRAWeights, gap: Gap) -> float:
     """GRPO on the tenant's groups: one shared-prefix pass per group."""
     config, device = d.config, model.lm_head.weight.device
     tokens = sum(len(c) for g in d.groups for c in g.completions)
@@ -72,33 +121,57 @@ def onpolicy_backward(model: nn.Module, layers: Layers, d: TenantData, weights: 
     for group in d.groups:
         advantages_K = group_advantages(torch.tensor([group.rewards]))[0].to(device)
         with bind(layers, [Segment(0, len(group.completions), weights)]):
-            result = shared_prefix_logprobs(model, group.prompt_token_ids, group.completions)
+            result = shared_prefix_logprobs(model, group.prompt_token_ids, group.completions, group.sampler,
+                                            with_raw=bool(config.kl_coef))
         logp_N, rows_N = result.logprobs, result.rows
         old_logp_N = torch.tensor([lp for lps in group.logprobs for lp in lps], device=device)
+        gap.add(logp_N, old_logp_N)
         loss = ppo_clip_loss(logp_N, old_logp_N, advantages_K[rows_N], config.clip)
         if config.kl_coef:
             with torch.no_grad():
                 ref_logp_N = shared_prefix_logprobs(model, group.prompt_token_ids, group.completions).logprobs
-            loss = loss + config.kl_coef * kl_to_reference(logp_N, ref_logp_N)
+            loss = loss + config.kl_coef * kl_to_reference(result.raw_logprobs, ref_logp_N)
         share = sum(len(c) for c in group.completions) / tokens
         (loss * config.weights.onpolicy * share).backward()
         total += float(loss.detach()) * share
     return total
 
 
+def rated_path(record: TrainingRecord) -> str:
+    """`importance` if the trainer can recompute the distribution the answer was sampled from."""
+    sampler = record.interaction.sampler
+    return IMPORTANCE if sampler is not None and sampler.reproducible() else RATIO_FREE
+
+
 def offpolicy_backward(model: nn.Module, layers: Layers, rated: list[TenantData], states: dict[str, TenantState],
-                       pass_tokens: int) -> list[float]:
-    """Production answers with a reward: truncated-IS policy gradient, every tenant's rows batched."""
-    advantages_S = [centred([r.reward or 0.0 for r in d.rated]) for d in rated]
+                       pass_tokens: int, results: list[TenantResult]) -> list[float]:
+    """Production answers with a reward, every tenant's rows batched: each row by its path."""
+    advantages_S = [torch.tensor([(r.reward or 0.0) - d.baseline for r in d.rated]) for d in rated]
+    paths = [[rated_path(r) for r in d.rated] for d in rated]
+    for result, tenant_paths in zip(results, paths):
+        for path in tenant_paths:
+            result.paths[path] = result.paths.get(path, 0) + 1
 
     def loss_fn(t: int, logp_N: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-        d = rated[t]
-        behaviour_logp_N = torch.tensor(row_values(d.rated, rows_N, "behaviour_logprobs"), device=logp_N.device)
-        loss = off_policy_loss(logp_N, behaviour_logp_N, advantages_S[t].to(logp_N.device)[rows_N], d.config.is_cap)
+        d, device = rated[t], logp_N.device
+        behaviour_logp_N = torch.tensor(row_values(d.rated, rows_N, "behaviour_logprobs"), device=device)
+        advantages_N = advantages_S[t].to(device)[rows_N]
+        importance_N = torch.tensor([paths[t][r] == IMPORTANCE for r in rows_N.tolist()], device=device)
+        current_N = torch.tensor([d.current[r] for r in rows_N.tolist()], device=device) & importance_N
+        results[t].gap.add(logp_N[current_N], behaviour_logp_N[current_N])
+        # Each path's loss is a mean over its tokens; their sum, weighted by token shares, is the mean over all.
+        loss = logp_N.new_zeros(())
+        for mask, path_loss in ((importance_N, lambda m: off_policy_loss(logp_N[m], behaviour_logp_N[m],
+                                                                           advantages_N[m], d.config.is_cap)),
+                                (~importance_N, lambda m: ratio_free_loss(logp_N[m], advantages_N[m]))):
+            if mask.any():
+                loss = loss + path_loss(mask) * (mask.sum() / mask.numel())
         return loss * d.config.weights.offpolicy
 
     batches = [TenantBatch(states[d.customer].weights, [r.prompt_token_ids for r in d.rated],
-                           [r.completion_token_ids for r in d.rated]) for d in rated]
+                           [r.completion_token_ids for r in d.rated],
+                           [r.interaction.sampler if p == IMPORTANCE else None for r, p in zip(d.rated, tenant_paths)])
+               for d, tenant_paths in zip(rated, paths)]
     return multi_tenant_backward(model, layers, batches, loss_fn, pass_tokens)
 
 
@@ -129,12 +202,6 @@ def preference_backward(model: nn.Module, layers: Layers, d: TenantData, weights
     loss = dpo_loss(chosen_S, rejected_S, ref_chosen_S, ref_rejected_S, d.config.dpo_beta)
     (loss * d.config.weights.preference).backward()
     return float(loss.detach())
-
-
-def centred(rewards: list[float]) -> torch.Tensor:
-    """Rewards minus their mean (a baseline), unless there is only one."""
-    rewards_S = torch.tensor(rewards)
-    return rewards_S - rewards_S.mean() if len(rewards) > 1 else rewards_S
 
 
 def row_values(records: list[TrainingRecord], rows_N: torch.Tensor, attribute: str) -> list[float]:

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     trainer_idle_s: float = Field(default=5.0, description="Pause when no tenant has anything to learn.")
     trainer_max_inflight: int = Field(default=64, description="Serving requests in flight above which training waits.")
     trainer_keep_checkpoints: int = Field(default=5, description="Trainer state checkpoints kept per customer.")
+    trainer_metrics_port: int = Field(default=9464, ge=0, le=65535,
+                                      description="Prometheus metrics of the trainer (steps, logprob gap); 0: off.")
 
     # Evals and the promotion gate (a job inside `clora serve`; `clora eval run` runs it by hand).
     eval_interval_s: float = Field(default=300.0, description="Seconds between eval rounds; 0 = no periodic job.")

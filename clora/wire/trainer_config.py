@@ -33,6 +33,10 @@ class TenantConfig(BaseModel):
     records_per_step: int = Field(default=8, ge=1, description="Production records per step.")
     min_records: int = Field(default=4, ge=1, description="New records needed before a feedback-only step.")
     is_cap: float = Field(default=2.0, ge=1, description="Truncation of importance weights (off-policy).")
+    baseline_rate: float = Field(default=0.1, gt=0, le=1, description="Step size of the running mean of rated "
+                                 "answers' rewards that their advantages are measured against (starts at 0).")
+    max_logprob_gap: float = Field(default=0.1, ge=0, description="Mean |trainer - vLLM| logprob (nats) on tokens "
+                                   "the trainer's weights sampled, above which a step is skipped.")
     dpo_beta: float = Field(default=0.1, gt=0)
     weights: LossWeights = Field(default_factory=LossWeights)
     priority: float = Field(default=1.0, gt=0, description="Share of training time relative to others.")

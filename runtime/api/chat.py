@@ -23,7 +23,7 @@ from clora.runtime.adapters import AdapterVersion
 from clora.runtime.api.deps import CHAT_BODY, Gateway, gateway_of
 from clora.runtime.api.upstream import send_upstream, sse_data
 from clora.runtime.engine_client import EngineResponse
-from clora.runtime.protocol import NON_SAMPLING, ChatRequest
+from clora.runtime.protocol import NON_SAMPLING, ChatRequest, sampler_of
 from clora.runtime.responses import ClientWants, StreamAccumulator, for_client
 from clora.runtime.routing import ModelNotFound
 from clora.wire.interactions import CapturedChoice, CapturedRequest, InteractionRecord, captured_choices
@@ -103,6 +103,7 @@ def recorder(gateway: Gateway, customer: str, version: AdapterVersion | None, ch
             adapter_version=version.version if version else None, base_model=gateway.config.base_model,
             request=CapturedRequest(messages=raw["messages"], tools=chat.tools, tool_choice=chat.tool_choice,
                                     sampling={k: v for k, v in raw.items() if k not in NON_SAMPLING}),
+            sampler=sampler_of(chat, raw),
             prompt_token_ids=prompt_ids, choices=choices, stream=chat.stream,
             latency_ms=(time.time() - arrived) * 1000, created_at=arrived,
         ))
