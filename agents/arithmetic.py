@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from clora.agents.envs import Split, split_of
+
 LEVELS = (1, 2, 3, 4)
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards"]
@@ -123,3 +125,12 @@ def reward(problem: Problem, final_answer: Any) -> float:
     if isinstance(final_answer, bool) or not isinstance(final_answer, (int, float)):
         return 0.0
     return 1.0 if abs(final_answer - problem.answer) < 1e-6 else 0.0
+
+
+def generate_in(rng: random.Random, level: int, split: Split = "training") -> Problem:
+    """A problem whose question belongs to `split` (drawn until one does): training problems and
+    eval problems never coincide, whatever the seeds."""
+    while True:
+        problem = generate(rng, level)
+        if split_of(problem.question) == split:
+            return problem

@@ -4,6 +4,12 @@ An environment hands out prompts (chat messages) and scores a completion. The tr
 group of completions per prompt from the live server and learns from the group-normalised scores.
 Environments are named by a spec string (`name:args`) so a tenant's config can refer to one.
 
+Every prompt belongs to one of three disjoint splits, so that what is measured was never trained
+on, and what is reported did not select what is reported on: `training` (live traffic, on-policy
+groups), `gate` (the promotion gate's evals, the demo's stopping rule) and `report` (scores that
+are reported). Environments split the items their prompts are built from (subjects, topics,
+problems) with `split_of`, so a subject of a report prompt never appears in training either.
+
 This module is the registry: environment modules import it and register themselves, never the
 reverse; `catalog` imports them all.
 """
@@ -11,8 +17,12 @@ reverse; `catalog` imports them all.
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
+
+Split = Literal["training", "gate", "report"]
+SPLITS: tuple[Split, ...] = ("training", "gate", "report")
 
 
 @dataclass
@@ -23,15 +33,27 @@ class Completion:
     tool_calls: list[dict[str, Any]] | None = None
 
 
+def split_of(item: int | str) -> Split:
+    """The split an item belongs to, for good: by position in a fixed list (an int), or by a stable
+    hash of its text. One in eight goes to the gate, two in eight to the report, the rest train."""
+    bucket = item % 8 if isinstance(item, int) else zlib.crc32(item.encode()) % 8
+    return "gate" if bucket == 0 else "report" if bucket in (1, 5) else "training"
+
+
+def in_split(items: list[str], split: Split) -> list[str]:
+    """The items of a fixed list that belong to `split` (by position)."""
+    return [item for i, item in enumerate(items) if split_of(i) == split]
+
+
 class Environment(Protocol):
     name: str
 
-    def prompts(self, rng: random.Random, n: int) -> list[list[dict[str, Any]]]: ...
+    def prompts(self, rng: random.Random, n: int, split: Split = "training") -> list[list[dict[str, Any]]]: ...
 
     def reward(self, prompt: list[dict[str, Any]], completion: Completion) -> float: ...
 
-    # Optional: `heldout_prompts(rng, n)`, prompts from a pool never used for training (evals use
-    # it when present; otherwise they draw `prompts` from their own, held-out seed).
+    # Optional: `content(prompt, completion) -> float`, whether the answer still answers the
+    # question (1.0) whatever its form: reported beside the reward, which may check form only.
 
 
 FACTORIES: dict[str, Callable[[str], Environment]] = {}

@@ -4,8 +4,15 @@ A rule can check an answer (the reward and the eval score) and rewrite one so th
 (what the simulated operator sends back as a correction). Rules come in two kinds: a phrase the
 brand requires (a greeting, a sign-off) and a structural one (a bulleted list, a JSON object).
 
-Questions are generated from templates and subjects; the subjects are split once into a training
-pool (live traffic) and a held-out pool (evals), so an eval question is never trained on.
+Questions are generated from templates and subjects; the subjects are split once (`split_of`) into
+a training pool (live traffic), a gate pool (the promotion gate's evals) and a report pool (the
+scores reported), so an eval question is never trained on and a reported score never selected
+what it reports on.
+
+Beside the rule (form), a content check (`on_topic`): the answer must name the question's subject
+(one of its content words, singular or plural). It is a key fact every good answer
+to these questions states, checkable without a reference model, and exactly what an adapter that
+collapsed into its format (`{"answer": "a b"}`, "- a\n- a") loses.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from clora.agents.envs import Completion, register
+from clora.agents.envs import Completion, Split, in_split, register
 
 TEMPLATES = [
     "What is {s}?", "Explain {s} in simple words.", "Why do people care about {s}?",
@@ -31,11 +38,38 @@ SUBJECTS = [
     "a fire drill", "maple syrup", "a museum", "a hiking trail", "a weather forecast", "a telescope",
     "composting", "a train station", "a password manager", "a sunflower", "an umbrella", "a map",
     "a podcast", "a heat wave", "a sandwich", "a calendar", "a desert", "a dentist visit",
-    "a power outage", "a spreadsheet",
+    "a power outage", "a spreadsheet", "a kite", "a piano", "a lemon tree", "a submarine", "a campfire",
+    "a helicopter", "a greenhouse", "an earthquake", "a hot air balloon", "a swimming pool", "a windmill",
+    "a dictionary", "a tractor", "a parachute", "a snowman", "a thermometer", "a beehive", "a canal",
+    "a marathon", "a printer", "a skyscraper", "a pharmacy", "a robot vacuum", "an orchestra", "a harbour",
+    "a cactus", "a satellite", "a wristwatch", "a ferry", "an avalanche", "a bakery", "a tunnel", "a coral reef",
+    "a scarecrow", "an elevator", "a newspaper", "a waterfall", "a campsite", "a carpenter", "a penguin",
+    "a dam", "a chess clock", "a hammock", "a geyser", "a pottery wheel", "a mailbox", "a tornado", "a sailboat",
 ]
-# Every fourth subject is held out for evals: never part of live (trained-on) traffic.
-HELD_OUT = SUBJECTS[::4]
-TRAINING = [s for s in SUBJECTS if s not in HELD_OUT]
+TRAINING, GATE, REPORT = (in_split(SUBJECTS, split) for split in ("training", "gate", "report"))
+POOLS: dict[Split, list[str]] = {"training": TRAINING, "gate": GATE, "report": REPORT}
+ARTICLES = {"a", "an", "the"}
+
+
+def subject_of(question: str) -> str | None:
+    """The subject a generated question is about (the longest subject it contains)."""
+    found = [s for s in SUBJECTS if s in question]
+    return max(found, key=len) if found else None
+
+
+def on_topic(question: str, answer: str) -> bool:
+    """The answer names the question's subject: one of its content words, singular or plural."""
+    subject = subject_of(question)
+    if subject is None:
+        return True
+    words = set(re.findall(r"[a-z]+", answer.lower()))
+    return any(forms(key) & words for key in subject.split() if key not in ARTICLES)
+
+
+def forms(word: str) -> set[str]:
+    """A noun and its plural ("volcano", "volcanoes"; "battery", "batteries")."""
+    out = {word, word + "s", word + "es"}
+    return out | ({word[:-1] + "ies"} if word.endswith("y") else set())
 
 
 def questions(subjects: list[str]) -> list[str]:
@@ -172,16 +206,19 @@ class PreferenceEnv:
     def _messages(self, question: str) -> list[dict[str, Any]]:
         return [{"role": "system", "content": self.SYSTEM}, {"role": "user", "content": question}]
 
-    def prompts(self, rng: random.Random, n: int) -> list[list[dict[str, Any]]]:
-        pool = questions(TRAINING)
-        return [self._messages(rng.choice(pool)) for _ in range(n)]
-
-    def heldout_prompts(self, rng: random.Random, n: int) -> list[list[dict[str, Any]]]:
-        pool = questions(HELD_OUT)
+    def prompts(self, rng: random.Random, n: int, split: Split = "training") -> list[list[dict[str, Any]]]:
+        """Training: drawn with replacement (live traffic repeats itself); an eval split: distinct."""
+        pool = questions(POOLS[split])
+        if split == "training":
+            return [self._messages(rng.choice(pool)) for _ in range(n)]
         return [self._messages(q) for q in rng.sample(pool, min(n, len(pool)))]
 
     def reward(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
-        return 1.0 if self.rule.check(completion.text) else 0.0
+        """1.0 when the answer follows the rule and still answers the question."""
+        return 1.0 if self.rule.check(completion.text) and self.content(prompt, completion) else 0.0
+
+    def content(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
+        return 1.0 if on_topic(str(prompt[-1]["content"]), _unwrap(completion.text)) else 0.0
 
 
 register("preference", PreferenceEnv)

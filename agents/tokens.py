@@ -9,10 +9,22 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from clora.agents.envs import Completion, Environment, register
+from clora.agents.envs import Completion, Environment, Split, in_split, register
 
 TOPICS = ["the sea", "a city at night", "an old clock", "a garden", "the mountains", "a library", "winter",
-          "a train journey", "the moon", "a market", "a storm", "a quiet morning"]
+          "a train journey", "the moon", "a market", "a storm", "a quiet morning", "a lighthouse", "the desert",
+          "a bakery", "an airport", "a forest path", "a school yard", "the harbour", "a rainy afternoon",
+          "a concert", "a farm", "an island", "a bridge", "a snowfall", "a kitchen", "a museum", "a river",
+          "a football match", "a bus stop", "a birthday", "the night sky", "a hospital", "a village", "a factory",
+          "a beach in summer", "an empty theatre", "a bookshop", "a mountain hut", "a street market at dawn",
+          "a waterfall", "a chess game", "a post office", "a vineyard", "a subway car", "a zoo", "a harvest",
+          "a thunderstorm at sea"]
+
+
+def topic_prompts(rng: random.Random, n: int, split: Split) -> list[list[dict[str, Any]]]:
+    """`Write about <topic>.` for topics of the split only."""
+    topics = in_split(TOPICS, split)
+    return [[{"role": "user", "content": f"Write about {rng.choice(topics)}."}] for _ in range(n)]
 
 
 class TokenRange:
@@ -29,8 +41,8 @@ class TokenRange:
         self.low, self.high = low, high
         self.name = f"token-range:{low}-{high}"
 
-    def prompts(self, rng: random.Random, n: int) -> list[list[dict[str, Any]]]:
-        return [[{"role": "user", "content": f"Write about {rng.choice(TOPICS)}."}] for _ in range(n)]
+    def prompts(self, rng: random.Random, n: int, split: Split = "training") -> list[list[dict[str, Any]]]:
+        return topic_prompts(rng, n, split)
 
     def reward(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
         if not completion.token_ids:
@@ -44,8 +56,8 @@ class TokenSet:
     def __init__(self, name: str, token_ids: frozenset[int]):
         self.name, self.token_ids = name, token_ids
 
-    def prompts(self, rng: random.Random, n: int) -> list[list[dict[str, Any]]]:
-        return [[{"role": "user", "content": f"Write about {rng.choice(TOPICS)}."}] for _ in range(n)]
+    def prompts(self, rng: random.Random, n: int, split: Split = "training") -> list[list[dict[str, Any]]]:
+        return topic_prompts(rng, n, split)
 
     def reward(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
         if not completion.token_ids:

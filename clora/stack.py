@@ -146,7 +146,7 @@ class Stack:
 
     def _start_trainer(self, model: str) -> ChildProcess:
         """The co-located trainer, in its own process (its compute must not hold the gateway's GIL)."""
-        env = {**os.environ, "CLORA_HOME": str(self.settings.home), "CLORA_GATEWAY_URL": self.gateway_url,
+        env = {**os.environ, **self.settings.child_env(), "CLORA_GATEWAY_URL": self.gateway_url,
                "CLORA_REDIS_URL": self.redis_url, "CLORA_MODEL": model}
         env.pop("CLORA_ENGINE_LOG", None)  # marks processes vLLM spawns (clora.core.processes); not the trainer
         return ChildProcess("trainer", [sys.executable, "-m", "clora.cli.main", "train"], self.run_dir / "trainer.log",

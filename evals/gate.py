@@ -1,7 +1,10 @@
 """The promotion gate and the record of what it decided.
 
 A candidate version is served only if its eval score is not worse than the current version's by
-more than a tolerance; otherwise it is held back. Every decision, automatic or manual, is appended
+more than a tolerance, nor worse than the best score the gate ever served (the first served
+version's, usually the base model's, then every promoted one's) by more than the tolerance:
+otherwise a run of candidates each within tolerance of the last could drift down without end.
+Otherwise it is held back. Every decision, automatic or manual, is appended
 to the customer's eval history in Redis, and the versions that were promoted form a stack that
 rollback pops (they are pinned so that version pruning keeps them).
 """
@@ -28,6 +31,8 @@ class Decision(BaseModel):
     candidate: str | None = Field(description="Version decided on (None: base model).")
     current_score: float | None = None
     candidate_score: float | None = None
+    best: str | None = Field(default=None, description="The best version the gate served on this suite.")
+    best_score: float | None = None
     tolerance: float | None = None
     reason: str
     at: float = Field(default_factory=time.time)
@@ -40,14 +45,33 @@ class PromotionGate:
         self.tolerance = tolerance
 
     def decide(self, customer: str, current: EvalScore, candidate: EvalScore,
-               current_name: str | None, candidate_name: str) -> Decision:
-        promote = candidate.score >= current.score - self.tolerance - 1e-9  # float noise is not a regression
+               current_name: str | None, candidate_name: str, best: Best | None = None) -> Decision:
+        """Promote unless the candidate is below the served version, or below the best ever served,
+        by more than the tolerance (float noise is not a regression)."""
+        best = best or Best(version=current_name, score=current.score)
+        below_current = candidate.score < current.score - self.tolerance - 1e-9
+        below_best = candidate.score < best.score - self.tolerance - 1e-9
         delta = candidate.score - current.score
-        reason = (f"{candidate.score:.3f} vs {current.score:.3f} ({delta:+.3f}); "
-                  f"{'within' if promote else 'beyond'} tolerance {self.tolerance:.3f}")
+        reason = f"{candidate.score:.3f} vs {current.score:.3f} ({delta:+.3f})"
+        if below_current:
+            reason += f"; beyond tolerance {self.tolerance:.3f}"
+        elif below_best:
+            reason += (f"; within tolerance {self.tolerance:.3f} of the served version but "
+                       f"{candidate.score - best.score:+.3f} below the best served ({best.version or 'base'}, "
+                       f"{best.score:.3f})")
+        else:
+            reason += f"; within tolerance {self.tolerance:.3f}"
+        promote = not (below_current or below_best)
         return Decision(customer=customer, action="promoted" if promote else "held-back", current=current_name,
                         candidate=candidate_name, current_score=current.score, candidate_score=candidate.score,
-                        tolerance=self.tolerance, reason=reason)
+                        best=best.version, best_score=best.score, tolerance=self.tolerance, reason=reason)
+
+
+class Best(BaseModel):
+    """The best-scoring version the gate has served on a suite (None: the base model)."""
+
+    version: str | None
+    score: float
 
 
 class EvalHistory:
@@ -72,6 +96,13 @@ class EvalHistory:
 
     async def decided(self, customer: str, version: str) -> bool:
         return bool(await self.redis.sismember(f"clora:eval:decided:{customer}", version))
+
+    async def best(self, customer: str, suite: str) -> Best | None:
+        raw = await self.redis.hget(f"clora:eval:best:{customer}", suite)
+        return Best.model_validate_json(raw) if raw else None
+
+    async def set_best(self, customer: str, suite: str, best: Best) -> None:
+        await self.redis.hset(f"clora:eval:best:{customer}", suite, best.model_dump_json())
 
     async def cached_score(self, version: str, suite: str) -> EvalScore | None:
         raw = await self.redis.hget("clora:eval:scores", f"{version}|{suite}")

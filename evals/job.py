@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from clora.core.admin_client import RuntimeClient
 from clora.core.settings import Settings
-from clora.evals.gate import Decision, EvalHistory, PromotionGate
+from clora.evals.gate import Best, Decision, EvalHistory, PromotionGate
 from clora.evals.scoring import EvalScore, admin_chat_client, score
 from clora.evals.suites import EvalSuite, SuiteStore
 
@@ -74,9 +74,16 @@ class EvalJob:
             return None
         current_score, candidate_score = await asyncio.gather(self.score(customer, suite, current),
                                                               self.score(customer, suite, candidate))
-        decision = self.gate.decide(customer, current_score, candidate_score, current, candidate)
+        fingerprint = suite.fingerprint()
+        best = await self.history.best(customer, fingerprint)
+        if best is None:  # the first decision on this suite: the served version sets the bar
+            best = Best(version=current, score=current_score.score)
+            await self.history.set_best(customer, fingerprint, best)
+        decision = self.gate.decide(customer, current_score, candidate_score, current, candidate, best)
         if decision.action == "promoted":
             await self._serve(customer, current, candidate)
+            if candidate_score.score > best.score:
+                await self.history.set_best(customer, fingerprint, Best(version=candidate, score=candidate_score.score))
         await self.history.append(decision)
         log.info("customer %s: %s %s (%s)", customer, decision.action, candidate, decision.reason)
         return decision

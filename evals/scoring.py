@@ -15,10 +15,11 @@ from typing import Any
 import openai
 from pydantic import BaseModel
 
-from clora.agents.arithmetic import generate
+from clora.agents.arithmetic import generate_in
 from clora.agents.catalog import make_env
 from clora.agents.envs import Completion
 from clora.agents.runner import run_arithmetic
+from clora.evals.intervals import interval90
 from clora.evals.suites import EvalSuite
 
 
@@ -27,6 +28,9 @@ class EvalScore(BaseModel):
     suite: str  # fingerprint
     score: float  # mean reward, 0..1
     n: int
+    low: float | None = None  # the score's 90% interval (None: scored before intervals were kept)
+    high: float | None = None
+    content: float | None = None  # share of answers that still answer the question (environments with a check)
     seconds: float
     at: float
     answers: list[str] = []  # the answers' texts (for reports and leakage checks)
@@ -50,22 +54,36 @@ async def score(client: openai.AsyncOpenAI, suite: EvalSuite, model: str) -> Eva
     started = time.perf_counter()
     rng = random.Random(suite.seed)
     rewards: list[float]
+    content: list[float] = []
     if suite.golden:
         texts = [c.text for c in await asyncio.gather(*[_chat(client, model, case.messages, suite.max_tokens)
                                                        for case in suite.golden])]
         rewards = [float(t.strip() == case.expected.strip()) for t, case in zip(texts, suite.golden)]
     elif suite.environment.startswith("arithmetic:"):
         level = int(suite.environment.partition(":")[2] or 1)
-        episodes = await asyncio.gather(*[run_arithmetic(client, generate(rng, level), model=model,
-                                                         max_tokens=suite.max_tokens) for _ in range(suite.n)])
+        problems = [generate_in(rng, level, suite.split) for _ in range(suite.n)]
+        episodes = await asyncio.gather(*[run_arithmetic(client, problem, model=model, max_tokens=suite.max_tokens)
+                                          for problem in problems])
         rewards = [e.reward for e in episodes]
         texts = [f"{e.calculator_calls} -> {e.final_answer} ({e.stopped})" for e in episodes]
     else:
         env = make_env(suite.environment)
-        draw = getattr(env, "heldout_prompts", env.prompts)
-        prompts = draw(rng, suite.n)
+        prompts = env.prompts(rng, suite.n, suite.split)
         completions = await asyncio.gather(*[_chat(client, model, p, suite.max_tokens) for p in prompts])
         rewards = [env.reward(p, c) for p, c in zip(prompts, completions)]
         texts = [c.text for c in completions]
+        if hasattr(env, "content"):
+            content = [env.content(p, c) for p, c in zip(prompts, completions)]
+    low, high = interval90(rewards)
     return EvalScore(adapter=model, suite=suite.fingerprint(), score=sum(rewards) / len(rewards), n=len(rewards),
+                     low=low, high=high, content=sum(content) / len(content) if content else None,
                      seconds=time.perf_counter() - started, at=time.time(), answers=texts)
+
+
+def shown(score: EvalScore | None) -> str:
+    """A score with its 90% interval, for tables."""
+    if score is None:
+        return "-"
+    if score.low is None or score.high is None:
+        return f"{score.score:.3f}"
+    return f"{score.score:.3f} [{score.low:.2f}, {score.high:.2f}]"

@@ -1,14 +1,16 @@
 """Per-customer eval suites: what a customer's adapters are scored on, kept in Redis.
 
-A suite is either an environment (its held-out prompts, scored by its verifiable reward) or a list
-of golden cases (fixed prompts whose expected answer is known). Prompts come from pools or seeds
-the trainer never uses, so a score measures generalisation, not memory.
+A suite is either an environment (prompts of one of its eval splits, scored by its verifiable
+reward) or a list of golden cases (fixed prompts whose expected answer is known). An environment's
+`gate` and `report` splits are disjoint from each other and from its training prompts
+(`clora.agents.envs.split_of`), so a score measures generalisation, not memory, and a reported score
+(the report split) is never the one that selected the version (the gate split).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, model_validator
@@ -25,6 +27,8 @@ class EvalSuite(BaseModel):
     environment: str | None = Field(default=None, description="Environment spec, or arithmetic:<level>.")
     golden: list[GoldenCase] = Field(default_factory=list)
     n: int = Field(default=16, ge=1, le=1024, description="Prompts (or episodes) per evaluation.")
+    split: Literal["gate", "report"] = Field(default="gate", description="The environment's eval split: `gate` for "
+                                             "the promotion gate, `report` for scores that are reported.")
     seed: int = Field(default=HELD_OUT_SEED, description="Draws prompts; keep it away from training seeds.")
     max_tokens: int = Field(default=64, ge=1, le=4096)
 

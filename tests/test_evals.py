@@ -9,7 +9,8 @@ import httpx
 import redis.asyncio as aioredis
 
 from clora.core.admin_client import RuntimeClient
-from clora.evals.gate import EvalHistory, PromotionGate
+from clora.evals.gate import Best, EvalHistory, PromotionGate
+from clora.evals.intervals import half_width, interval90, wilson
 from clora.evals.job import EvalJob
 from clora.evals.scoring import EvalScore, admin_chat_client
 from clora.evals.suites import EvalSuite, GoldenCase, SuiteStore
@@ -166,3 +167,51 @@ def test_gate_tolerance():
     assert gate.decide("c", score(0.8), score(0.7), "c.v1", "c.v2").action == "promoted"
     assert gate.decide("c", score(0.8), score(0.69), "c.v1", "c.v2").action == "held-back"
     assert gate.decide("c", score(0.2), score(0.9), None, "c.v1").action == "promoted"
+
+
+def test_gate_refuses_a_slow_drift_below_the_best_served():
+    """Each candidate is within tolerance of the served one, but three steps of -0.08 add up: the
+    gate holds back the one that falls more than the tolerance below the best it ever served."""
+    gate = PromotionGate(tolerance=0.1)
+    score = lambda s: EvalScore(adapter="x", suite="s", score=s, n=10, seconds=0, at=0)  # noqa: E731
+    best = Best(version="c.v1", score=0.8)
+    assert gate.decide("c", score(0.8), score(0.72), "c.v1", "c.v2", best).action == "promoted"
+    drifted = gate.decide("c", score(0.72), score(0.64), "c.v2", "c.v3", best)
+    assert drifted.action == "held-back" and "below the best served (c.v1, 0.800)" in drifted.reason
+    assert drifted.best == "c.v1" and drifted.best_score == 0.8
+    # Without a best on record, the served version is the bar.
+    assert gate.decide("c", score(0.72), score(0.64), "c.v2", "c.v3").action == "promoted"
+
+
+def test_the_job_keeps_the_best_served_score_per_suite(gateway, redis_url, make_customer, make_adapter, admin,
+                                                       tmp_path):
+    name, _ = make_customer("best")
+    suite = EvalSuite(environment="token-range:0-24576", n=8, max_tokens=8)  # about half of the tokens score
+
+    async def act(job: EvalJob):
+        await job.suites.set(name, suite)
+        publish(admin, name, make_adapter(seed=7), switch=False)
+        decision = await job.evaluate(name)
+        return decision, await job.history.best(name, suite.fingerprint())
+
+    decision, best = run(gateway, redis_url, tmp_path, act, tolerance=1.0)  # any candidate is promoted
+    assert decision.action == "promoted" and decision.current is None
+    assert decision.best is None and decision.best_score == decision.current_score  # the base model set the bar
+    # After the promotion the bar is the better of the two: a worse promotion never lowers it.
+    if decision.candidate_score > decision.current_score:
+        assert best == Best(version=decision.candidate, score=decision.candidate_score)
+    else:
+        assert best == Best(version=None, score=decision.current_score)
+
+
+def test_intervals_by_hand():
+    # Wilson at 90%, 8 of 10 (z^2 = 2.7055): centre (0.8 + 0.1353) / 1.2706 = 0.7361, half-width
+    # 1.6449 * sqrt(0.016 + 0.006764) / 1.2706 = 0.1953: 0.541..0.931.
+    low, high = wilson(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.541, 0.931)
+    assert wilson(0, 16)[0] == 0.0 and 0.1 < wilson(0, 16)[1] < 0.2  # not degenerate at 0/n
+    assert interval90([1.0] * 8 + [0.0] * 2) == wilson(8, 10)
+    partial = interval90([0.5, 0.25, 0.75, 1.0] * 16)
+    assert partial[0] < 0.625 < partial[1] and partial == interval90([0.5, 0.25, 0.75, 1.0] * 16)  # seeded
+    # 64 prompts at a share near 0.5 give about +/-0.1: what the demo's report set needs.
+    assert half_width(*wilson(32, 64)) < 0.105

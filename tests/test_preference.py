@@ -1,4 +1,5 @@
-"""Customer preference rules: checks, corrections that comply, and the held-out question split."""
+"""Customer preference rules: checks, corrections that comply, the content check, and the splits
+(training, gate, report) of every environment's prompts, disjoint."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import random
 
 import pytest
 
+from clora.agents.arithmetic import generate, generate_in
 from clora.agents.catalog import make_env
-from clora.agents.envs import Completion
-from clora.agents.preference import DEMO_RULES, FALLBACK, HELD_OUT, TRAINING, core_answer, questions, rule
+from clora.agents.envs import FACTORIES, SPLITS, Completion, split_of
+from clora.agents.preference import DEMO_RULES, FALLBACK, GATE, REPORT, TRAINING, core_answer, on_topic, questions, rule
 
 ANSWERS = [
     "A bicycle is a vehicle with two wheels. You pedal it to move forward. It is cheap and healthy.",
@@ -70,17 +72,55 @@ def test_bullets_split_into_whole_sentences_or_clauses():
         "- Tea is a drink made from leaves\n- and people enjoy it hot"
 
 
-def test_held_out_questions_never_appear_in_training_prompts():
-    assert not set(HELD_OUT) & set(TRAINING)
+def test_the_subject_pools_are_disjoint_and_the_report_pool_is_large_enough():
+    assert not (set(TRAINING) & set(GATE) or set(TRAINING) & set(REPORT) or set(GATE) & set(REPORT))
+    assert len(questions(REPORT)) >= 64  # a 90% interval of +/-0.1 on a share needs 64 prompts
+
+
+SPECS = {"preference": "preference:json", "token-range": "token-range:0-1000"}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_every_environments_splits_are_disjoint(name):
+    """Training prompts (many draws), gate and report prompts never share a prompt; for preference,
+    never a subject either."""
+    env = make_env(SPECS[name])
+    drawn = {split: {p[-1]["content"] for seed in range(20) for p in env.prompts(random.Random(seed), 50, split)}
+             for split in SPLITS}
+    assert all(drawn.values())
+    assert not (drawn["training"] & drawn["gate"] or drawn["training"] & drawn["report"]
+                or drawn["gate"] & drawn["report"])
+
+
+def test_arithmetic_problems_of_each_split_never_meet():
+    problems = {split: {generate_in(random.Random(seed), 2, split).question for seed in range(300)}
+                for split in SPLITS}
+    assert not (problems["training"] & problems["gate"] or problems["training"] & problems["report"]
+                or problems["gate"] & problems["report"])
+    assert {split_of(generate(random.Random(s), 2).question) for s in range(50)} == set(SPLITS)
+
+
+def test_eval_splits_draw_distinct_prompts():
     env = make_env("preference:json")
-    trained = {p[-1]["content"] for p in env.prompts(random.Random(0), 500)}
-    held_out = {p[-1]["content"] for p in env.heldout_prompts(random.Random(0), 50)}
-    assert trained <= set(questions(TRAINING)) and held_out <= set(questions(HELD_OUT))
-    assert not trained & held_out and len(held_out) == 50
+    report = [p[-1]["content"] for p in env.prompts(random.Random(0), 64, "report")]
+    assert len(set(report)) == 64 and set(report) <= set(questions(REPORT))
 
 
-def test_reward_is_the_rule_check():
+def test_content_check_fails_a_collapsed_answer():
+    question = "Why do people care about a volcano?"
+    assert on_topic(question, "Volcanoes shape land and can erupt.")
+    for collapsed in ('{"answer": "a b"}', "- a\n- a", "I am happy to help with that."):
+        assert not on_topic(question, collapsed)
+    env = make_env("preference:json")
+    prompt = [{"role": "user", "content": question}]
+    assert env.reward(prompt, Completion('{"answer": "A volcano is a mountain that erupts."}', [])) == 1.0
+    assert env.reward(prompt, Completion('{"answer": "a b"}', [])) == 0.0  # the form alone no longer scores
+    assert env.content(prompt, Completion('{"answer": "a b"}', [])) == 0.0
+
+
+def test_reward_is_the_rule_check_and_the_content_check():
     env = make_env("preference:sign-off:-- The Globex Team")
-    prompt = env.prompts(random.Random(1), 1)[0]
+    prompt = [{"role": "user", "content": "What is tea?"}]
     assert env.reward(prompt, Completion("Tea is a drink.\n-- The Globex Team", [])) == 1.0
     assert env.reward(prompt, Completion("Tea is a drink.", [])) == 0.0
+    assert env.reward(prompt, Completion("It is nice.\n-- The Globex Team", [])) == 0.0

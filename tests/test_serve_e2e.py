@@ -139,7 +139,7 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
 
         # The trainer exports its metrics (steps, rated records by path, logprob gap).
         metrics = wait_until(lambda: trainer_metrics(env["CLORA_TRAINER_METRICS_PORT"]), 60, "trainer metrics")
-        assert "clora_trainer_logprob_gap_nats" in metrics and "clora_trainer_rated_records_total" in metrics
+        assert "clora_trainer_logprob_gap_nats" in metrics and "clora_trainer_records_total" in metrics
 
         # The trainer child dies; clora serve starts it again.
         def trainers() -> list[psutil.Process]:

@@ -154,7 +154,7 @@ async def test_feedback_from_the_webhook_trains_the_customer(gateway, make_custo
         first = reports[0][0]
         assert (first.rated, first.corrections) == (1, 1)
         assert set(first.result.losses) == {"offpolicy", "correction", "preference"}
-        assert first.result.paths == {"importance": 1}  # sampled at T=1: the ratio is computable
+        assert first.result.paths == {"importance": 1, "correction": 1}  # sampled at T=1: a ratio
         # Sampled by the base model, which the fresh adapter is: the trainer's logprobs are vLLM's.
         assert 0 < first.result.gap.tokens <= 8 and first.result.gap.mean < 0.01
         # Later steps had no new records: the buffer's records were replayed.

@@ -39,7 +39,8 @@ from clora.trainer.step import TenantResult, backward
 
 log = logging.getLogger("clora.trainer")
 STEPS = Counter("clora_trainer_steps_total", "Tenant steps by outcome", ["customer", "outcome"])
-RATED = Counter("clora_trainer_rated_records_total", "Rated records trained on, by path", ["customer", "path"])
+RECORDS = Counter("clora_trainer_records_total", "Production records trained on, by loss path (importance, "
+                  "ratio_free: rated answers; correction: SFT)", ["customer", "path"])
 GAP = Gauge("clora_trainer_logprob_gap_nats", "|trainer - vLLM| logprob on tokens the trained weights sampled, "
             "last step", ["customer", "stat"])
 
@@ -103,7 +104,7 @@ class StepReport:
     mean_reward: float | None  # on-policy samples of this step (before the update)
     rated: int
     corrections: int
-    result: TenantResult  # losses, rated records per path, logprob gap
+    result: TenantResult  # losses, records per loss path, logprob gap
     seconds: float
     skipped: str | None = None  # why the step was not applied
 
@@ -174,10 +175,10 @@ async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str]) ->
 
 
 def observe(report: StepReport) -> None:
-    """The step's outcome, rated records per path and logprob gap, as metrics."""
+    """The step's outcome, records per loss path and logprob gap, as metrics."""
     STEPS.labels(report.customer, "skipped" if report.skipped else "published").inc()
     for path, count in report.result.paths.items():
-        RATED.labels(report.customer, path).inc(count)
+        RECORDS.labels(report.customer, path).inc(count)
     gap = report.result.gap
     if gap.mean is not None:
         GAP.labels(report.customer, "mean").set(gap.mean)

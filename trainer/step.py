@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # types only: this module loads with torch alone
     from clora.wire.feedback import TrainingRecord
 
 Layers = dict[str, MultiLoRALinear]
-IMPORTANCE, RATIO_FREE = "importance", "ratio_free"
+IMPORTANCE, RATIO_FREE, CORRECTION = "importance", "ratio_free", "correction"  # loss paths of records
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TenantResult:
     """What a step's backward learnt of one tenant."""
 
     losses: dict[str, float] = field(default_factory=dict)
-    paths: dict[str, int] = field(default_factory=dict)  # rated records per path
+    paths: dict[str, int] = field(default_factory=dict)  # records per loss path: importance, ratio_free, correction
     gap: Gap = field(default_factory=Gap)
 
 
@@ -105,6 +105,7 @@ def backward(model: nn.Module, layers: Layers, data: list[TenantData], states: d
     if corrected:
         for d, value in zip(corrected, correction_backward(model, layers, corrected, states, pass_tokens)):
             results[d.customer].losses["correction"] = value
+            results[d.customer].paths[CORRECTION] = len(d.corrections)
 
     for d in data:
         if d.corrections and d.config.weights.preference:

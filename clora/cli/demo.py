@@ -15,6 +15,8 @@ from clora.core.state import serve_state
 def demo(minutes: float = typer.Option(14.0, help="Time budget for the whole run, start-up included."),
          requests_per_round: int = typer.Option(8, help="Questions each customer's agent asks per round."),
          max_rounds: int = typer.Option(0, help="Stop after this many rounds (0: when learnt or out of time)."),
+         report_prompts: int = typer.Option(64, min=8, help="Report-set questions per customer (the reported "
+                                                                "scores; disjoint from training and the gate set)."),
          out_dir: Path | None = typer.Option(None, help="Where demo.json and demo.png go "
                                                          "[default: <CLORA_HOME>/demo/<start time>/].")) -> None:
     """Simulated customers with hidden preferences learn live: traffic, operator feedback, training,
@@ -28,7 +30,7 @@ def demo(minutes: float = typer.Option(14.0, help="Time budget for the whole run
     log_file.parent.mkdir(parents=True, exist_ok=True)
     setup_logging(file=log_file)  # the screen is the live table
     options = DemoOptions(minutes=minutes, requests_per_round=requests_per_round, out_dir=out_dir,
-                          max_rounds=max_rounds or None)
+                          max_rounds=max_rounds or None, report_prompts=report_prompts)
     try:
         report = run_serving(run_demo(settings, options, console))
     except ServiceStartError as exc:

@@ -16,6 +16,7 @@ from clora.core.settings import Settings
 from clora.core.state import admin_key
 from clora.evals.gate import Decision, EvalHistory
 from clora.evals.job import EvalJob
+from clora.evals.scoring import shown
 from clora.evals.suites import EvalSuite, SuiteStore
 from clora.runtime.adapters import AdapterRegistry
 
@@ -43,12 +44,12 @@ def eval_table(ctx: typer.Context) -> None:
                                                suite.fingerprint())
             last = (await history.decisions(customer, 1) or [None])[-1]
             out.append((customer, suite.environment or f"golden x{len(suite.golden)}", served or "base",
-                        f"{score.score:.3f}" if score else "-",
+                        shown(score),
                         f"{last.action} {last.candidate or 'base'}" if last else "-",
                         last.reason if last else "", _stamp(last.at if last else None)))
         return out
 
-    table = Table("customer", "suite", "served", "score", "last decision", "why", "when")
+    table = Table("customer", "suite", "served", "score [90% interval]", "last decision", "why", "when")
     for row in asyncio.run(with_redis(settings, rows)):
         table.add_row(*row)
     console.print(table)
@@ -95,11 +96,12 @@ def _with_eval_job(action):
 
 
 def _print_decisions(decisions: list[Decision]) -> None:
-    table = Table("customer", "decision", "candidate", "score", "served before", "score", "why")
+    table = Table("customer", "decision", "candidate", "score", "served before", "score", "best served", "why")
     for d in decisions:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        best = f"{d.best or 'base'} {fmt(d.best_score)}" if d.best_score is not None else "-"
         table.add_row(d.customer, d.action, d.candidate or "base", fmt(d.candidate_score), d.current or "base",
-                      fmt(d.current_score), d.reason)
+                      fmt(d.current_score), best, d.reason)
     console.print(table)
 
 

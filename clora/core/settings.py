@@ -6,6 +6,7 @@ values each component needs; nothing reads them at import time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -95,6 +96,12 @@ class Settings(BaseSettings):
     eval_interval_s: float = Field(default=300.0, description="Seconds between eval rounds; 0 = no periodic job.")
     eval_tolerance: float = Field(default=0.05, ge=0, le=1,
                                   description="A candidate may score this much below the served version.")
+
+    def child_env(self) -> dict[str, str]:
+        """These settings as `CLORA_*` variables: a child process (the trainer) then runs with exactly
+        them, whether they came from the environment or were set by the parent (the demo does)."""
+        return {f"CLORA_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
+                for name, value in self.model_dump(mode="json").items() if value is not None}
 
     @property
     def trainer_dir(self) -> Path:

@@ -14,9 +14,21 @@ from clora.evals.gate import Decision
 class CustomerReport(BaseModel):
     customer: str
     rule: str
-    eval_before: float = Field(description="Held-out score of the base model (0..1).")
-    eval_after: float = Field(description="Held-out score of the version served at the end.")
-    foreign_rule_rate: float = Field(description="Share of its held-out answers (at the end) that follow "
+    eval_before: float = Field(description="Report-set score of the base model (0..1): rule followed and "
+                                           "question answered.")
+    eval_after: float = Field(description="Report-set score of the version served at the end.")
+    eval_before_ci: tuple[float, float] = Field(description="90% interval of eval_before.")
+    eval_after_ci: tuple[float, float] = Field(description="90% interval of eval_after.")
+    content_before: float | None = Field(description="Share of the base model's report-set answers that still "
+                                                     "answer the question (name its subject).")
+    content_after: float | None = Field(description="The same for the version served at the end.")
+    gate_before: float = Field(description="Gate-set score of the base model (what the gate and the stopping "
+                                           "rule saw; not a reported measure).")
+    gate_after: float
+    feedback_kinds: list[str] = Field(description="Kinds of feedback the operator sent: rating, reward, correction.")
+    records_by_path: dict[str, int] = Field(description="Training records used by each loss path (importance, "
+                                                        "ratio_free: rated answers; correction: SFT).")
+    foreign_rule_rate: float = Field(description="Share of its report-set answers (at the end) that follow "
                                                  "another customer's rule.")
     foreign_rule_rate_before: float
     served_version: str | None
@@ -36,7 +48,10 @@ class DemoReport(BaseModel):
     command: str
     model: str
     target_gain: float
-    passed: bool = Field(description="Every customer gained at least target_gain, and none adopted another's rule.")
+    report_set_size: int = Field(description="Report-set prompts per customer (disjoint from gate and training).")
+    gate_set_size: int
+    passed: bool = Field(description="Every customer gained at least its target on the report set, kept at least "
+                                     "0.8 of the base model's content, and adopted no other customer's rule.")
     customers: list[CustomerReport]
     decisions: list[Decision]
 

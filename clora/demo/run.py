@@ -4,8 +4,10 @@ Everything runs as in production: `clora serve`'s stack (embedded Kafka and Redi
 default model, the gateway, ingestion, the trainer as a child process), simulated customers
 sending live traffic through the OpenAI-compatible endpoint, a simulated operator sending ratings
 and corrections through the feedback webhook, and the eval job's promotion gate deciding which
-trained version each customer is served. Rounds go on until every customer has gained the target
-on its held-out eval, or the time budget is spent; then a report (table, JSON, PNG).
+trained version each customer is served. Rounds go on until every customer's gate-set score has
+gained the target, or the time budget is spent; then a report (table, JSON, PNG) whose scores come
+from a report set: questions on subjects disjoint from training and from the gate set, so the
+reported gains are not measured on the set that selected them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -25,6 +29,7 @@ from clora.agents.preference import DEMO_RULES
 from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
 from clora.core.models import resolve_model
+from clora.core.processes import free_port
 from clora.core.settings import Settings
 from clora.core.state import admin_key
 from clora.demo.report import CustomerReport, DemoReport, machine, write
@@ -42,7 +47,8 @@ class DemoOptions:
     minutes: float = 14.0  # whole run, start-up included
     max_rounds: int | None = None  # stop after this many rounds even if time is left
     requests_per_round: int = 8  # per customer
-    eval_prompts: int = 16
+    eval_prompts: int = 16  # the gate set (promotions, and when to stop)
+    report_prompts: int = 64  # the report set (the reported scores): a 90% interval of about +/-0.1
     max_tokens: int = 64
     target_gain: float = 0.4
     lr: float = 2e-3
@@ -52,13 +58,16 @@ class DemoOptions:
 @dataclass
 class Tenant:
     sim: SimulatedCustomer
-    suite: EvalSuite
-    before: EvalScore | None = None
+    suite: EvalSuite  # gate set
+    report_suite: EvalSuite
+    before: EvalScore | None = None  # gate set, base model
+    report_before: EvalScore | None = None
     served: str | None = None
     score: float | None = None
     published: int = 0
     requests: int = 0
     feedback: int = 0
+    feedback_kinds: set[str] = field(default_factory=set)
     live: list[tuple[float, float]] = field(default_factory=list)
     evals: list[tuple[float, float]] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
@@ -89,10 +98,11 @@ class Demo:
             config = TenantConfig(gated=True, lr=self.options.lr, records_per_step=8, min_records=4)
             await admin.set_trainer_config(name, config.model_dump())
             suite = EvalSuite(environment=f"preference:{rule_spec}", n=self.options.eval_prompts,
-                              max_tokens=self.options.max_tokens)
-            await suites.set(name, suite)
-            self.tenants[name] = Tenant(SimulatedCustomer(name, rule_spec, key, stack.gateway_url, seed=len(self.tenants)),
-                                        suite)
+                              max_tokens=self.options.max_tokens, split="gate")
+            await suites.set(name, suite)  # what the promotion gate scores
+            report_suite = suite.model_copy(update={"n": self.options.report_prompts, "split": "report"})
+            simulated = SimulatedCustomer(name, rule_spec, key, stack.gateway_url, seed=len(self.tenants))
+            self.tenants[name] = Tenant(simulated, suite, report_suite)
         await admin.close()
         # The operator's reference answers: the base model's greedy answer to the question (uncaptured).
         self.reference_client = admin_chat_client(stack.gateway_url, admin_key(self.settings), next(iter(DEMO_RULES)))
@@ -116,6 +126,7 @@ class Demo:
             await operator.send(events)
             tenant.requests += len(exchanges)
             tenant.feedback += len(events)
+            tenant.feedback_kinds |= {kind for e in events for kind in kinds_of(e)}
             followed = sum(e.rating == "up" for e in events) / len(events)
             tenant.live.append((self.minutes(), followed))
 
@@ -198,9 +209,12 @@ class Demo:
         operator = await self.enroll(stack)
         job = EvalJob.connect(stack.redis, stack.gateway_url, admin_key(self.settings), self.settings)
         try:
-            self.phase = "scoring the base model on every customer's held-out suite"
-            for name, tenant in self.tenants.items():
-                tenant.before = await job.score(name, tenant.suite, None)
+            self.phase = "scoring the base model on every customer's gate and report sets"
+            names = list(self.tenants)
+            befores = await asyncio.gather(*[job.score(n, self.tenants[n].suite, None) for n in names],
+                                           *[job.score(n, self.tenants[n].report_suite, None) for n in names])
+            for i, name in enumerate(names):
+                self.tenants[name].before, self.tenants[name].report_before = befores[i], befores[len(names) + i]
                 await self.refresh(job, name)
             deadline = self.options.minutes - 1.5  # leaves time for the final report
             while self.minutes() < deadline and not self.done() and self.round != self.options.max_rounds:
@@ -221,26 +235,46 @@ class Demo:
                 await t.sim.close()
 
     async def report(self, job: EvalJob, stack: Stack) -> DemoReport:
+        """The reported scores: the served versions on the report set (all customers at once)."""
         rules = {name: t.sim.rule for name, t in self.tenants.items()}
+        names = list(self.tenants)
+        finals = await asyncio.gather(*[job.score(n, self.tenants[n].report_suite, self.tenants[n].served)
+                                        for n in names])
+        gates = await asyncio.gather(*[job.score(n, self.tenants[n].suite, self.tenants[n].served) for n in names])
+        paths = trainer_records(self.settings.trainer_metrics_port)
         customers = []
-        for name, t in self.tenants.items():
-            final = await job.score(name, t.suite, t.served)
-            foreign = [r for other, r in rules.items() if other != name]
+        for name, final, gate in zip(names, finals, gates):
+            t, foreign = self.tenants[name], [r for other, r in rules.items() if other != name]
 
             def leak(score: EvalScore) -> float:
                 return sum(any(r.check(a) for r in foreign) for a in score.answers) / max(1, len(score.answers))
 
+            before = t.report_before
             customers.append(CustomerReport(
-                customer=name, rule=t.sim.rule.name, eval_before=t.before.score, eval_after=final.score,
-                foreign_rule_rate=leak(final), foreign_rule_rate_before=leak(t.before), served_version=t.served,
+                customer=name, rule=t.sim.rule.name, eval_before=before.score, eval_after=final.score,
+                eval_before_ci=interval_of(before), eval_after_ci=interval_of(final),
+                content_before=before.content, content_after=final.content, gate_before=t.before.score,
+                gate_after=gate.score, feedback_kinds=sorted(t.feedback_kinds), records_by_path=paths.get(name, {}),
+                foreign_rule_rate=leak(final), foreign_rule_rate_before=leak(before), served_version=t.served,
                 versions_published=t.published, promoted=sum(d.action == "promoted" for d in t.decisions),
                 held_back=sum(d.action == "held-back" for d in t.decisions), requests=t.requests,
-                feedback_events=t.feedback, live=t.live, evals=t.evals + [(self.minutes(), final.score)]))
+                feedback_events=t.feedback, live=t.live, evals=t.evals + [(self.minutes(), gate.score)]))
         passed = all(c.eval_after - c.eval_before >= self.options.target_gain and c.foreign_rule_rate == 0
-                     for c in customers)
+                     and (c.content_after or 0) >= 0.8 * (c.content_before or 0) for c in customers)
         return DemoReport(minutes=round(self.minutes(), 2), machine=machine(), command=" ".join(["clora", *sys.argv[1:]]),
-                          model=str(stack.model), target_gain=self.options.target_gain, passed=passed,
-                          customers=customers, decisions=[d for t in self.tenants.values() for d in t.decisions])
+                          model=str(stack.model), target_gain=self.options.target_gain,
+                          report_set_size=self.options.report_prompts, gate_set_size=self.options.eval_prompts,
+                          passed=passed, customers=customers,
+                          decisions=[d for t in self.tenants.values() for d in t.decisions])
+
+
+def with_ci(value: float, ci: tuple[float, float]) -> str:
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def interval_of(score: EvalScore) -> tuple[float, float]:
+    """A score's 90% interval (scores cached before intervals were kept: none, so the whole range)."""
+    return (score.low, score.high) if score.low is not None and score.high is not None else (0.0, 1.0)
 
 
 def demo_settings(base: Settings) -> Settings:
@@ -250,20 +284,46 @@ def demo_settings(base: Settings) -> Settings:
     # On a small machine serving and training must take turns (two compute-bound processes on the
     # same cores slow each other down many times over): the trainer waits while any request runs.
     return base.model_copy(update={"home": home, "model": model, "port": 0, "eval_interval_s": 0.0,
-                                   "trainer_enabled": True, "trainer_idle_s": 1.0, "trainer_max_inflight": 0})
+                                   "trainer_enabled": True, "trainer_idle_s": 1.0, "trainer_max_inflight": 0,
+                                   "trainer_metrics_port": free_port()})
+
+
+def kinds_of(event) -> list[str]:
+    """The kinds of feedback one event carries (an event may carry a rating and a correction)."""
+    return [kind for kind, value in (("rating", event.rating), ("reward", event.reward),
+                                     ("correction", event.correction)) if value is not None]
+
+
+def trainer_records(port: int) -> dict[str, dict[str, int]]:
+    """Per customer, the records the trainer used by loss path, from its metrics endpoint."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "clora_trainer_records_total":
+                out.setdefault(sample.labels["customer"], {})[sample.labels["path"]] = int(sample.value)
+    return out
 
 
 def print_report(report: DemoReport, console: Console, paths: tuple[Path, Path]) -> None:
-    table = Table("customer", "rule", "eval before", "eval after", "gain", "foreign rule rate", "served",
-                  "promoted", "held back", title=f"clora demo: {report.minutes:.1f} minutes")
+    table = Table("customer", "rule", "feedback", "report set before [90%]", "after [90%]", "gain", "content kept",
+                  "foreign rule", "served", "promoted", "held back",
+                  title=f"clora demo: {report.minutes:.1f} minutes, report set of {report.report_set_size} "
+                        f"questions per customer")
     for c in report.customers:
-        table.add_row(c.customer, c.rule, f"{c.eval_before:.2f}", f"{c.eval_after:.2f}",
-                      f"{c.eval_after - c.eval_before:+.2f}", f"{c.foreign_rule_rate:.2f}", c.served_version or "base",
-                      str(c.promoted), str(c.held_back))
+        content = f"{c.content_before:.2f} -> {c.content_after:.2f}" \
+            if c.content_before is not None and c.content_after is not None else "-"
+        table.add_row(c.customer, c.rule, "+".join(c.feedback_kinds), with_ci(c.eval_before, c.eval_before_ci),
+                      with_ci(c.eval_after, c.eval_after_ci), f"{c.eval_after - c.eval_before:+.2f}", content,
+                      f"{c.foreign_rule_rate:.2f}", c.served_version or "base", str(c.promoted), str(c.held_back))
     console.print(table)
     verdict = "[bold green]passed[/]" if report.passed else "[bold red]not passed[/]"
-    console.print(f"{verdict}: every customer +{report.target_gain} on its held-out eval, no rule adopted from "
-                  f"another customer. Report: {paths[0]}  Plot: {paths[1]}")
+    console.print(f"{verdict}: every customer +{report.target_gain} on its report set, content kept (at least 0.8 "
+                  f"of the base model's), no rule adopted from another customer. Report: {paths[0]}  "
+                  f"Plot: {paths[1]}")
 
 
 def default_out_dir(settings: Settings) -> Path:

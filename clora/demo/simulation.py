@@ -4,7 +4,9 @@ A simulated customer is an agent in production: it asks questions from the train
 the OpenAI-compatible endpoint with its own API key (so every answer is captured for learning).
 The simulated operator reviews answers like a support lead who knows each customer's house rule:
 thumbs up when the answer follows it; otherwise thumbs down and the corrected answer, sent
-through the feedback webhook with the answer's trace id, as a real operator's tool would. Like a
+through the feedback webhook with the answer's trace id, as a real operator's tool would. Some
+customers' operators only rate (`corrects=False`): thumbs up or down, never a correction, so that
+customer learns from ratings alone (the trainer's `importance` path at the agents' temperature). Like a
 support lead with a knowledge base, it writes the correction's content from a reference answer to
 the question (when given one), not from the answer under review: fixing up an answer that is
 already drifting would teach the drift (measured: content collapsed to "- a\n- a" in 8 steps).
@@ -77,9 +79,11 @@ class SimulatedOperator:
             self._references[question] = await self.reference(exchange.messages)
         return self._references[question]
 
-    async def review(self, exchange: Exchange, rule: Rule) -> FeedbackEvent:
+    async def review(self, exchange: Exchange, rule: Rule, corrects: bool = True) -> FeedbackEvent:
         if rule.check(exchange.answer):
             return FeedbackEvent(trace_id=exchange.trace_id, rating="up", source="operator")
+        if not corrects:
+            return FeedbackEvent(trace_id=exchange.trace_id, rating="down", source="operator")
         corrected = rule.apply(await self.content_for(exchange))
         return FeedbackEvent(trace_id=exchange.trace_id, rating="down", source="operator",
                              correction={"role": "assistant", "content": corrected},
