@@ -166,7 +166,22 @@ def _is_json_answer(text: str) -> bool:
         and len(value["answer"].split()) >= 2 and "{" not in value["answer"]
 
 
+def _is_one_sentence(text: str) -> bool:
+    """One line, one sentence of at least four words, ending with "." or "!" (not cut off)."""
+    text = text.strip()
+    return "\n" not in text and text[-1:] in (".", "!") and len(_SENTENCE.split(text)) == 1 \
+        and len(text.split()) >= 4
+
+
+def _one_sentence(text: str) -> str:
+    first = sentences(text)[0] if sentences(text) else FALLBACK
+    first = " ".join(first.split()[:20]).rstrip(",;:")
+    first = first if first[-1:] in (".", "!") else first.rstrip("?") + "."
+    return first if len(first.split()) >= 4 else FALLBACK
+
+
 BULLETS = Rule("bullets", "structure", 'a list: 2 or more lines, each starting with "- "', _is_bullets, _bullets)
+ONE_SENTENCE = Rule("one-sentence", "structure", "a single sentence on one line", _is_one_sentence, _one_sentence)
 JSON_ANSWER = Rule("json", "structure", 'a JSON object {"answer": "..."} and nothing else', _is_json_answer,
                    lambda text: json.dumps({"answer": core_answer(text)}))
 
@@ -182,16 +197,23 @@ def rule(spec: str) -> Rule:
         return BULLETS
     if spec == "json":
         return JSON_ANSWER
-    raise ValueError(f"unknown rule {spec!r}: use greeting:<phrase>, sign-off:<phrase>, bullets or json")
+    if spec == "one-sentence":
+        return ONE_SENTENCE
+    raise ValueError(f"unknown rule {spec!r}: use greeting:<phrase>, sign-off:<phrase>, bullets, json or "
+                     "one-sentence")
 
 
-# The demo's customers: two brand phrases, two structures.
+# The demo's customers: two brand phrases, three structures. SmolLM2 follows `one-sentence` in about
+# one answer in six at temperature 0.7 (0.16 measured on 180 training questions; 0.20 greedy on the
+# report set), so thumbs up and down alone can teach it: the demo's operator only rates hooli's answers.
 DEMO_RULES: dict[str, str] = {
     "acme": "greeting:Ahoy from Acme!",
     "globex": "sign-off:-- The Globex Team",
     "initech": "bullets",
     "umbrella": "json",
+    "hooli": "one-sentence",
 }
+RATINGS_ONLY = frozenset({"hooli"})  # its operator never sends a correction
 
 
 class PreferenceEnv:

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from clora.core.admin_client import RuntimeClient
 from clora.core.settings import Settings
 from clora.evals.gate import Best, Decision, EvalHistory, PromotionGate
-from clora.evals.scoring import EvalScore, admin_chat_client, score
+from clora.evals.scoring import EvalScore, SharedAnswers, admin_chat_client, greedy_chat, score
 from clora.evals.suites import EvalSuite, SuiteStore
 
 log = logging.getLogger("clora.evals")
@@ -29,6 +29,7 @@ class EvalJob:
         self.gate, self.base_name = gate, base_name
         self.gateway_url, self.admin_key = gateway_url, admin_key
         self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self.base_answers = SharedAnswers()  # the base model answers a question once for every customer
 
     def client(self, customer: str) -> openai.AsyncOpenAI:
         if customer not in self._clients:
@@ -47,7 +48,9 @@ class EvalJob:
         cached = await self.history.cached_score(f"{customer}/{name}", suite.fingerprint())
         if cached is not None:
             return cached
-        result = await score(self.client(customer), suite, name)
+        client = self.client(customer)
+        chat = self.base_answers.chat(greedy_chat(client)) if version is None else None
+        result = await score(client, suite, name, chat)
         result.adapter = f"{customer}/{name}"  # the base model's score differs per customer's suite
         await self.history.cache_score(result)
         return result

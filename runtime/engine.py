@@ -55,6 +55,15 @@ class EngineManager:
         """Whether traffic may go to the engine (the gateway answers 503 otherwise)."""
         return self.ready.is_set()
 
+    def accepts_seed(self) -> bool:
+        """Whether requests may carry `seed`. Not on vLLM 0.32's CPU engine: a seeded request whose
+        sampled token is discarded (a prefill chunk) makes the worker rewind its generator with
+        `set_offset`, which CPU generators refuse ("CPU Generator does not use offset"), and the
+        engine core dies: any customer could take serving down with one field."""
+        from vllm.platforms import current_platform
+
+        return not current_platform.is_cpu()
+
     def engine_core_pids(self) -> list[int]:
         """The engine core process(es): what dies when the engine crashes."""
         manager = getattr(getattr(getattr(self.engine, "engine_core", None), "resources", None), "engine_manager", None)

@@ -215,3 +215,18 @@ def test_intervals_by_hand():
     assert partial[0] < 0.625 < partial[1] and partial == interval90([0.5, 0.25, 0.75, 1.0] * 16)  # seeded
     # 64 prompts at a share near 0.5 give about +/-0.1: what the demo's report set needs.
     assert half_width(*wilson(32, 64)) < 0.105
+
+
+def test_the_base_model_answers_each_question_once_for_every_customer(gateway, redis_url, make_customer, tmp_path):
+    """Customers' suites draw the same questions: the base model's greedy answers are asked once and
+    shared (the demo's five report sets cost 64 requests, not 320); adapters are asked per customer."""
+    names = [make_customer("shared")[0] for _ in range(3)]
+    suite = EvalSuite(environment="preference:json", n=6, max_tokens=8, split="report")
+
+    async def act(job: EvalJob):
+        scores = await asyncio.gather(*[job.score(name, suite, None) for name in names])
+        return scores, job.base_answers.asked
+
+    scores, asked = run(gateway, redis_url, tmp_path, act)
+    assert asked == 6  # one request per question, not one per customer and question
+    assert scores[0].answers == scores[1].answers == scores[2].answers and len(scores[0].answers) == 6

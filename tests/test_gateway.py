@@ -101,6 +101,20 @@ def test_client_that_asks_for_logprobs_and_token_ids_gets_them(gateway, make_cus
     assert len(reply.choices[0].model_extra["token_ids"]) == 5 and reply.model_extra["prompt_token_ids"]
 
 
+def test_seed_is_refused_on_the_cpu_engine_which_it_would_crash(gateway, make_customer, admin, engine):
+    """vLLM 0.32's CPU worker dies on a seeded request whose sampled token it discards (a prefill
+    chunk): "CPU Generator does not use offset", engine core gone. The gateway refuses the field
+    instead, on the chat endpoint and on admin sampling, and serving goes on."""
+    name, key = make_customer()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client_for(gateway, key).chat.completions.create(model="default", messages=MESSAGES, max_tokens=4, seed=7)
+    assert refused.value.body["param"] == "seed" and "CPU engine" in refused.value.body["message"]
+    resp = admin.post(f"/admin/customers/{name}/sample", json={"model": "default", "messages": MESSAGES,
+                                                                "max_tokens": 4, "seed": 7})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "seed"
+    assert client_for(gateway, key).chat.completions.create(model="default", messages=MESSAGES, max_tokens=4)
+
+
 async def test_async_client_concurrent_requests(gateway, make_customer):
     _, key = make_customer()
     client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key=key, max_retries=0)

@@ -30,7 +30,8 @@ class CustomerReport(BaseModel):
                                                         "ratio_free: rated answers; correction: SFT).")
     foreign_rule_rate: float = Field(description="Share of its report-set answers (at the end) that follow "
                                                  "another customer's rule.")
-    foreign_rule_rate_before: float
+    foreign_rule_rate_before: float = Field(description="The same for the base model (some rules, like "
+                                                        "one-sentence, the base model follows by itself).")
     served_version: str | None
     versions_published: int
     promoted: int
@@ -48,10 +49,13 @@ class DemoReport(BaseModel):
     command: str
     model: str
     target_gain: float
+    ratings_only_gain: float
     report_set_size: int = Field(description="Report-set prompts per customer (disjoint from gate and training).")
     gate_set_size: int
-    passed: bool = Field(description="Every customer gained at least its target on the report set, kept at least "
-                                     "0.8 of the base model's content, and adopted no other customer's rule.")
+    passed: bool = Field(description="Every customer gained at least its target on the report set (target_gain; "
+                                     "ratings_only_gain for a customer taught by ratings alone), kept at least 0.8 of "
+                                     "the base model's content, and follows other customers' rules no more often "
+                                     "than the base model did.")
     customers: list[CustomerReport]
     decisions: list[Decision]
 

@@ -66,6 +66,7 @@ async def sample(scope: AdminOf, body: ChatBody) -> JSONResponse:
     except ModelNotFound:
         raise model_not_found(chat.model) from None
     gateway.require_engine()
+    gateway.refuse_unsafe_seed(chat.seed)
     upstream = dict(body.raw, model=version.name if version else base, return_token_ids=True, logprobs=True,
                     top_logprobs=0)
     async with AsyncExitStack() as stack:

@@ -57,6 +57,7 @@ async def answer(gateway: Gateway, request: Request) -> Response:
     except ModelNotFound:
         raise model_not_found(chat.model) from None
     gateway.require_engine()
+    gateway.refuse_unsafe_seed(chat.seed)
 
     trace_id = gateway.traces.new(customer)
     wants = ClientWants(logprobs=bool(chat.logprobs), token_ids=bool(chat.return_token_ids))

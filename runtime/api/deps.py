@@ -26,6 +26,8 @@ class Engine(Protocol):
 
     def is_ready(self) -> bool: ...
 
+    def accepts_seed(self) -> bool: ...
+
 
 @dataclass
 class GatewayConfig:
@@ -47,6 +49,12 @@ class Gateway:
     traces: TraceSigner
     configs: TenantConfigStore | None = None  # trainer configs (the admin API sets them)
     validate_lora: Callable[[int, list[str]], None] | None = None  # raises AdapterRejected
+
+    def refuse_unsafe_seed(self, seed: int | None) -> None:
+        """A `seed` the engine cannot take without crashing (vLLM's CPU engine) is a 400, not an outage."""
+        if seed is not None and not self.engine.accepts_seed():
+            raise APIError(400, "`seed` is not supported by this server's engine (vLLM's CPU engine crashes on "
+                                "seeded requests); leave it out", "unsupported_parameter", "seed")
 
     def require_engine(self) -> None:
         if not self.engine.is_ready():
