@@ -44,6 +44,7 @@ class EngineConfig:
     kv_cache_gib: float = 2.0
     cpu_threads_bind: str = "auto"
     enforce_eager: bool = True
+    grouped_lora: bool = True
     start_timeout_s: float = 300.0
     extra_args: list[str] = field(default_factory=list)
 
@@ -57,6 +58,7 @@ class EngineConfig:
             max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
             lora_target_modules=settings.lora_target_modules, kv_cache_gib=settings.kv_cache_gib,
             cpu_threads_bind=settings.cpu_threads_bind, enforce_eager=settings.enforce_eager,
+            grouped_lora=settings.grouped_lora,
             start_timeout_s=settings.engine_start_timeout_s, extra_args=settings.engine_extra_args,
         )
 
@@ -106,6 +108,9 @@ class EngineConfig:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
+            # Our vLLM plugin (lora_plugin.py) reads it in the engine core. Its adapter grouping is
+            # decided in Python per step, which a compiled graph would freeze: eager mode only.
+            "CLORA_GROUPED_LORA": "1" if self.grouped_lora and self.enforce_eager else "0",
         }
 
     def _logging_config(self) -> Path:

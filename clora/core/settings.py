@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     kv_cache_gib: float = Field(default=2.0, description="vLLM CPU KV cache size (GiB).")
     cpu_threads_bind: str = Field(default="auto", description="VLLM_CPU_OMP_THREADS_BIND.")
     enforce_eager: bool = Field(default=True, description="Skip torch.compile: faster start.")
+    grouped_lora: bool = Field(default=True, description="CPU: serve LoRA with clora's grouped ops (one matrix "
+                               "multiply per adapter) instead of vLLM's per-token ones; eager mode only.")
     engine_start_timeout_s: float = 300.0
     engine_extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags.")
 
