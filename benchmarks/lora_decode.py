@@ -28,7 +28,6 @@ import asyncio
 import glob
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -47,6 +46,7 @@ from gateway_overhead import REPO, make_adapters  # noqa: E402
 from clora.core.models import ensure_default_model  # noqa: E402
 from clora.core.processes import free_port  # noqa: E402
 from clora.core.settings import Settings  # noqa: E402
+from clora.demo.report import machine  # noqa: E402
 from clora.runtime.engine_config import EngineConfig  # noqa: E402
 
 console = Console(width=150)
@@ -235,27 +235,42 @@ async def profile_step(url: str, adapters: list[Path], profile_dir: Path) -> dic
         (await client.post(f"{url}/stop_profile")).raise_for_status()
     deadline = time.monotonic() + 120
     tables: list[str] = []
-    while time.monotonic() < deadline and not tables:
-        tables = glob.glob(str(profile_dir / "**" / "*.txt"), recursive=True)
+    while time.monotonic() < deadline and not tables:  # the worker's table (rank0), not the frontend's
+        tables = glob.glob(str(profile_dir / "**" / "rank0*profiler_out*.txt"), recursive=True)
         time.sleep(1)
     if not tables:
         return {"error": f"no profiler table under {profile_dir}"}
     return summarise_profile(Path(sorted(tables)[-1]).read_text())
 
 
+CATEGORIES = {  # operator -> where its time goes (self CPU time; the table's own column)
+    "base linear layers (vLLM's oneDNN GEMMs)": ("_C::onednn_mm",),
+    "LoRA GEMMs (ours)": ("aten::bmm", "aten::mm", "aten::addmm_", "aten::addmm"),
+    "LoRA gathers/scatters (ours)": ("aten::index_select", "aten::index_add_", "aten::scatter_add_",
+                                     "aten::index_copy_"),
+    "attention and KV cache": ("_C::cpu_attention_with_kv_cache", "_C::cpu_attn_reshape_and_cache",
+                               "vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"),
+    "Python between ops (step annotations' self time)": ("execute_context",),
+}
+
+
 def summarise_profile(table: str) -> dict:
-    """Self CPU time by operator from torch's key_averages table; the top operators and their share."""
+    """Self CPU time by operator from torch's key_averages table: categories and the top operators."""
     rows = []
     for line in table.splitlines():
         cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) < 5 or not cells[0] or cells[0].startswith(("Name", "-")):
+        if len(cells) < 7 or cells[0].startswith(("Name", "-")):
             continue
-        seconds = _seconds(cells[2]) if len(cells) > 2 else None
+        seconds = _seconds(cells[2])
         if seconds is not None:
             rows.append((cells[0], seconds))
     total = sum(s for _, s in rows) or 1.0
+    categories = {name: sum(s for op, s in rows if op.startswith(prefixes)) for name, prefixes in CATEGORIES.items()}
+    categories["everything else"] = total - sum(categories.values())
     top = sorted(rows, key=lambda r: -r[1])[:15]
-    return {"self_cpu_s_total": total, "top_ops": [{"op": op, "self_cpu_s": s, "share": s / total} for op, s in top]}
+    return {"self_cpu_s_total": total,
+            "categories": {name: {"self_cpu_s": s, "share": s / total} for name, s in categories.items()},
+            "top_ops": [{"op": op, "self_cpu_s": s, "share": s / total} for op, s in top]}
 
 
 def _seconds(cell: str) -> float | None:
@@ -312,7 +327,7 @@ async def run(quick: bool) -> dict:
                          "no_lora_server_tok_s": speeds["no_lora"][concurrency],
                          "base_vs_no_lora_server": base / speeds["no_lora"][concurrency]})
     return {
-        "machine": f"{os.cpu_count()} vCPU {platform.processor() or platform.machine()}, {platform.platform()}",
+        "machine": machine(),
         "command": ".venv/bin/python benchmarks/lora_decode.py" + (" --quick" if quick else ""),
         "thread_binding": "VLLM_CPU_OMP_THREADS_BIND=auto (every server)",
         "model": str(model), "tokens_per_answer": TOKENS, "rounds": 1 if quick else ROUNDS, "slots": SLOTS,

@@ -9,8 +9,9 @@ rebuilt. We use vLLM's own app building blocks and its OpenAI routes, so request
 against `vllm serve` with the same arguments. That app is also served as is on a loopback port
 (`url`, no auth, as `vllm serve` would), for diagnosis and the benchmarks' straight-to-vLLM path.
 
-This is the only module of clora that imports vLLM (tests/test_vllm_boundary.py): its API is used
-below its HTTP surface, so a vLLM upgrade should need changes here and nowhere else. What the
+This is the only module of clora that imports vLLM in our process (tests/test_vllm_boundary.py;
+the grouped LoRA plugin, `lora_plugin.py`/`lora_punica.py`, runs inside vLLM's): its API is used
+below its HTTP surface, so a vLLM upgrade should need changes here and in the plugin only. What the
 engine is started with is in `engine_config.py`; how its app is called, in `engine_client.py`.
 """
 

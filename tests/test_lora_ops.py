@@ -230,3 +230,19 @@ def test_the_plugin_is_on_only_when_clora_asks():
     assert lora_plugin.wanted({"CLORA_GROUPED_LORA": "1"})
     assert not lora_plugin.wanted({"CLORA_GROUPED_LORA": "0"})
     assert not lora_plugin.wanted({})  # a plain `vllm serve` where clora is installed
+
+
+def test_the_engine_passes_the_setting_to_vllm_in_eager_mode_only(tmp_path, monkeypatch):
+    from clora.core.settings import Settings
+    from clora.runtime.engine_config import EngineConfig
+
+    def env(**settings) -> str:
+        config = EngineConfig.from_settings(Settings(home=tmp_path, **settings), "model", tmp_path)
+        return config.env()["CLORA_GROUPED_LORA"]
+
+    monkeypatch.delenv("CLORA_GROUPED_LORA", raising=False)
+    assert env() == "1"  # on by default
+    assert env(grouped_lora=False) == "0"
+    assert env(enforce_eager=False) == "0"  # the grouping is decided in Python per step: no compiled graphs
+    monkeypatch.setenv("CLORA_GROUPED_LORA", "false")  # how a user turns it off
+    assert env() == "0"
