@@ -73,3 +73,16 @@ def test_demo_runs_rounds_trains_gates_and_reports(tiny_model: Path, tmp_path: P
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     verdicts = [line for line in done.stdout.splitlines() if "on its report set" in line]
     assert len(verdicts) == 1 and verdicts[0].startswith("not passed: every customer +0.4"), verdicts
+
+
+def test_a_round_starts_only_if_it_and_the_final_report_fit():
+    from clora.demo.run import Budget
+
+    budget = Budget(minutes=14.5, report=2.0)
+    assert budget.fits_a_round(12.5)  # before any round: only the report must fit
+    assert not budget.fits_a_round(12.6)
+    budget.ran(started=2.0, ended=4.0)
+    assert budget.fits_a_round(10.5)  # 10.5 + 2.0 + 2.0 = 14.5
+    assert not budget.fits_a_round(10.6)
+    budget.ran(started=4.0, ended=5.5)  # a shorter round: the longest still counts
+    assert budget.longest_round == 2.0 and not budget.fits_a_round(10.6)

@@ -12,7 +12,8 @@ from clora.core.settings import Settings
 from clora.core.state import serve_state
 
 
-def demo(minutes: float = typer.Option(14.0, help="Time budget for the whole run, start-up included."),
+def demo(minutes: float = typer.Option(14.5, help="Time budget for the whole run, start-up included: "
+                                                 "a round starts only if it and the final report fit."),
          requests_per_round: int = typer.Option(8, help="Questions each customer's agent asks per round."),
          max_rounds: int = typer.Option(0, help="Stop after this many rounds (0: when learnt or out of time)."),
          report_prompts: int = typer.Option(64, min=8, help="Report-set questions per customer (the reported "
