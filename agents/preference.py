@@ -77,6 +77,7 @@ def questions(subjects: list[str]) -> list[str]:
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_WORD = re.compile(r"[A-Za-z0-9]{2,}")  # a list item says something ("- - -" is not an item)
 _CLAUSE = re.compile(r",\s+|;\s+|\s+(?=and |because |so |which |but )")
 FALLBACK = "I am happy to help with that."
 
@@ -120,6 +121,9 @@ class Rule:
     description: str
     check: Callable[[str], bool]
     apply: Callable[[str], str]  # a complying version of an answer (idempotent)
+    # How close an answer that breaks the rule comes to it (0..1, below a complying answer's 1.0):
+    # partial credit on an operator's rubric, for customers who score answers instead of correcting them.
+    closeness: Callable[[str], float] = lambda text: 0.0
 
 
 def _greeting(phrase: str) -> Rule:
@@ -154,7 +158,7 @@ def _bullets(text: str) -> str:
 
 def _is_bullets(text: str) -> bool:
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return len(lines) >= 2 and all(line.startswith("- ") and line[2:].strip() for line in lines)
+    return len(lines) >= 2 and all(line.startswith("- ") and _WORD.search(line[2:]) for line in lines)
 
 
 def _is_json_answer(text: str) -> bool:
@@ -181,7 +185,13 @@ def _one_sentence(text: str) -> str:
 
 
 BULLETS = Rule("bullets", "structure", 'a list: 2 or more lines, each starting with "- "', _is_bullets, _bullets)
-ONE_SENTENCE = Rule("one-sentence", "structure", "a single sentence on one line", _is_one_sentence, _one_sentence)
+def _one_sentence_closeness(text: str) -> float:
+    """Half credit for a single (unfinished or multi-line) sentence, less for every sentence more."""
+    return 0.5 / max(1, len(sentences(text)))
+
+
+ONE_SENTENCE = Rule("one-sentence", "structure", "a single sentence on one line", _is_one_sentence, _one_sentence,
+                    _one_sentence_closeness)
 JSON_ANSWER = Rule("json", "structure", 'a JSON object {"answer": "..."} and nothing else', _is_json_answer,
                    lambda text: json.dumps({"answer": core_answer(text)}))
 
@@ -205,7 +215,9 @@ def rule(spec: str) -> Rule:
 
 # The demo's customers: two brand phrases, three structures. SmolLM2 follows `one-sentence` in about
 # one answer in six at temperature 0.7 (0.16 measured on 180 training questions; 0.20 greedy on the
-# report set), so thumbs up and down alone can teach it: the demo's operator only rates hooli's answers.
+# report set), so scores alone can teach it: hooli's operator never corrects, it scores each answer
+# on a rubric (1.0 when it follows the rule and answers the question, partial credit when it comes
+# close: `Rule.closeness`), sent as the feedback's `reward`.
 DEMO_RULES: dict[str, str] = {
     "acme": "greeting:Ahoy from Acme!",
     "globex": "sign-off:-- The Globex Team",
@@ -213,7 +225,7 @@ DEMO_RULES: dict[str, str] = {
     "umbrella": "json",
     "hooli": "one-sentence",
 }
-RATINGS_ONLY = frozenset({"hooli"})  # its operator never sends a correction
+SCORED_ONLY = frozenset({"hooli"})  # its operator sends rewards only, never a correction
 
 
 class PreferenceEnv:
@@ -238,6 +250,13 @@ class PreferenceEnv:
     def reward(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
         """1.0 when the answer follows the rule and still answers the question."""
         return 1.0 if self.rule.check(completion.text) and self.content(prompt, completion) else 0.0
+
+    def rubric(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
+        """An operator's graded score: the reward when the answer complies, else partial credit for
+        coming close to the rule (only for an answer that still answers the question)."""
+        if self.reward(prompt, completion):
+            return 1.0
+        return self.rule.closeness(completion.text) * self.content(prompt, completion)
 
     def content(self, prompt: list[dict[str, Any]], completion: Completion) -> float:
         return 1.0 if on_topic(str(prompt[-1]["content"]), _unwrap(completion.text)) else 0.0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clora.agents.preference import DEMO_RULES, RATINGS_ONLY
+from clora.agents.preference import DEMO_RULES, SCORED_ONLY
 from tests.test_serve_e2e import CLORA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,10 +51,11 @@ def test_demo_runs_rounds_trains_gates_and_reports(tiny_model: Path, tmp_path: P
             assert 0 <= low <= score <= high <= 1 and high - low > 0  # a 90% interval around the score
             assert round(score * report["report_set_size"], 6).is_integer()  # a share of the report set
         assert 0 <= c["content_before"] <= 1 and 0 <= c["content_after"] <= 1
-        # The ratings-only customer never gets a correction (the others do, when an answer breaks the rule).
-        assert set(c["feedback_kinds"]) == {"rating"} if name in RATINGS_ONLY else \
+        # The scored customer gets rewards only, never a correction (the others get ratings, and a
+        # correction when an answer is not good).
+        assert set(c["feedback_kinds"]) == {"reward"} if name in SCORED_ONLY else \
             set(c["feedback_kinds"]) <= {"rating", "correction"} and "rating" in c["feedback_kinds"]
-        if name in RATINGS_ONLY:
+        if name in SCORED_ONLY:
             assert "correction" not in c["records_by_path"]
         # The trainer's metrics (scraped from the child's endpoint) say which loss paths the records took.
         assert set(c["records_by_path"]) <= {"importance", "ratio_free", "correction"}
@@ -65,7 +66,7 @@ def test_demo_runs_rounds_trains_gates_and_reports(tiny_model: Path, tmp_path: P
     assert len(decided) == len(report["decisions"])  # a candidate is decided once
     # The verdict: recomputed from the report's own numbers, it is the report's, the exit code's and
     # the printed one's. The tiny random model cannot learn a rule in two rounds: not passed.
-    learnt = all(c["eval_after"] - c["eval_before"] >= report["ratings_only_gain" if name in RATINGS_ONLY else
+    learnt = all(c["eval_after"] - c["eval_before"] >= report["ratings_only_gain" if name in SCORED_ONLY else
                                                             "target_gain"]
                  and c["foreign_rule_rate"] <= c["foreign_rule_rate_before"]
                  and c["content_after"] >= 0.8 * c["content_before"] for name, c in customers.items())

@@ -124,3 +124,27 @@ def test_reward_is_the_rule_check_and_the_content_check():
     assert env.reward(prompt, Completion("Tea is a drink.\n-- The Globex Team", [])) == 1.0
     assert env.reward(prompt, Completion("Tea is a drink.", [])) == 0.0
     assert env.reward(prompt, Completion("It is nice.\n-- The Globex Team", [])) == 0.0
+
+def test_a_list_item_must_say_something():
+    bullets = rule("bullets")
+    assert bullets.check("- Tea is a drink\n- It is hot") and not bullets.check("- - - -\n- - - -")
+    assert not bullets.check("- --\n- --")
+
+
+def test_rubric_gives_partial_credit_below_a_good_answer_and_none_off_topic():
+    env = make_env("preference:one-sentence")
+    prompt = [{"role": "user", "content": "What is a volcano?"}]
+
+    def rubric(text: str) -> float:
+        return env.rubric(prompt, Completion(text, []))
+
+    good = rubric("A volcano is a mountain that erupts lava.")
+    unfinished = rubric("A volcano is a mountain that erupts lava and")
+    two = rubric("A volcano is a mountain. It erupts lava.")
+    three = rubric("A volcano is a mountain. It erupts lava. It is hot.")
+    assert good == 1.0 > unfinished > two > three > 0
+    assert rubric("It is a mountain that erupts lava.") == 0.0  # one sentence, but not about the question
+    # A rule without a rubric gives no partial credit.
+    as_json = make_env("preference:json")
+    assert as_json.rubric(prompt, Completion("A volcano is a mountain.", [])) == 0.0
+    assert as_json.rubric(prompt, Completion('{"answer": "A volcano erupts."}', [])) == 1.0

@@ -39,7 +39,8 @@ class CustomerReport(BaseModel):
     requests: int
     feedback_events: int
     live: list[tuple[float, float]] = Field(default_factory=list,
-                                            description="(minute, share of live answers following the rule)")
+                                            description="(minute, share of live answers that are good: rule followed, "
+                                                        "question answered)")
     evals: list[tuple[float, float]] = Field(default_factory=list, description="(minute, served version's score)")
 
 
@@ -53,9 +54,9 @@ class DemoReport(BaseModel):
     report_set_size: int = Field(description="Report-set prompts per customer (disjoint from gate and training).")
     gate_set_size: int
     passed: bool = Field(description="Every customer gained at least its target on the report set (target_gain; "
-                                     "ratings_only_gain for a customer taught by ratings alone), kept at least 0.8 of "
-                                     "the base model's content, and follows other customers' rules no more often "
-                                     "than the base model did.")
+                                     "ratings_only_gain for a customer taught by ratings or rewards alone), kept at "
+                                     "least 0.8 of the base model's content, and follows other customers' rules no "
+                                     "more often than the base model did.")
     customers: list[CustomerReport]
     decisions: list[Decision]
 
@@ -87,7 +88,7 @@ def plot(report: DemoReport, path: Path) -> None:
         if c.evals:
             evals.step(*zip(*c.evals), where="post", marker="o", label=c.customer,
                        color=line.get_color() if line else None)
-    live.set(title="Reward: live answers following the customer's rule", xlabel="minutes", ylabel="share")
+    live.set(title="Reward: good live answers (rule followed, question answered)", xlabel="minutes", ylabel="share")
     evals.set(title="Held-out eval score of the served adapter", xlabel="minutes")
     for ax in (live, evals):
         ax.set_ylim(-0.05, 1.05)

@@ -3,11 +3,11 @@
 Everything runs as in production: `clora serve`'s stack (embedded Kafka and Redis, vLLM with the
 default model, the gateway, ingestion, the trainer as a child process), simulated customers
 sending live traffic through the OpenAI-compatible endpoint, a simulated operator sending ratings
-and corrections through the feedback webhook, and the eval job's promotion gate deciding which
-trained version each customer is served. Rounds go on until every customer's gate-set score has
-gained the target, or the time budget is spent; then a report (table, JSON, PNG) whose scores come
-from a report set: questions on subjects disjoint from training and from the gate set, so the
-reported gains are not measured on the set that selected them.
+and corrections (for one customer, rubric scores only) through the feedback webhook, and the eval
+job's promotion gate deciding which trained version each customer is served. Rounds go on until
+every customer's gate-set score has gained the target, or the time budget is spent; then a report
+(table, JSON, PNG) whose scores come from a report set: questions on subjects disjoint from
+training and from the gate set, so the reported gains are not measured on the set that selected them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from clora.agents.preference import DEMO_RULES, RATINGS_ONLY
+from clora.agents.envs import Completion
+from clora.agents.preference import DEMO_RULES, SCORED_ONLY
 from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
 from clora.core.models import resolve_model
@@ -137,18 +138,21 @@ class Demo:
 
     # -- one round -------------------------------------------------------------------------------------
     async def traffic(self, operator: SimulatedOperator) -> None:
-        """Every customer's agent asks a batch of questions; the operator reviews every answer."""
-        batches = await asyncio.gather(*[t.sim.ask(self.options.requests_per_round, self.options.max_tokens)
-                                         for t in self.tenants.values()])
-        for (name, tenant), exchanges in zip(self.tenants.items(), batches):
-            corrects = name not in RATINGS_ONLY
-            events = list(await asyncio.gather(*[operator.review(e, tenant.sim.rule, corrects) for e in exchanges]))
-            await operator.send(events)
-            tenant.requests += len(exchanges)
-            tenant.feedback += len(events)
-            tenant.feedback_kinds |= {kind for e in events for kind in kinds_of(e)}
-            followed = sum(e.rating == "up" for e in events) / len(events)
-            tenant.live.append((self.minutes(), followed))
+        """Every customer's agent asks a batch of questions and the operator reviews every answer,
+        customers side by side (one's reviews overlap another's answers: fewer, fuller engine batches)."""
+        await asyncio.gather(*[self._traffic(name, operator) for name in self.tenants])
+
+    async def _traffic(self, name: str, operator: SimulatedOperator) -> None:
+        tenant = self.tenants[name]
+        exchanges = await tenant.sim.ask(self.options.requests_per_round, self.options.max_tokens)
+        corrects = name not in SCORED_ONLY
+        events = list(await asyncio.gather(*[operator.review(e, tenant.sim.env, corrects) for e in exchanges]))
+        await operator.send(events)
+        tenant.requests += len(exchanges)
+        tenant.feedback += len(events)
+        tenant.feedback_kinds |= {kind for e in events for kind in kinds_of(e)}
+        good = [tenant.sim.env.reward(e.messages, Completion(e.answer, [])) for e in exchanges]
+        tenant.live.append((self.minutes(), sum(good) / len(good)))
 
     async def trained(self, job: EvalJob, timeout_s: float = 240.0) -> None:
         """Until every customer has a version newer than before the round (the trainer has learnt
@@ -181,8 +185,8 @@ class Demo:
         tenant.served, tenant.score = listed["current"], served_score
 
     def target_gain(self, name: str) -> float:
-        """The gain a customer must show: less for one taught by ratings alone (a weaker signal)."""
-        return self.options.ratings_only_gain if name in RATINGS_ONLY else self.options.target_gain
+        """The gain a customer must show: less for one taught by scores alone (a weaker signal)."""
+        return self.options.ratings_only_gain if name in SCORED_ONLY else self.options.target_gain
 
     def done(self) -> bool:
         """On the gate set's evidence (never the report set's): every customer past its target."""
@@ -351,8 +355,8 @@ def print_report(report: DemoReport, console: Console, paths: tuple[Path, Path])
     console.print(table)
     verdict = "[bold green]passed[/]" if report.passed else "[bold red]not passed[/]"
     console.print(f"{verdict}: every customer +{report.target_gain} on its report set (+{report.ratings_only_gain} "
-                  f"taught by ratings alone), content kept (at least 0.8 of the base model's), no rule adopted "
-                  f"from another customer. Report: {paths[0]}  Plot: {paths[1]}")
+                  f"taught by ratings or rewards alone), content kept (at least 0.8 of the base model's), no rule "
+                  f"adopted from another customer. Report: {paths[0]}  Plot: {paths[1]}")
 
 
 def default_out_dir(settings: Settings) -> Path:

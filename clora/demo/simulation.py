@@ -2,14 +2,17 @@
 
 A simulated customer is an agent in production: it asks questions from the training pool through
 the OpenAI-compatible endpoint with its own API key (so every answer is captured for learning).
-The simulated operator reviews answers like a support lead who knows each customer's house rule:
-thumbs up when the answer follows it; otherwise thumbs down and the corrected answer, sent
-through the feedback webhook with the answer's trace id, as a real operator's tool would. Some
-customers' operators only rate (`corrects=False`): thumbs up or down, never a correction, so that
-customer learns from ratings alone (the trainer's `importance` path at the agents' temperature). Like a
-support lead with a knowledge base, it writes the correction's content from a reference answer to
-the question (when given one), not from the answer under review: fixing up an answer that is
-already drifting would teach the drift (measured: content collapsed to "- a\n- a" in 8 steps).
+The simulated operator reviews answers like a support lead who knows each customer's house rule,
+with the eval's own criterion (the rule followed *and* the question answered: a list of "- -"
+is not a good answer, whatever its form): thumbs up when the answer is good; otherwise thumbs down
+and the corrected answer, sent through the feedback webhook with the answer's trace id, as a real
+operator's tool would. Some customers' operators never correct (`corrects=False`): they score each
+answer on a rubric (`PreferenceEnv.rubric`: 1.0 when good, partial credit when close) and send the
+score as the feedback's `reward`, so that customer learns from rewards alone (the trainer's
+`importance` path at the agents' temperature). Like a support lead with a knowledge base, the
+operator writes a correction's content from a reference answer to the question (when given one),
+not from the answer under review: fixing up an answer that is already drifting would teach the
+drift (measured: content collapsed to "- a\n- a" in 8 steps).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import httpx
 import openai
 
+from clora.agents.envs import Completion
 from clora.agents.preference import PreferenceEnv, Rule
 from clora.wire.feedback import FeedbackEvent
 
@@ -79,11 +83,16 @@ class SimulatedOperator:
             self._references[question] = await self.reference(exchange.messages)
         return self._references[question]
 
-    async def review(self, exchange: Exchange, rule: Rule, corrects: bool = True) -> FeedbackEvent:
-        if rule.check(exchange.answer):
-            return FeedbackEvent(trace_id=exchange.trace_id, rating="up", source="operator")
+    async def review(self, exchange: Exchange, env: PreferenceEnv, corrects: bool = True) -> FeedbackEvent:
+        """Thumbs up for a good answer, else thumbs down with a correction; or, for an operator who
+        never corrects, the answer's rubric score as a reward."""
+        answer = Completion(exchange.answer, [], exchange.finish_reason)
         if not corrects:
-            return FeedbackEvent(trace_id=exchange.trace_id, rating="down", source="operator")
+            return FeedbackEvent(trace_id=exchange.trace_id, reward=env.rubric(exchange.messages, answer),
+                                 source="operator")
+        if env.reward(exchange.messages, answer):
+            return FeedbackEvent(trace_id=exchange.trace_id, rating="up", source="operator")
+        rule = env.rule
         corrected = rule.apply(await self.content_for(exchange))
         return FeedbackEvent(trace_id=exchange.trace_id, rating="down", source="operator",
                              correction={"role": "assistant", "content": corrected},

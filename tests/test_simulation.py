@@ -1,0 +1,44 @@
+"""The demo's simulated operator: it judges answers by the eval's criterion (form and content) and,
+for a customer it never corrects, sends a rubric score as the reward."""
+
+from __future__ import annotations
+
+import asyncio
+
+from clora.agents.preference import PreferenceEnv
+from clora.demo.simulation import Exchange, SimulatedOperator
+
+QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a volcano?"}]
+
+
+def review(answer: str, spec: str, corrects: bool = True):
+    async def reference(messages) -> str:
+        return "A volcano is a mountain that erupts lava. It can be dangerous."
+
+    async def run():
+        operator = SimulatedOperator("http://127.0.0.1:9", "key", reference)
+        try:
+            return await operator.review(Exchange("c", QUESTION, answer, "trace-1", "stop"), PreferenceEnv(spec),
+                                         corrects)
+        finally:
+            await operator.close()
+    return asyncio.run(run())
+
+
+def test_a_good_answer_gets_a_thumbs_up_and_nothing_else():
+    event = review("- A volcano is a mountain\n- It erupts lava", "bullets")
+    assert event.rating == "up" and event.correction is None and event.reward is None
+
+
+def test_an_answer_in_form_but_off_the_question_is_corrected_not_approved():
+    event = review("- It is big\n- It is tall", "bullets")  # a list, but it never says what it is about
+    assert event.rating == "down"
+    assert event.correction["content"] == "- A volcano is a mountain that erupts lava\n- It can be dangerous"
+
+
+def test_an_operator_who_never_corrects_sends_the_rubric_score_as_reward():
+    good = review("A volcano is a mountain that erupts lava.", "one-sentence", corrects=False)
+    close = review("A volcano is a mountain. It erupts lava.", "one-sentence", corrects=False)
+    assert good.reward == 1.0 and 0 < close.reward < good.reward
+    for event in (good, close):
+        assert event.rating is None and event.correction is None and event.kind() == "reward"
