@@ -32,7 +32,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 from clora.trainer import lora  # noqa: E402
 from clora.trainer.adapter_store import AdapterStore  # noqa: E402
-from clora.trainer.batching import TenantBatch, multi_tenant_backward, sequence_logprobs, shared_prefix_logprobs  # noqa: E402
+from clora.trainer.batching import (  # noqa: E402
+    PrefixGroup,
+    TenantBatch,
+    multi_tenant_backward,
+    sequence_logprobs,
+    shared_prefix_logprobs,
+)
 from clora.trainer.lora import LoRASpec, Segment, bind, inject  # noqa: E402
 from clora.trainer.losses import ppo_clip_loss  # noqa: E402
 from clora.trainer.optim import adamw_step  # noqa: E402
@@ -163,8 +169,7 @@ def shared_prefix(args, model, layers, store, device) -> dict:
             ppo_on(sequence_logprobs(model, [prompt] * 8, completions)).backward()
 
     def shared() -> None:
-        with bind(layers, [Segment(0, 8, state.weights)]):
-            ppo_on(shared_prefix_logprobs(model, prompt, completions)).backward()
+        ppo_on(shared_prefix_logprobs(model, layers, [PrefixGroup(prompt, completions, state.weights)])).backward()
 
     naive(), shared()  # warm-up
     t_naive = best_of(args.repeats, device, naive)

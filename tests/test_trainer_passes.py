@@ -11,11 +11,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from clora.trainer import lora
-from clora.trainer.adapter_store import AdapterStore
-from clora.trainer.batching import TenantBatch, multi_tenant_backward, pack, sequence_logprobs, shared_prefix_logprobs
+from clora.trainer.adapter_store import AdapterStore, TenantState
+from clora.trainer.batching import (
+    PrefixGroup,
+    TenantBatch,
+    multi_tenant_backward,
+    pack,
+    pack_groups,
+    sequence_logprobs,
+    shared_prefix_logprobs,
+)
+from clora.trainer.data import Group, TenantData
 from clora.trainer.lora import LoRASpec, Segment, bind, inject, load_peft, new_weights, save_peft
-from clora.trainer.losses import group_advantages, ppo_clip_loss, sft_loss
+from clora.trainer.losses import group_advantages, kl_to_reference, ppo_clip_loss, sft_loss
 from clora.trainer.optim import adamw_step
+from clora.trainer.step import backward
+from clora.wire.interactions import Sampler
+from clora.wire.trainer_config import TenantConfig
 
 SPEC = LoRASpec(rank=8, alpha=16)
 
@@ -92,10 +104,9 @@ def test_shared_prefix_pass_matches_separate_sequences(base):
         naive_loss = loss_of(naive)
         naive_loss.backward()
     naive_grads = grads(weights)
-    with bind(layers, [Segment(0, len(completions), weights)]):
-        shared = shared_prefix_logprobs(model, prompt, completions)
-        shared_loss = loss_of(shared)
-        shared_loss.backward()
+    shared = shared_prefix_logprobs(model, layers, [PrefixGroup(prompt, completions, weights)])
+    shared_loss = loss_of(shared)
+    shared_loss.backward()
     shared_grads = grads(weights)
 
     assert torch.equal(naive.rows, shared.rows)
@@ -103,6 +114,72 @@ def test_shared_prefix_pass_matches_separate_sequences(base):
     torch.testing.assert_close(shared_loss, naive_loss, rtol=1e-5, atol=1e-7)
     assert max(g.abs().max() for g in naive_grads) > 0
     assert_close_lists(shared_grads, naive_grads)
+
+
+SAMPLED = Sampler(temperature=0.7)  # random tokens: a top-p set would exclude them
+
+
+@pytest.mark.parametrize("pass_tokens", [100_000, 90], ids=["one-pass", "tenants-split-across-passes"])
+def test_packed_grpo_of_several_tenants_matches_one_pass_per_group(base, pass_tokens):
+    """Every tenant's groups in shared-prefix passes (mixed K, prompt and completion lengths, samplers,
+    one tenant with a KL term): each tenant's loss and gradients are those of plain per-group passes."""
+    model, layers = base
+    rng = random.Random(5)
+    shapes = [[(7, 3), (15, 2)], [(4, 4)], [(11, 2), (6, 3), (9, 1)]]  # per tenant: (prompt length, K) per group
+    configs = [TenantConfig(clip=0.2), TenantConfig(clip=0.1, kl_coef=0.5), TenantConfig(weights={"onpolicy": 2.0})]
+    tenants = []
+    for t, groups in enumerate(shapes):
+        data = TenantData(f"t{t}", configs[t])
+        for length, k in groups:
+            completions = [rand_tokens(rng, rng.randrange(1, 9)) for _ in range(k)]
+            data.groups.append(Group(rand_tokens(rng, length), completions,
+                                     [[-rng.uniform(0.5, 3) for _ in c] for c in completions],
+                                     [float(rng.random() < 0.5) + 0.1 * i for i in range(k)],
+                                     None if configs[t].kl_coef else SAMPLED))
+        tenants.append(data)
+    states = {d.customer: TenantState(d.customer, random_weights(layers, seed=30 + t), [], [])
+              for t, d in enumerate(tenants)}
+    for d in tenants:  # the sampler's logprobs: the policy's own, a little off (ratios near 1, some clipped)
+        for g in d.groups:
+            k = len(g.completions)
+            with torch.no_grad(), bind(layers, [Segment(0, k, states[d.customer].weights)]):
+                own = sequence_logprobs(model, [g.prompt_token_ids] * k, g.completions, [g.sampler] * k)
+            g.logprobs = [(own.logprobs[own.rows == i] + 0.3 * torch.randn(len(c), generator=torch.Generator()
+                                                                            .manual_seed(i))).tolist()
+                          for i, c in enumerate(g.completions)]
+
+    expected_losses, expected_grads = [], []
+    for d in tenants:  # the reference: per tenant, per group, plain rows (prompt + completion), no sharing
+        weights, total = states[d.customer].weights, sum(len(c) for g in d.groups for c in g.completions)
+        tenant_loss = 0.0
+        for g in d.groups:
+            k = len(g.completions)
+            with bind(layers, [Segment(0, k, weights)]):
+                result = sequence_logprobs(model, [g.prompt_token_ids] * k, g.completions, [g.sampler] * k)
+            old = torch.tensor([lp for lps in g.logprobs for lp in lps])
+            advantages = group_advantages(torch.tensor([g.rewards]))[0][result.rows]
+            loss = ppo_clip_loss(result.logprobs, old, advantages, d.config.clip)
+            if d.config.kl_coef:
+                with torch.no_grad():
+                    ref = sequence_logprobs(model, [g.prompt_token_ids] * k, g.completions).logprobs
+                loss = loss + d.config.kl_coef * kl_to_reference(result.logprobs, ref)
+            share = sum(len(c) for c in g.completions) / total
+            (loss * share * d.config.weights.onpolicy).backward()
+            tenant_loss += float(loss.detach()) * share
+        expected_losses.append(tenant_loss)
+        expected_grads.append(grads(weights))
+
+    passes = pack_groups([PrefixGroup(g.prompt_token_ids, g.completions) for d in tenants for g in d.groups],
+                         pass_tokens)
+    # One pass; or three, the middle one holding two tenants' groups and the last tenant's split in two.
+    assert passes == ([[0, 1, 2, 3, 4, 5]] if pass_tokens > 1000 else [[0, 1], [2, 3], [4, 5]])
+    results = backward(model, layers, tenants, states, pass_tokens)
+    for t, d in enumerate(tenants):
+        assert results[d.customer].losses["onpolicy"] == pytest.approx(expected_losses[t], rel=1e-4)
+        gap = results[d.customer].gap  # every sampled token compared (random ones may fall outside top-p)
+        assert gap.tokens + gap.outside == sum(len(c) for g in d.groups for c in g.completions)
+        assert max(g.abs().max() for g in expected_grads[t]) > 0
+        assert_close_lists(grads(states[d.customer].weights), expected_grads[t])
 
 
 @pytest.mark.parametrize("rows_per_tenant,max_tokens", [((2, 2, 2), 10_000), ((1, 3, 2), 10_000), ((1, 3, 2), 40)],

@@ -3,7 +3,8 @@
 - `sequence_logprobs`: plain rows (prompt + completion, right-padded); logits only at completion
   positions, in chunks.
 - `shared_prefix_logprobs`: a GRPO group's K completions share one prompt: the prompt is run once,
-  its key/value cache expanded to K rows, and gradients flow back through the one prompt pass.
+  its key/value cache expanded to K rows, and gradients flow back through the one prompt pass;
+  several groups (of several tenants) share one pass, packed by `pack_groups`.
 - `multi_tenant_backward`: rows of several tenants in one pass (one base matmul over all rows,
   each tenant's LoRA on its own rows); each tenant's loss reaches only its own weights. Rows are
   packed into passes of at most `max_tokens` tokens: on a CPU, passes past ~1k tokens run slower
@@ -87,33 +88,93 @@ def sequence_logprobs(model: nn.Module, prompts: list[list[int]], completions: l
     return Completions(logprobs, rows_t)
 
 
-def shared_prefix_logprobs(model: nn.Module, prompt: list[int], completions: list[list[int]],
-                           sampler: Sampler | None = None, with_raw: bool = False) -> Completions:
-    """K completions of one prompt: the prompt's forward runs once and its cache serves all K
-    (their logprobs under the sampler's processing when given, and the raw ones if `with_raw`)."""
+@dataclass
+class PrefixGroup:
+    """K completions of one prompt (a GRPO group), for one tenant's weights (None: the base model)."""
+
+    prompt: list[int]
+    completions: list[list[int]]
+    weights: LoRAWeights | None = None
+    sampler: Sampler | None = None  # the group's logprobs under that processing
+
+    def tokens(self) -> int:
+        return sum(len(c) for c in self.completions)
+
+    def padded_tokens(self, prompt_width: int, completion_width: int) -> int:
+        return prompt_width + len(self.completions) * completion_width
+
+
+def segments_of(weights: list[LoRAWeights | None]) -> list[Segment]:
+    """Rows -> tenants: one segment per run of rows with the same weights (none if no row has any)."""
+    if all(w is None for w in weights):
+        return []
+    segments: list[Segment] = []
+    for i, w in enumerate(weights):
+        if segments and segments[-1].weights is w:
+            segments[-1].stop = i + 1
+        else:
+            segments.append(Segment(i, i + 1, w))
+    return segments
+
+
+def shared_prefix_logprobs(model: nn.Module, layers: dict[str, MultiLoRALinear], groups: list[PrefixGroup],
+                           with_raw: bool = False) -> Completions:
+    """Every group's K completions over its prompt, groups of several tenants in one pass: each
+    prompt runs once (left-padded to the longest, so every prompt ends at the same column), its
+    key/value cache is expanded to its group's K rows, and all completions run in one forward over
+    those caches; gradients reach each prompt's pass through its cache. Rows are numbered over
+    all groups in order; logprobs under each group's sampler processing (and raw ones if `with_raw`)."""
     device = model.lm_head.weight.device
-    k = len(completions)
-    prefix = model.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    width = max(len(g.prompt) for g in groups)
+    prompt_ids = torch.tensor([[0] * (width - len(g.prompt)) + g.prompt for g in groups], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(g.prompt)) + [1] * len(g.prompt) for g in groups], device=device)
+    prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    with bind(layers, segments_of([g.weights for g in groups])):
+        prefix = model.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                             use_cache=True)
+    group_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g.completions], device=device)
     cache = prefix.past_key_values  # in the autograd graph: gradients reach the prompt pass
-    cache.batch_repeat_interleave(k)
+    cache.batch_select_indices(group_of_row)
+    completions = [c for g in groups for c in g.completions]
     comp = pad(completions, device)
-    positions = torch.arange(len(prompt), len(prompt) + comp.shape[1], device=device).expand(k, -1)
-    hidden = model.model(input_ids=comp, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
-    last_prompt = prefix.last_hidden_state[0, -1]
+    lengths = torch.tensor([len(g.prompt) for g in groups], device=device)[group_of_row]
+    positions = lengths[:, None] + torch.arange(comp.shape[1], device=device)
+    mask = torch.cat([prompt_mask[group_of_row], torch.ones_like(comp)], dim=1)
+    with bind(layers, segments_of([g.weights for g in groups for _ in g.completions])):
+        hidden = model.model(input_ids=comp, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True).last_hidden_state
     rows, cols = [], []
     for i, c in enumerate(completions):
         rows += [i] * len(c)
         cols += range(len(c))
     rows_t = torch.tensor(rows, device=device)
     cols_t = torch.tensor(cols, device=device)
-    # Token j of completion i is predicted by the completion's hidden state j - 1, or for j = 0 by
-    # the prompt's last hidden state (shared by all K).
-    h = torch.where((cols_t == 0)[:, None], last_prompt.expand(len(rows), -1), hidden[rows_t, (cols_t - 1).clamp(min=0)])
-    processing = Processing.of_rows([sampler] * k, rows_t) if sampler else None
+    # Token j of a completion is predicted by its hidden state j - 1, or for j = 0 by its prompt's
+    # last hidden state (the last column for every prompt: left padding).
+    last_prompt = prefix.last_hidden_state[:, -1][group_of_row[rows_t]]
+    h = torch.where((cols_t == 0)[:, None], last_prompt, hidden[rows_t, (cols_t - 1).clamp(min=0)])
+    processing = Processing.of_rows([g.sampler for g in groups for _ in g.completions], rows_t) \
+        if any(g.sampler for g in groups) else None
     logprobs = chunked_logprobs(model.lm_head, h, comp[rows_t, cols_t], processing, with_raw=with_raw)
     if with_raw:
         return Completions(logprobs[0], rows_t, logprobs[1])
     return Completions(logprobs, rows_t)
+
+
+def pack_groups(groups: list[PrefixGroup], max_tokens: int) -> list[list[int]]:
+    """Group indices in order, cut into passes whose padded size (prompts plus completions) stays
+    within max_tokens; a group larger than that gets a pass of its own."""
+    passes: list[list[int]] = [[]]
+    prompt_width = completion_width = 0
+    for i, g in enumerate(groups):
+        pw, cw = max(prompt_width, len(g.prompt)), max(completion_width, max(len(c) for c in g.completions))
+        rows = sum(len(groups[j].completions) for j in passes[-1]) + len(g.completions)
+        if passes[-1] and (len(passes[-1]) + 1) * pw + rows * cw > max_tokens:
+            passes.append([])
+            pw, cw = len(g.prompt), max(len(c) for c in g.completions)
+        passes[-1].append(i)
+        prompt_width, completion_width = pw, cw
+    return [p for p in passes if p]
 
 
 @dataclass
@@ -157,13 +218,7 @@ def multi_tenant_backward(model: nn.Module, layers: dict[str, MultiLoRALinear], 
     totals = [batch.tokens() for batch in batches]
     losses = [0.0] * len(batches)
     for rows in pack(batches, max_tokens):
-        segments: list[Segment] = []
-        for i, (t, _) in enumerate(rows):
-            if segments and segments[-1].weights is batches[t].weights:
-                segments[-1].stop = i + 1
-            else:
-                segments.append(Segment(i, i + 1, batches[t].weights))
-        with bind(layers, segments):
+        with bind(layers, segments_of([batches[t].weights for t, _ in rows])):
             samplers = [batches[t].samplers[r] if batches[t].samplers else None for t, r in rows]
             result = sequence_logprobs(model, [batches[t].prompts[r] for t, r in rows],
                                        [batches[t].completions[r] for t, r in rows], samplers)

@@ -6,7 +6,8 @@ records took each path, and the logprob gap. AdamW, checkpoint and publish are t
 (`loop.py`). Shapes as in `losses.py`: `N` completion tokens of a pass (flattened over its rows),
 `K` samples of one group, `S` sequences (records) of one tenant.
 
-  - on-policy: one shared-prefix pass per group, PPO-clip against the logprobs vLLM sampled with,
+  - on-policy: GRPO groups of every tenant in shared-prefix passes (each prompt run once for its
+    K completions, several groups and tenants per pass), PPO-clip against the logprobs vLLM sampled with,
     the trainer's logprobs under the same sampler processing (temperature, top-k, top-p: see
     sampling.py); optional KL to the base model on the unprocessed distributions;
   - rated production answers, advantage = reward - the tenant's running mean of rewards (so
@@ -24,14 +25,21 @@ rollout/train mismatch; the loop skips a tenant's step when its mean is above th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from clora.trainer.adapter_store import TenantState
-from clora.trainer.batching import TenantBatch, multi_tenant_backward, sequence_logprobs, shared_prefix_logprobs
+from clora.trainer.batching import (
+    PrefixGroup,
+    TenantBatch,
+    multi_tenant_backward,
+    pack_groups,
+    sequence_logprobs,
+    shared_prefix_logprobs,
+)
 from clora.trainer.lora import LoRAWeights, MultiLoRALinear, Segment, bind
 from clora.trainer.losses import (
     dpo_loss,
@@ -90,10 +98,11 @@ def backward(model: nn.Module, layers: Layers, data: list[TenantData], states: d
     """Gradients of every tenant's weighted losses into `states` (device copies); per tenant its
     losses by name (unweighted), its records per path and its logprob gap."""
     results = {d.customer: TenantResult() for d in data}
-    for d in data:
-        if d.groups:
-            result = results[d.customer]
-            result.losses["onpolicy"] = onpolicy_backward(model, layers, d, states[d.customer].weights, result.gap)
+    sampled = [d for d in data if d.groups]
+    if sampled:
+        values = onpolicy_backward(model, layers, sampled, states, pass_tokens, [results[d.customer] for d in sampled])
+        for d, value in zip(sampled, values):
+            results[d.customer].losses["onpolicy"] = value
 
     rated = [d for d in data if d.rated and d.config.weights.offpolicy]
     if rated:
@@ -114,28 +123,41 @@ def backward(model: nn.Module, layers: Layers, data: list[TenantData], states: d
     return results
 
 
-def onpolicy_backward(model: nn.Module, layers: Layers, d: TenantData, weights: LoRAWeights, gap: Gap) -> float:
-    """GRPO on the tenant's groups: one shared-prefix pass per group."""
-    config, device = d.config, model.lm_head.weight.device
-    tokens = sum(len(c) for g in d.groups for c in g.completions)
-    total = 0.0
-    for group in d.groups:
-        advantages_K = group_advantages(torch.tensor([group.rewards]))[0].to(device)
-        with bind(layers, [Segment(0, len(group.completions), weights)]):
-            result = shared_prefix_logprobs(model, group.prompt_token_ids, group.completions, group.sampler,
-                                            with_raw=bool(config.kl_coef))
-        logp_N, rows_N = result.logprobs, result.rows
-        old_logp_N = torch.tensor([lp for lps in group.logprobs for lp in lps], device=device)
-        gap.add(logp_N, old_logp_N)
-        loss = ppo_clip_loss(logp_N, old_logp_N, advantages_K[rows_N], config.clip)
-        if config.kl_coef:
+def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData], states: dict[str, TenantState],
+                      pass_tokens: int, results: list[TenantResult]) -> list[float]:
+    """GRPO on every tenant's groups, groups of several tenants sharing shared-prefix passes. A
+    tenant's loss is a token mean over all its groups: each pass adds its tokens' part, weighted by
+    their share, so the gradients are those of one pass per group. Returns each tenant's loss."""
+    groups = [(t, g) for t, d in enumerate(sampled) for g in d.groups]
+    rows = [PrefixGroup(g.prompt_token_ids, g.completions, states[sampled[t].customer].weights, g.sampler)
+            for t, g in groups]
+    totals = [sum(len(c) for g in d.groups for c in g.completions) for d in sampled]
+    losses = [0.0] * len(sampled)
+    device = model.lm_head.weight.device
+    for chosen in pack_groups(rows, pass_tokens):
+        passed = [rows[i] for i in chosen]
+        with_kl = any(sampled[groups[i][0]].config.kl_coef for i in chosen)
+        result = shared_prefix_logprobs(model, layers, passed, with_raw=with_kl)
+        if with_kl:  # the base model's (unprocessed) logprobs of the same tokens
             with torch.no_grad():
-                ref_logp_N = shared_prefix_logprobs(model, group.prompt_token_ids, group.completions).logprobs
-            loss = loss + config.kl_coef * kl_to_reference(result.raw_logprobs, ref_logp_N)
-        share = sum(len(c) for c in group.completions) / tokens
-        (loss * config.weights.onpolicy * share).backward()
-        total += float(loss.detach()) * share
-    return total
+                ref_logp_N = shared_prefix_logprobs(model, layers, [replace(g, weights=None, sampler=None)
+                                                                    for g in passed]).logprobs
+        tenant_R = torch.tensor([groups[i][0] for i in chosen for _ in groups[i][1].completions], device=device)
+        advantages_R = torch.cat([group_advantages(torch.tensor([groups[i][1].rewards]))[0] for i in chosen]).to(device)
+        old_logp_N = torch.tensor([lp for i in chosen for lps in groups[i][1].logprobs for lp in lps], device=device)
+        logp_N, tenant_N = result.logprobs, tenant_R[result.rows]
+        total = logp_N.new_zeros(())
+        for t in sorted(set(tenant_R.tolist())):
+            config, mine = sampled[t].config, tenant_N == t
+            results[t].gap.add(logp_N[mine], old_logp_N[mine])
+            loss = ppo_clip_loss(logp_N[mine], old_logp_N[mine], advantages_R[result.rows[mine]], config.clip)
+            if config.kl_coef:
+                loss = loss + config.kl_coef * kl_to_reference(result.raw_logprobs[mine], ref_logp_N[mine])
+            loss = loss * (mine.sum() / totals[t])
+            losses[t] += float(loss.detach())
+            total = total + loss * config.weights.onpolicy
+        total.backward()
+    return losses
 
 
 def rated_path(record: TrainingRecord) -> str:
