@@ -10,13 +10,14 @@ that solves it, so answers are exact by construction.
 from __future__ import annotations
 
 import ast
+import json
 import operator
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from clora.agents.envs import Split, split_of
+from clora.agents.envs import Completion, Split, assistant_message, register, split_of
 
 LEVELS = (1, 2, 3, 4)
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
@@ -134,3 +135,78 @@ def generate_in(rng: random.Random, level: int, split: Split = "training") -> Pr
         problem = generate(rng, level)
         if split_of(problem.question) == split:
             return problem
+
+
+PROTOCOL = ("calculator", "final_answer")  # the tool each turn must call
+
+
+def tool_arguments(completion: Completion, tool: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The first call of `tool` in an answer and its parsed arguments (None where there is none)."""
+    calls = [c for c in completion.tool_calls or [] if (c.get("function") or {}).get("name") == tool]
+    if not calls:
+        return None, None
+    try:
+        arguments = json.loads(calls[0]["function"].get("arguments") or "")
+    except json.JSONDecodeError:
+        return calls[0], None
+    return calls[0], arguments if isinstance(arguments, dict) else None
+
+
+@dataclass
+class ArithmeticEpisode:
+    """The report's protocol: turn 1 calls the calculator (its result goes back as a `tool`
+    message), turn 2 calls `final_answer`; each request names its turn's tool (`tool_choice`), the
+    model writes the arguments. Reward 1.0 only for the right number after a calculator call."""
+
+    problem: Problem
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    turn: int = 0
+    reward: float = 0.0
+    final_answer: Any = None
+    calculator_calls: list[tuple[str, str]] = field(default_factory=list)  # (expression, result)
+    stopped: str | None = None  # None while running; "completed" or why it ended early
+
+    def __post_init__(self) -> None:
+        self.messages = self.messages or self.problem.messages()
+
+    def next_request(self) -> dict[str, Any] | None:
+        if self.stopped is not None:
+            return None
+        tool = PROTOCOL[self.turn]
+        return {"messages": list(self.messages), "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": tool}}}
+
+    def observe(self, completion: Completion) -> None:
+        tool = PROTOCOL[self.turn]
+        self.turn += 1
+        call, arguments = tool_arguments(completion, tool)
+        if call is None or arguments is None:
+            self.stopped = f"no valid {tool} call"
+        elif tool == "final_answer":
+            self.final_answer = arguments.get("answer")
+            self.reward = reward(self.problem, self.final_answer) if self.calculator_calls else 0.0
+            self.stopped = "completed"
+        else:
+            expression = str(arguments.get("expression", ""))
+            result = calculator_result(expression)
+            self.calculator_calls.append((expression, result))
+            self.messages += [assistant_message(completion),
+                              {"role": "tool", "tool_call_id": call.get("id", ""), "content": result}]
+
+
+class ArithmeticEnv:
+    """`arithmetic:<level>`: tool-use word problems as a trainer environment (episodic)."""
+
+    def __init__(self, level: int):
+        if level not in LEVELS:
+            raise ValueError(f"arithmetic level must be one of {LEVELS}")
+        self.level, self.name = level, f"arithmetic:{level}"
+
+    def tasks(self, rng: random.Random, n: int, split: Split = "training") -> list[Problem]:
+        return [generate_in(rng, self.level, split) for _ in range(n)]
+
+    def episode(self, task: Problem) -> ArithmeticEpisode:
+        return ArithmeticEpisode(task)
+
+
+register("arithmetic", lambda args: ArithmeticEnv(int(args or 1)))

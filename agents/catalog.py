@@ -5,10 +5,10 @@ Callers name environments through `make_env`; the registry (`envs`) never import
 
 from __future__ import annotations
 
-from clora.agents import preference, tokens  # noqa: F401 - each registers its environments on import
-from clora.agents.envs import Environment, build
+from clora.agents import arithmetic, preference, tokens  # noqa: F401 - each registers its environments on import
+from clora.agents.envs import Environment, EpisodicEnvironment, build
 
 
-def make_env(spec: str) -> Environment:
-    """`name:args` -> an environment, e.g. `token-range:0-24576`, `preference:json`."""
+def make_env(spec: str) -> Environment | EpisodicEnvironment:
+    """`name:args` -> an environment, e.g. `token-range:0-24576`, `preference:json`, `arithmetic:1`."""
     return build(spec)

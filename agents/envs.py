@@ -2,7 +2,8 @@
 
 An environment hands out prompts (chat messages) and scores a completion. The trainer samples a
 group of completions per prompt from the live server and learns from the group-normalised scores.
-Environments are named by a spec string (`name:args`) so a tenant's config can refer to one.
+An episodic environment plays a task out over several turns (the model's answers, tool results fed
+back, a final reward): `Episode`. Environments are named by a spec string (`name:args`) so a tenant's config can refer to one.
 
 Every prompt belongs to one of three disjoint splits, so that what is measured was never trained
 on, and what is reported did not select what is reported on: `training` (live traffic, on-policy
@@ -56,15 +57,57 @@ class Environment(Protocol):
     # question (1.0) whatever its form: reported beside the reward, which may check form only.
 
 
-FACTORIES: dict[str, Callable[[str], Environment]] = {}
+class Episode(Protocol):
+    """One multi-turn episode, as a state machine with no I/O: whoever runs it (the trainer through
+    the admin sample API, an agent through the OpenAI SDK) asks the model `next_request()`, passes
+    its answer to `observe`, and repeats until `next_request()` is None; then `reward` is final."""
+
+    reward: float
+
+    def next_request(self) -> dict[str, Any] | None:
+        """The next chat request: `messages` (the conversation so far, tool results included) and any
+        other request fields the agent uses (`tools`, `tool_choice`); None when the episode is over."""
+        ...
+
+    def observe(self, completion: Completion) -> None:
+        """The model's answer to the last request (its text, token ids and tool calls)."""
+        ...
 
 
-def register(name: str, factory: Callable[[str], Environment]) -> None:
+class EpisodicEnvironment(Protocol):
+    """A multi-turn environment: tasks, each played out as an episode. The trainer samples a group
+    of K episodes per task, all starting from the same first request."""
+
+    name: str
+
+    def tasks(self, rng: random.Random, n: int, split: Split = "training") -> list[Any]: ...
+
+    def episode(self, task: Any) -> Episode: ...
+
+
+def is_episodic(env: Any) -> bool:
+    return callable(getattr(env, "episode", None))
+
+
+def assistant_message(completion: Completion) -> dict[str, Any]:
+    """The model's answer as the assistant message a conversation continues from."""
+    message: dict[str, Any] = {"role": "assistant"}
+    if completion.text or not completion.tool_calls:
+        message["content"] = completion.text
+    if completion.tool_calls:
+        message["tool_calls"] = completion.tool_calls
+    return message
+
+
+FACTORIES: dict[str, Callable[[str], Environment | EpisodicEnvironment]] = {}
+
+
+def register(name: str, factory: Callable[[str], Environment | EpisodicEnvironment]) -> None:
     """Make an environment available to tenant configs as `name:args`."""
     FACTORIES[name] = factory
 
 
-def build(spec: str) -> Environment:
+def build(spec: str) -> Environment | EpisodicEnvironment:
     """`name:args` -> an environment registered under `name` (`clora.agents.catalog.make_env`
     makes sure every environment module has registered itself first)."""
     name, _, args = spec.partition(":")

@@ -10,15 +10,13 @@ can be rewarded through the feedback webhook like any production answer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 
-from clora.agents.arithmetic import TOOLS, Problem, calculator_result, reward
-
-PROTOCOL = ("calculator", "final_answer")
+from clora.agents.arithmetic import ArithmeticEpisode, Problem
+from clora.agents.envs import Completion
 
 
 @dataclass
@@ -35,37 +33,17 @@ class Episode:
         return len(self.trace_ids)
 
 
-def _arguments(raw: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 async def run_arithmetic(client: openai.AsyncOpenAI, problem: Problem, *, model: str = "default",
                          max_tokens: int = 64, temperature: float = 0.0, **extra: Any) -> Episode:
     """One episode; `extra` goes into each request (e.g. `logit_bias`)."""
-    episode = Episode(problem)
-    messages: list[dict[str, Any]] = problem.messages()
-    for tool in PROTOCOL:
+    state, trace_ids = ArithmeticEpisode(problem), []
+    while (request := state.next_request()) is not None:
         raw = await client.chat.completions.with_raw_response.create(
-            model=model, messages=messages, tools=TOOLS, max_tokens=max_tokens, temperature=temperature,
-            tool_choice={"type": "function", "function": {"name": tool}}, **extra)
-        episode.trace_ids.append(raw.headers.get("x-clora-trace-id", ""))
-        message = raw.parse().choices[0].message
-        calls = [c for c in message.tool_calls or [] if c.function.name == tool]
-        arguments = _arguments(calls[0].function.arguments) if calls else None
-        if arguments is None:
-            episode.stopped = f"no valid {tool} call"
-            return episode
-        if tool == "final_answer":
-            episode.final_answer = arguments.get("answer")
-            episode.reward = reward(problem, episode.final_answer) if episode.calculator_calls else 0.0
-            return episode
-        expression = str(arguments.get("expression", ""))
-        result = calculator_result(expression)
-        episode.calculator_calls.append((expression, result))
-        messages += [message.model_dump(exclude_none=True, include={"role", "content", "tool_calls"}),
-                     {"role": "tool", "tool_call_id": calls[0].id, "content": result}]
-    return episode
+            model=model, max_tokens=max_tokens, temperature=temperature, **request, **extra)
+        trace_ids.append(raw.headers.get("x-clora-trace-id", ""))
+        choice = raw.parse().choices[0]
+        tool_calls = [c.model_dump() for c in choice.message.tool_calls or []]
+        state.observe(Completion(choice.message.content or "", list(getattr(choice, "token_ids", None) or []),
+                                 choice.finish_reason, tool_calls))
+    return Episode(problem, state.reward, state.final_answer, state.calculator_calls, trace_ids,
+                   state.stopped or "completed")

@@ -41,3 +41,41 @@ def test_reward_is_one_only_for_the_right_number():
 def test_tools_are_strict_schemas():
     assert [t["function"]["name"] for t in TOOLS] == ["calculator", "final_answer"]
     assert all(t["function"]["strict"] and not t["function"]["parameters"]["additionalProperties"] for t in TOOLS)
+
+
+def call(name: str, arguments: str, call_id: str = "call-1") -> list[dict]:
+    return [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]
+
+
+def test_an_episode_asks_for_each_tool_in_turn_and_feeds_the_calculator_back():
+    from clora.agents.arithmetic import ArithmeticEpisode, Problem
+    from clora.agents.envs import Completion
+
+    episode = ArithmeticEpisode(Problem("Ana has 3 apples. Ana gets 4 more. How many?", "3 + 4", 7, 1))
+    first = episode.next_request()
+    assert first["tool_choice"]["function"]["name"] == "calculator" and first["tools"] == TOOLS
+    episode.observe(Completion("", [1, 2], "tool_calls", call("calculator", '{"expression": "3 + 4"}')))
+    second = episode.next_request()
+    assert second["tool_choice"]["function"]["name"] == "final_answer"
+    assistant, tool = second["messages"][-2:]
+    assert assistant == {"role": "assistant", "tool_calls": call("calculator", '{"expression": "3 + 4"}')}
+    assert tool == {"role": "tool", "tool_call_id": "call-1", "content": "7"}
+    assert episode.reward == 0.0  # nothing until the final answer
+    episode.observe(Completion("", [3], "tool_calls", call("final_answer", '{"answer": 7}', "call-2")))
+    assert episode.next_request() is None and episode.reward == 1.0 and episode.stopped == "completed"
+
+
+def test_an_episode_ends_without_reward_on_a_missing_or_broken_call():
+    from clora.agents.arithmetic import ArithmeticEpisode, Problem
+    from clora.agents.envs import Completion
+
+    problem = Problem("Ana has 3 apples. Ana gets 4 more. How many?", "3 + 4", 7, 1)
+    for answer in (Completion("7", [1]), Completion("", [1], None, call("calculator", "{not json"))):
+        episode = ArithmeticEpisode(problem)
+        episode.observe(answer)
+        assert episode.next_request() is None and episode.reward == 0.0
+        assert episode.stopped == "no valid calculator call"
+    wrong = ArithmeticEpisode(problem)
+    wrong.observe(Completion("", [1], None, call("calculator", '{"expression": "3 * 4"}')))
+    wrong.observe(Completion("", [2], None, call("final_answer", '{"answer": 12}')))
+    assert wrong.reward == 0.0 and wrong.stopped == "completed" and wrong.calculator_calls == [("3 * 4", "12")]

@@ -9,7 +9,7 @@ import pytest
 
 from clora.agents.arithmetic import generate, generate_in
 from clora.agents.catalog import make_env
-from clora.agents.envs import FACTORIES, SPLITS, Completion, split_of
+from clora.agents.envs import FACTORIES, SPLITS, Completion, is_episodic, split_of
 from clora.agents.preference import DEMO_RULES, FALLBACK, GATE, REPORT, TRAINING, core_answer, on_topic, questions, rule
 
 ANSWERS = [
@@ -77,7 +77,14 @@ def test_the_subject_pools_are_disjoint_and_the_report_pool_is_large_enough():
     assert len(questions(REPORT)) >= 64  # a 90% interval of +/-0.1 on a share needs 64 prompts
 
 
-SPECS = {"preference": "preference:json", "token-range": "token-range:0-1000"}
+SPECS = {"preference": "preference:json", "token-range": "token-range:0-1000", "arithmetic": "arithmetic:2"}
+
+
+def first_prompts(env, rng: random.Random, n: int, split) -> list[str]:
+    """The last message of each prompt (an episodic environment's: each task's first request)."""
+    if is_episodic(env):
+        return [env.episode(t).next_request()["messages"][-1]["content"] for t in env.tasks(rng, n, split)]
+    return [p[-1]["content"] for p in env.prompts(rng, n, split)]
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
@@ -85,7 +92,7 @@ def test_every_environments_splits_are_disjoint(name):
     """Training prompts (many draws), gate and report prompts never share a prompt; for preference,
     never a subject either."""
     env = make_env(SPECS[name])
-    drawn = {split: {p[-1]["content"] for seed in range(20) for p in env.prompts(random.Random(seed), 50, split)}
+    drawn = {split: {p for seed in range(20) for p in first_prompts(env, random.Random(seed), 50, split)}
              for split in SPLITS}
     assert all(drawn.values())
     assert not (drawn["training"] & drawn["gate"] or drawn["training"] & drawn["report"]

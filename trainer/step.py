@@ -53,7 +53,7 @@ from clora.trainer.losses import (
 )
 
 if TYPE_CHECKING:  # types only: this module loads with torch alone
-    from clora.trainer.data import TenantData
+    from clora.trainer.data import Group, TenantData
     from clora.wire.feedback import TrainingRecord
 
 Layers = dict[str, MultiLoRALinear]
@@ -123,34 +123,72 @@ def backward(model: nn.Module, layers: Layers, data: list[TenantData], states: d
     return results
 
 
+@dataclass
+class OnPolicyRows:
+    """One pass item of a tenant's on-policy data: a prompt and completions sampled from it, with
+    each completion's advantage and the server's logprobs of its tokens."""
+
+    tenant: int
+    group: PrefixGroup
+    advantages_R: torch.Tensor
+    old_logprobs: list[float]  # flat, completion by completion
+    constrained: bool  # sampled under a grammar (a forced tool call): vLLM's logprobs are not comparable
+
+
+def onpolicy_rows(t: int, group: Group, weights: LoRAWeights) -> list[OnPolicyRows]:
+    """A group's pass items: its completions over the shared prompt, then each later turn of a
+    multi-turn episode over its own prompt (the conversation so far, tool results included), with
+    its episode's advantage. Only the model's own tokens (the completions) are in the loss."""
+    advantages_K = group_advantages(torch.tensor([group.rewards]))[0]
+    constrained = group.sampler is not None and group.sampler.constrained
+    rows = [OnPolicyRows(t, PrefixGroup(group.prompt_token_ids, group.completions, weights, group.sampler),
+                         advantages_K, [lp for lps in group.logprobs for lp in lps], constrained)]
+    for k, turns in enumerate(group.later):
+        rows += [OnPolicyRows(t, PrefixGroup(turn.prompt_token_ids, [turn.token_ids], weights, group.sampler),
+                              advantages_K[k:k + 1], list(turn.logprobs), constrained) for turn in turns]
+    return rows
+
+
 def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData], states: dict[str, TenantState],
                       pass_tokens: int, results: list[TenantResult]) -> list[float]:
-    """GRPO on every tenant's groups, groups of several tenants sharing shared-prefix passes. A
-    tenant's loss is a token mean over all its groups: each pass adds its tokens' part, weighted by
-    their share, so the gradients are those of one pass per group. Returns each tenant's loss."""
-    groups = [(t, g) for t, d in enumerate(sampled) for g in d.groups]
-    rows = [PrefixGroup(g.prompt_token_ids, g.completions, states[sampled[t].customer].weights, g.sampler)
-            for t, g in groups]
-    totals = [sum(len(c) for g in d.groups for c in g.completions) for d in sampled]
+    """GRPO on every tenant's groups (and episodes' later turns), several tenants sharing
+    shared-prefix passes. A tenant's loss is a token mean over all its sampled tokens: each pass
+    adds its tokens' part, weighted by their share, so the gradients are those of one pass per
+    group. Turns sampled under a grammar take the ratio-free loss (the trainer cannot rebuild the
+    grammar's mask, so no importance ratio against vLLM's masked logprobs) and no logprob gap.
+    Returns each tenant's loss."""
+    items = [row for t, d in enumerate(sampled) for g in d.groups
+             for row in onpolicy_rows(t, g, states[d.customer].weights)]
+    totals = [0] * len(sampled)
+    for item in items:
+        totals[item.tenant] += item.group.tokens()
     losses = [0.0] * len(sampled)
     device = model.lm_head.weight.device
-    for chosen in pack_groups(rows, pass_tokens):
-        passed = [rows[i] for i in chosen]
-        with_kl = any(sampled[groups[i][0]].config.kl_coef for i in chosen)
-        result = shared_prefix_logprobs(model, layers, passed, with_raw=with_kl)
+    for chosen in pack_groups([item.group for item in items], pass_tokens):
+        passed = [items[i] for i in chosen]
+        with_kl = any(sampled[item.tenant].config.kl_coef for item in passed)
+        result = shared_prefix_logprobs(model, layers, [item.group for item in passed], with_raw=with_kl)
         if with_kl:  # the base model's (unprocessed) logprobs of the same tokens
             with torch.no_grad():
-                ref_logp_N = shared_prefix_logprobs(model, layers, [replace(g, weights=None, sampler=None)
-                                                                    for g in passed]).logprobs
-        tenant_R = torch.tensor([groups[i][0] for i in chosen for _ in groups[i][1].completions], device=device)
-        advantages_R = torch.cat([group_advantages(torch.tensor([groups[i][1].rewards]))[0] for i in chosen]).to(device)
-        old_logp_N = torch.tensor([lp for i in chosen for lps in groups[i][1].logprobs for lp in lps], device=device)
-        logp_N, tenant_N = result.logprobs, tenant_R[result.rows]
+                ref_logp_N = shared_prefix_logprobs(model, layers, [replace(item.group, weights=None, sampler=None)
+                                                                    for item in passed]).logprobs
+        tenant_R = torch.tensor([item.tenant for item in passed for _ in item.group.completions], device=device)
+        constrained_R = torch.tensor([item.constrained for item in passed for _ in item.group.completions],
+                                     device=device)
+        advantages_R = torch.cat([item.advantages_R for item in passed]).to(device)
+        old_logp_N = torch.tensor([lp for item in passed for lp in item.old_logprobs], device=device)
+        logp_N, tenant_N, rows_N = result.logprobs, tenant_R[result.rows], result.rows
         total = logp_N.new_zeros(())
         for t in sorted(set(tenant_R.tolist())):
             config, mine = sampled[t].config, tenant_N == t
-            results[t].gap.add(logp_N[mine], old_logp_N[mine])
-            loss = ppo_clip_loss(logp_N[mine], old_logp_N[mine], advantages_R[result.rows[mine]], config.clip)
+            free, ratio = mine & constrained_R[rows_N], mine & ~constrained_R[rows_N]
+            results[t].gap.add(logp_N[ratio], old_logp_N[ratio])
+            loss = logp_N.new_zeros(())
+            if ratio.any():
+                loss = loss + ppo_clip_loss(logp_N[ratio], old_logp_N[ratio], advantages_R[rows_N[ratio]],
+                                            config.clip) * (ratio.sum() / mine.sum())
+            if free.any():
+                loss = loss + ratio_free_loss(logp_N[free], advantages_R[rows_N[free]]) * (free.sum() / mine.sum())
             if config.kl_coef:
                 loss = loss + config.kl_coef * kl_to_reference(result.raw_logprobs[mine], ref_logp_N[mine])
             loss = loss * (mine.sum() / totals[t])
