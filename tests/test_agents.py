@@ -34,3 +34,37 @@ async def test_arithmetic_episodes_complete_through_the_gateway(gateway, make_cu
             assert result == calculator_result(expression)  # what the model was told
             assert episode.reward == (1.0 if episode.final_answer == episode.problem.answer else 0.0)
     assert any(e.stopped == "completed" for e in episodes), [e.stopped for e in episodes]
+
+
+async def test_the_trainer_samples_arithmetic_episodes_through_the_admin_api(gateway, make_customer, redis_url,
+                                                                           tiny_model, tmp_path):
+    """The trainer's side: K episodes per problem, their first turn one request with the agent's tools
+    and a named tool (n=K), marked as sampled under a grammar; each turn's tokens and logprobs align;
+    an episode goes on only after a valid calculator call, over a prompt that carries its result."""
+    import redis.asyncio as aioredis
+
+    from clora.wire.trainer_config import TenantConfig
+    from tests.test_trainer_loop import make_trainer
+
+    customer, _ = make_customer("episodes")
+    redis_client = aioredis.Redis.from_url(redis_url)
+    trainer = make_trainer(tiny_model, gateway, redis_client, tmp_path / "trainer")
+    config = TenantConfig(environment="arithmetic:1", group_size=4, prompts_per_step=2, max_new_tokens=24,
+                          temperature=1.0)
+    try:
+        groups = await trainer.io.sample_groups(customer, config, random.Random(3), "base")
+    finally:
+        await trainer.io.client.close()
+        await redis_client.aclose()
+    assert len(groups) == 2
+    tokenizer = trainer.io.tokenizer
+    for group in groups:
+        assert 1 <= len(group.completions) <= 4 and len(group.later) == len(group.completions)
+        assert group.sampler.constrained and group.sampler.temperature == 1.0
+        assert "calculator" in tokenizer.decode(group.prompt_token_ids)  # the tools are in the prompt
+        assert all(len(c) == len(lp) for c, lp in zip(group.completions, group.logprobs))
+        assert all(r in (0.0, 1.0) for r in group.rewards)
+        for turns in group.later:
+            for turn in turns:
+                assert len(turn.token_ids) == len(turn.logprobs) > 0
+                assert len(turn.prompt_token_ids) > len(group.prompt_token_ids)  # the conversation so far

@@ -36,9 +36,12 @@ def test_an_answer_in_form_but_off_the_question_is_corrected_not_approved():
     assert event.correction["content"] == "- A volcano is a mountain that erupts lava\n- It can be dangerous"
 
 
-def test_an_operator_who_never_corrects_sends_the_rubric_score_as_reward():
+def test_an_operator_who_never_corrects_sends_the_rubric_score_as_reward_on_the_feedback_scale():
     good = review("A volcano is a mountain that erupts lava.", "one-sentence", corrects=False)
-    close = review("A volcano is a mountain. It erupts lava.", "one-sentence", corrects=False)
-    assert good.reward == 1.0 and 0 < close.reward < good.reward
-    for event in (good, close):
+    close = review("A volcano is a mountain that erupts lava and", "one-sentence", corrects=False)
+    far = review("A volcano is a mountain. It erupts lava. It is hot.", "one-sentence", corrects=False)
+    off = review("It is a mountain that erupts lava.", "one-sentence", corrects=False)
+    # -1..1 with 0 neutral, as ratings (+1/-1): answers further from the rule than halfway count against.
+    assert good.reward == 1.0 and 0 == close.reward and -1 < far.reward < 0 and off.reward == -1.0
+    for event in (good, close, far, off):
         assert event.rating is None and event.correction is None and event.kind() == "reward"

@@ -8,7 +8,9 @@ is not a good answer, whatever its form): thumbs up when the answer is good; oth
 and the corrected answer, sent through the feedback webhook with the answer's trace id, as a real
 operator's tool would. Some customers' operators never correct (`corrects=False`): they score each
 answer on a rubric (`PreferenceEnv.rubric`: 1.0 when good, partial credit when close) and send the
-score as the feedback's `reward`, so that customer learns from rewards alone (the trainer's
+score as the feedback's `reward`, on its -1..1 scale (2 x score - 1: a rating is +1 or -1, and 0 is
+neutral, where a fresh customer's baseline starts; scores all above 0 would first reinforce every
+answer, bad ones too: measured, hooli's first two versions scored 0.00 on the gate), so that customer learns from rewards alone (the trainer's
 `importance` path at the agents' temperature). Like a support lead with a knowledge base, the
 operator writes a correction's content from a reference answer to the question (when given one),
 not from the answer under review: fixing up an answer that is already drifting would teach the
@@ -87,8 +89,8 @@ class SimulatedOperator:
         """Thumbs up for a good answer, else thumbs down with a correction; or, for an operator who
         never corrects, the answer's rubric score as a reward."""
         answer = Completion(exchange.answer, [], exchange.finish_reason)
-        if not corrects:
-            return FeedbackEvent(trace_id=exchange.trace_id, reward=env.rubric(exchange.messages, answer),
+        if not corrects:  # the rubric's 0..1 on the feedback's scale, -1..1 with 0 neutral (as ratings: +1/-1)
+            return FeedbackEvent(trace_id=exchange.trace_id, reward=2 * env.rubric(exchange.messages, answer) - 1,
                                  source="operator")
         if env.reward(exchange.messages, answer):
             return FeedbackEvent(trace_id=exchange.trace_id, rating="up", source="operator")

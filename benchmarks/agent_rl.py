@@ -1,0 +1,123 @@
+"""Agent RL on the report's task: one tenant learning tool-use arithmetic, the learning curve.
+
+Starts the runtime (embedded Kafka and Redis, vLLM with SmolLM2-135M-Instruct unless CLORA_MODEL is
+set; its own trainer and periodic evals off) and drives `clora train`'s step in this process, on
+the other core (one torch thread), as the trainer child would: each step samples `--tasks`
+problems x `--group` episodes of `arithmetic:<level>` through the gateway's admin API under the
+tenant's newest version (turn 1: a calculator call, its result fed back; turn 2: final_answer),
+trains every turn with GRPO, and publishes the version that vLLM then serves. Before the first step
+and after every `--eval-every` steps the served version is scored greedily on held-out problems
+(the `report` split, never trained on) with the eval job's code. Writes
+benchmarks/results/agent_rl.json.
+
+    .venv/bin/python benchmarks/agent_rl.py [--steps 20] [--level 1] [--tasks 4] [--group 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+from clora.core.admin_client import RuntimeClient  # noqa: E402
+from clora.core.customers import CustomerStore  # noqa: E402
+from clora.core.models import resolve_model  # noqa: E402
+from clora.core.settings import Settings  # noqa: E402
+from clora.core.state import admin_key  # noqa: E402
+from clora.core.tenant_configs import TenantConfigStore  # noqa: E402
+from clora.demo.report import machine  # noqa: E402
+from clora.evals.scoring import admin_chat_client, score  # noqa: E402
+from clora.evals.suites import EvalSuite  # noqa: E402
+from clora.feedback.replay import ReplayBuffer  # noqa: E402
+from clora.stack import Stack  # noqa: E402
+from clora.trainer.adapter_store import AdapterStore  # noqa: E402
+from clora.trainer.data import TrainerIO  # noqa: E402
+from clora.trainer.loop import Trainer, load_model, step  # noqa: E402
+from clora.wire.trainer_config import TenantConfig  # noqa: E402
+
+CUSTOMER = "agent"
+
+
+async def evaluate(client, level: int, episodes: int, model: str) -> dict:
+    suite = EvalSuite(environment=f"arithmetic:{level}", n=episodes, max_tokens=48, split="report")
+    result = await score(client, suite, model)
+    return {"version": model, "reward": result.score, "interval90": [result.low, result.high],
+            "completed_episodes": sum("(completed)" in a for a in result.answers), "examples": result.answers[:3]}
+
+
+async def main(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(1)  # the trainer's core; vLLM's engine has the other
+    base = Settings()
+    model = str(resolve_model(base.model, base.cache_dir))
+    home = Path(tempfile.mkdtemp(prefix="clora-agent-rl-"))
+    settings = base.model_copy(update={"home": home, "model": model, "port": 0, "trainer_enabled": False,
+                                       "eval_interval_s": 0.0})
+    stack = Stack(settings)
+    await stack.start()
+    serving = asyncio.create_task(stack.serve())
+    config = TenantConfig(environment=f"arithmetic:{args.level}", lr=args.lr, rank=16, alpha=32,
+                          group_size=args.group, prompts_per_step=args.tasks, max_new_tokens=48,
+                          temperature=args.temperature, seed=args.seed)
+    curve, evals = [], []
+    try:
+        while not stack.server.started:
+            await asyncio.sleep(0.05)
+        customers = CustomerStore(stack.redis)
+        await customers.create(CUSTOMER)
+        configs = TenantConfigStore(stack.redis)
+        await configs.set(CUSTOMER, config)
+        torch_model, layers, tokenizer = await asyncio.to_thread(load_model, Path(model), "cpu")
+        runtime = RuntimeClient(stack.gateway_url, admin_key(settings))
+        io = TrainerIO(AdapterStore(home / "trainer"), runtime, ReplayBuffer(stack.redis), configs, customers,
+                       tokenizer, base_model=model, served_base=settings.served_base_name)
+        trainer = Trainer(torch_model, layers, io.store, io, settings.trainer_pass_tokens or 512)
+        client = admin_chat_client(stack.gateway_url, admin_key(settings), CUSTOMER)
+        evals.append({"step": 0, **await evaluate(client, args.level, args.episodes, settings.served_base_name)})
+        print(f"step 0: held-out reward {evals[-1]['reward']:.3f}", flush=True)
+        for n in range(1, args.steps + 1):
+            started = time.perf_counter()
+            (report,) = await step(trainer, [CUSTOMER])
+            seconds = time.perf_counter() - started
+            gap = report.result.gap
+            curve.append({"step": n, "version": report.version, "sampled_reward": report.mean_reward,
+                          "loss": report.result.losses.get("onpolicy"), "seconds": round(seconds, 1),
+                          "logprob_gap": gap.mean, "skipped": report.skipped})
+            print(f"step {n}: sampled reward {report.mean_reward:.3f}, {seconds:.1f} s", flush=True)
+            if n % args.eval_every == 0 or n == args.steps:
+                evals.append({"step": n, **await evaluate(client, args.level, args.episodes, report.version)})
+                print(f"step {n}: held-out reward {evals[-1]['reward']:.3f}", flush=True)
+        await client.close()
+        await runtime.close()
+    finally:
+        await stack.stop()
+        await asyncio.wait([serving], timeout=10)
+    return {"benchmark": "agent_rl", "model": model.rsplit("/", 1)[-1], "machine": machine(),
+            "command": "python benchmarks/agent_rl.py " + " ".join(sys.argv[1:]), "at": time.time(),
+            "config": config.model_dump(), "eval_episodes": args.episodes, "eval": evals, "curve": curve,
+            "step_seconds_median": statistics.median(c["seconds"] for c in curve) if curve else None}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--level", type=int, default=1)
+    parser.add_argument("--tasks", type=int, default=4, help="problems per step")
+    parser.add_argument("--group", type=int, default=8, help="episodes per problem (GRPO group)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=64, help="held-out episodes per eval")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "agent_rl.json")
+    cli = parser.parse_args()
+    result = asyncio.run(main(cli))
+    cli.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {cli.out}")
