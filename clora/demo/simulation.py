@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from clora.agents.envs import Completion
 from clora.agents.preference import PreferenceEnv, Rule
@@ -101,11 +103,25 @@ class SimulatedOperator:
                              comment=f"house rule: {rule.description}")
 
     async def send(self, events: list[FeedbackEvent]) -> list[str]:
-        """One webhook batch; returns the accepted event ids (the broker has them on 202)."""
+        """One webhook batch; returns the accepted event ids (the broker has them on 202). Each event
+        gets its id here, so a batch retried after a dropped connection or a 503 (the answer may
+        have been lost after the broker took it) is applied once."""
+        events = [e if e.event_id else e.model_copy(update={"event_id": uuid.uuid4().hex}) for e in events]
         body = {"events": [e.model_dump(exclude_none=True) for e in events]}
-        resp = await self.http.post("/v1/feedback", json=body)
-        resp.raise_for_status()
+        async for attempt in AsyncRetrying(retry=retry_if_exception(_transient), stop=stop_after_attempt(4),
+                                           wait=wait_exponential(multiplier=0.5, max=4), reraise=True):
+            with attempt:
+                resp = await self.http.post("/v1/feedback", json=body)
+                resp.raise_for_status()
         return resp.json()["event_ids"]
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+def _transient(exc: BaseException) -> bool:
+    """A connection that dropped (an idle keep-alive connection the server closed as the request
+    went out) or a broker that was not ready (503)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code == 503
+    return isinstance(exc, httpx.TransportError)
