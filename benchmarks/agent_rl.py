@@ -53,6 +53,14 @@ async def evaluate(client, level: int, episodes: int, model: str) -> dict:
             "completed_episodes": sum("(completed)" in a for a in result.answers), "examples": result.answers[:3]}
 
 
+def report_of(args: argparse.Namespace, model: str, config: TenantConfig, evals: list, curve: list, done: bool) -> dict:
+    """The result so far (written after every step: a long run stopped early keeps its curve)."""
+    return {"benchmark": "agent_rl", "model": model.rsplit("/", 1)[-1], "machine": machine(),
+            "command": "python benchmarks/agent_rl.py " + " ".join(sys.argv[1:]), "at": time.time(),
+            "complete": done, "config": config.model_dump(), "eval_episodes": args.episodes, "eval": evals,
+            "curve": curve, "step_seconds_median": statistics.median(c["seconds"] for c in curve) if curve else None}
+
+
 async def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)  # the trainer's core; vLLM's engine has the other
     base = Settings()
@@ -94,15 +102,13 @@ async def main(args: argparse.Namespace) -> dict:
             if n % args.eval_every == 0 or n == args.steps:
                 evals.append({"step": n, **await evaluate(client, args.level, args.episodes, report.version)})
                 print(f"step {n}: held-out reward {evals[-1]['reward']:.3f}", flush=True)
+            args.out.write_text(json.dumps(report_of(args, model, config, evals, curve, False), indent=2) + "\n")
         await client.close()
         await runtime.close()
     finally:
         await stack.stop()
         await asyncio.wait([serving], timeout=10)
-    return {"benchmark": "agent_rl", "model": model.rsplit("/", 1)[-1], "machine": machine(),
-            "command": "python benchmarks/agent_rl.py " + " ".join(sys.argv[1:]), "at": time.time(),
-            "config": config.model_dump(), "eval_episodes": args.episodes, "eval": evals, "curve": curve,
-            "step_seconds_median": statistics.median(c["seconds"] for c in curve) if curve else None}
+    return report_of(args, model, config, evals, curve, True)
 
 
 if __name__ == "__main__":
