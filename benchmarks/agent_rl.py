@@ -97,8 +97,10 @@ async def main(args: argparse.Namespace) -> dict:
             gap = report.result.gap
             curve.append({"step": n, "version": report.version, "sampled_reward": report.mean_reward,
                           "loss": report.result.losses.get("onpolicy"), "seconds": round(seconds, 1),
+                          "sampling_s": round(report.gather_s, 1), "backward_s": round(report.backward_s, 1),
                           "logprob_gap": gap.mean, "skipped": report.skipped})
-            print(f"step {n}: sampled reward {report.mean_reward:.3f}, {seconds:.1f} s", flush=True)
+            print(f"step {n}: sampled reward {report.mean_reward:.3f}, {seconds:.1f} s (sampling "
+                  f"{report.gather_s:.1f}, backward {report.backward_s:.1f})", flush=True)
             if n % args.eval_every == 0 or n == args.steps:
                 evals.append({"step": n, **await evaluate(client, args.level, args.episodes, report.version)})
                 print(f"step {n}: held-out reward {evals[-1]['reward']:.3f}", flush=True)

@@ -127,6 +127,9 @@ async def test_two_customers_learn_opposite_targets_over_two_turn_episodes(
             reports = await step(trainer, [low, high])
             for report in reports:
                 rewards[report.customer].append(report.mean_reward)
+                # Where the step's time went: sampling through the server, then the backward.
+                assert 0 < report.gather_s and 0 < report.backward_s
+                assert report.gather_s + report.backward_s <= report.seconds
         for name in (low, high):
             assert len(rewards[name]) == STEPS
             assert gains(rewards[name]) > 0.12, (name, [round(r, 3) for r in rewards[name]])

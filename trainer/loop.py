@@ -107,6 +107,10 @@ class StepReport:
     result: TenantResult  # losses, records per loss path, logprob gap
     seconds: float
     skipped: str | None = None  # why the step was not applied
+    # Where the step's time went (the same for every tenant of a step): sampling and reading data
+    # (the engine's part), the backward (the trainer's), then optimizer, checkpoint and publish.
+    gather_s: float = 0.0
+    backward_s: float = 0.0
 
 
 async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
@@ -117,10 +121,12 @@ async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
     data = [d for d in await asyncio.gather(*[io.gather(c, trainer.layers) for c in customers]) if not d.empty()]
     if not data:
         return []
+    gathered = time.perf_counter()
     # 2. Device copies of each tenant's state (a failure below leaves the masters untouched).
     states = {d.customer: store.swap_in(d.customer) for d in data}
     # 3. Every loss's gradients into them (in a thread: the event loop stays responsive).
     results = await asyncio.to_thread(backward, trainer.model, trainer.layers, data, states, trainer.pass_tokens)
+    computed = time.perf_counter()
     # 4. Per tenant: unless its logprob gap is over its bound (the trainer would be correcting for a
     #    policy that did not sample: skipped, the records kept), AdamW, copy back, checkpoint then
     #    publish, record what the version learnt from.
@@ -129,7 +135,8 @@ async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
         state, result = states[d.customer], results[d.customer]
         rewards = [r for g in d.groups for r in g.rewards]
         report = StepReport(d.customer, state.step + 1, None, statistics.fmean(rewards) if rewards else None,
-                            len(d.rated), len(d.corrections), result, 0.0)
+                            len(d.rated), len(d.corrections), result, 0.0, gather_s=gathered - started,
+                            backward_s=computed - gathered)
         gap = result.gap.mean
         if gap is not None and gap > d.config.max_logprob_gap:
             report.skipped = (f"logprob gap {gap:.4f} nats (max {result.gap.max:.4f}, {result.gap.tokens} tokens) "
@@ -169,9 +176,11 @@ async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str]) ->
         scheduler.succeeded(report.customer)
         reward = f"{report.mean_reward:.3f}" if report.mean_reward is not None else "-"
         gap = report.result.gap
-        log.info("customer %s: step %d -> %s (reward %s, %d rated %s, %d corrections, logprob gap %s, %.1f s)",
-                 report.customer, report.step, report.version, reward, report.rated, report.result.paths or "",
-                 report.corrections, f"{gap.mean:.4f}/{gap.max:.4f}" if gap.mean is not None else "-", report.seconds)
+        log.info("customer %s: step %d -> %s (reward %s, %d rated %s, %d corrections, logprob gap %s, %.1f s: "
+                 "data %.1f, backward %.1f)", report.customer, report.step, report.version, reward, report.rated,
+                 report.result.paths or "", report.corrections,
+                 f"{gap.mean:.4f}/{gap.max:.4f}" if gap.mean is not None else "-", report.seconds, report.gather_s,
+                 report.backward_s)
 
 
 def observe(report: StepReport) -> None:
