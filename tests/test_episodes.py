@@ -88,15 +88,27 @@ def test_the_loss_covers_exactly_the_tokens_the_model_sampled(base):
     second_prompt = tokenizer.decode(group.later[1][0].prompt_token_ids)
     assert '"3 * 4"' in second_prompt and "12" in second_prompt  # the conversation, with the tool's output
 
-    rows = onpolicy_rows(0, group, weights_of(layers, 1))
+    weights = weights_of(layers, 1)
+    rows = onpolicy_rows(0, group, weights)
     scored = [c for row in rows for c in row.group.completions]
     model_tokens = group.completions + [turn.token_ids for turns in group.later for turn in turns]
     assert scored == model_tokens  # every model token once; no prompt or tool-output token
+    # Every later turn extends the first prompt: one item, the prompt run once for all turns, each
+    # later turn's context (its earlier answer, the tool's output) conditioned on, not scored.
+    assert len(rows) == 1 and rows[0].group.prompt == group.prompt_token_ids
+    for turn, context, completion in zip([t for turns in group.later for t in turns], rows[0].group.contexts[4:],
+                                         rows[0].group.completions[4:]):
+        assert group.prompt_token_ids + context + completion == turn.prompt_token_ids + turn.token_ids
+    assert rows[0].group.contexts[:4] == [[]] * 4
     advantages = group_advantages(torch.tensor([group.rewards]))[0]
-    assert torch.equal(rows[0].advantages_R, advantages)
-    assert [float(r.advantages_R) for r in rows[1:]] == [float(advantages[k]) for k in (0, 1, 2)]
+    assert torch.equal(rows[0].advantages_R, advantages[[0, 1, 2, 3, 0, 1, 2]])
     result = shared_prefix_logprobs(model, layers, [r.group for r in rows])
     assert result.logprobs.numel() == sum(len(c) for c in model_tokens)
+    # ... and each turn's logprobs are those of a plain pass over its own prompt.
+    prompts = [group.prompt_token_ids] * 4 + [t.prompt_token_ids for ts in group.later for t in ts]
+    with bind(layers, [Segment(0, len(prompts), weights)]):
+        plain = sequence_logprobs(model, prompts, model_tokens, [FORCED] * len(prompts)).logprobs
+    torch.testing.assert_close(result.logprobs, plain, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", [SAMPLED, FORCED], ids=["sampled", "forced-tool"])
@@ -106,8 +118,13 @@ def test_episode_gradients_are_each_turns_loss_with_its_episodes_advantage(base,
     the ratio-free loss for grammar-forced ones; a token mean over the tenant's model tokens."""
     model, layers, tokenizer = base
     rng = random.Random(1)
-    groups = [arithmetic_group(tokenizer, rng, 4, sampler), arithmetic_group(tokenizer, rng, 3, sampler)]
     weights = weights_of(layers, 2)
+    groups = [arithmetic_group(tokenizer, rng, 4, sampler), arithmetic_group(tokenizer, rng, 3, sampler)]
+    # A turn rendered differently from its first prompt (a template that rewrites history) is
+    # trained over its own whole prompt, apart from the group's shared pass.
+    turn = groups[1].later[0][0]
+    turn.prompt_token_ids = turn.prompt_token_ids[:1] + [turn.prompt_token_ids[2]] + turn.prompt_token_ids[2:]
+    assert len(onpolicy_rows(0, groups[1], weights)) == 2
     config = TenantConfig(clip=0.2)
 
     rows = [(g.prompt_token_ids, c, lp, adv) for g in groups
@@ -130,3 +147,4 @@ def test_episode_gradients_are_each_turns_loss_with_its_episodes_advantage(base,
         torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)
     # The logprob gap compares the server's logprobs only where they are comparable.
     assert result.gap.tokens == (0 if sampler.constrained else total)
+

@@ -4,7 +4,10 @@
   positions, in chunks.
 - `shared_prefix_logprobs`: a GRPO group's K completions share one prompt: the prompt is run once,
   its key/value cache expanded to K rows, and gradients flow back through the one prompt pass;
-  several groups (of several tenants) share one pass, packed by `pack_groups`.
+  several groups (of several tenants) share one pass, packed by `pack_groups`. A row may start
+  with context tokens that are conditioned on but not scored (a multi-turn episode's later turn:
+  its earlier answer and the tool's result after the shared prompt), so every turn of a group's
+  episodes shares the one prompt pass.
 - `multi_tenant_backward`: rows of several tenants in one pass (one base matmul over all rows,
   each tenant's LoRA on its own rows); each tenant's loss reaches only its own weights. Rows are
   packed into passes of at most `max_tokens` tokens: on a CPU, passes past ~1k tokens run slower
@@ -90,18 +93,28 @@ def sequence_logprobs(model: nn.Module, prompts: list[list[int]], completions: l
 
 @dataclass
 class PrefixGroup:
-    """K completions of one prompt (a GRPO group), for one tenant's weights (None: the base model)."""
+    """K completions of one prompt (a GRPO group), for one tenant's weights (None: the base model).
+    A completion may follow context tokens of its own (`contexts`, same order; not scored)."""
 
     prompt: list[int]
     completions: list[list[int]]
     weights: LoRAWeights | None = None
     sampler: Sampler | None = None  # the group's logprobs under that processing
+    contexts: list[list[int]] | None = None  # per completion: tokens between the prompt and it
 
     def tokens(self) -> int:
+        """Scored tokens."""
         return sum(len(c) for c in self.completions)
 
-    def padded_tokens(self, prompt_width: int, completion_width: int) -> int:
-        return prompt_width + len(self.completions) * completion_width
+    def rows(self) -> list[list[int]]:
+        """Each row's tokens after the prompt: its context, then its completion."""
+        if self.contexts is None:
+            return self.completions
+        return [x + c for x, c in zip(self.contexts, self.completions)]
+
+    def scored_from(self) -> list[int]:
+        """Per row, the column of its first scored token."""
+        return [len(x) for x in self.contexts] if self.contexts is not None else [0] * len(self.completions)
 
 
 def segments_of(weights: list[LoRAWeights | None]) -> list[Segment]:
@@ -135,8 +148,8 @@ def shared_prefix_logprobs(model: nn.Module, layers: dict[str, MultiLoRALinear],
     group_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g.completions], device=device)
     cache = prefix.past_key_values  # in the autograd graph: gradients reach the prompt pass
     cache.batch_select_indices(group_of_row)
-    completions = [c for g in groups for c in g.completions]
-    comp = pad(completions, device)
+    row_tokens = [r for g in groups for r in g.rows()]
+    comp = pad(row_tokens, device)
     lengths = torch.tensor([len(g.prompt) for g in groups], device=device)[group_of_row]
     positions = lengths[:, None] + torch.arange(comp.shape[1], device=device)
     mask = torch.cat([prompt_mask[group_of_row], torch.ones_like(comp)], dim=1)
@@ -144,13 +157,14 @@ def shared_prefix_logprobs(model: nn.Module, layers: dict[str, MultiLoRALinear],
         hidden = model.model(input_ids=comp, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True).last_hidden_state
     rows, cols = [], []
-    for i, c in enumerate(completions):
+    completions = [c for g in groups for c in g.completions]
+    for i, (c, start) in enumerate(zip(completions, [s for g in groups for s in g.scored_from()])):
         rows += [i] * len(c)
-        cols += range(len(c))
+        cols += range(start, start + len(c))
     rows_t = torch.tensor(rows, device=device)
     cols_t = torch.tensor(cols, device=device)
-    # Token j of a completion is predicted by its hidden state j - 1, or for j = 0 by its prompt's
-    # last hidden state (the last column for every prompt: left padding).
+    # Token j of a row is predicted by its hidden state j - 1, or for j = 0 by its prompt's last
+    # hidden state (the last column for every prompt: left padding).
     last_prompt = prefix.last_hidden_state[:, -1][group_of_row[rows_t]]
     h = torch.where((cols_t == 0)[:, None], last_prompt, hidden[rows_t, (cols_t - 1).clamp(min=0)])
     processing = Processing.of_rows([g.sampler for g in groups for _ in g.completions], rows_t) \
@@ -167,11 +181,12 @@ def pack_groups(groups: list[PrefixGroup], max_tokens: int) -> list[list[int]]:
     passes: list[list[int]] = [[]]
     prompt_width = completion_width = 0
     for i, g in enumerate(groups):
-        pw, cw = max(prompt_width, len(g.prompt)), max(completion_width, max(len(c) for c in g.completions))
+        width = max(len(r) for r in g.rows())
+        pw, cw = max(prompt_width, len(g.prompt)), max(completion_width, width)
         rows = sum(len(groups[j].completions) for j in passes[-1]) + len(g.completions)
         if passes[-1] and (len(passes[-1]) + 1) * pw + rows * cw > max_tokens:
             passes.append([])
-            pw, cw = len(g.prompt), max(len(c) for c in g.completions)
+            pw, cw = len(g.prompt), width
         passes[-1].append(i)
         prompt_width, completion_width = pw, cw
     return [p for p in passes if p]

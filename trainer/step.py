@@ -136,17 +136,33 @@ class OnPolicyRows:
 
 
 def onpolicy_rows(t: int, group: Group, weights: LoRAWeights) -> list[OnPolicyRows]:
-    """A group's pass items: its completions over the shared prompt, then each later turn of a
-    multi-turn episode over its own prompt (the conversation so far, tool results included), with
-    its episode's advantage. Only the model's own tokens (the completions) are in the loss."""
+    """A group's pass items: its completions over the shared prompt, and each later turn of a
+    multi-turn episode (the conversation so far, tool results included) with its episode's
+    advantage. A later turn whose prompt extends the group's prompt (the server renders the same
+    conversation the same way) is a row of the group: the tokens between are its unscored context,
+    so the long shared prompt (system, tools schema, question) runs once for every turn; any other
+    turn is an item of its own over its whole prompt. Only the model's own tokens are scored."""
     advantages_K = group_advantages(torch.tensor([group.rewards]))[0]
     constrained = group.sampler is not None and group.sampler.constrained
-    rows = [OnPolicyRows(t, PrefixGroup(group.prompt_token_ids, group.completions, weights, group.sampler),
-                         advantages_K, [lp for lps in group.logprobs for lp in lps], constrained)]
+    prompt, n = group.prompt_token_ids, len(group.prompt_token_ids)
+    completions, contexts = list(group.completions), [[] for _ in group.completions]
+    old_logprobs, advantages = [list(lps) for lps in group.logprobs], list(range(len(group.completions)))
+    alone: list[OnPolicyRows] = []
     for k, turns in enumerate(group.later):
-        rows += [OnPolicyRows(t, PrefixGroup(turn.prompt_token_ids, [turn.token_ids], weights, group.sampler),
-                              advantages_K[k:k + 1], list(turn.logprobs), constrained) for turn in turns]
-    return rows
+        for turn in turns:
+            if turn.prompt_token_ids[:n] == prompt and len(turn.prompt_token_ids) > n:
+                completions.append(turn.token_ids)
+                contexts.append(turn.prompt_token_ids[n:])
+                old_logprobs.append(list(turn.logprobs))
+                advantages.append(k)
+            else:
+                alone.append(OnPolicyRows(t, PrefixGroup(turn.prompt_token_ids, [turn.token_ids], weights,
+                                                         group.sampler), advantages_K[k:k + 1],
+                                          list(turn.logprobs), constrained))
+    shared = PrefixGroup(prompt, completions, weights, group.sampler,
+                         contexts if any(contexts) else None)
+    return [OnPolicyRows(t, shared, advantages_K[advantages], [lp for lps in old_logprobs for lp in lps],
+                         constrained)] + alone
 
 
 def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData], states: dict[str, TenantState],
