@@ -22,7 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 import torch
 
@@ -61,7 +63,10 @@ def report_of(args: argparse.Namespace, model: str, config: TenantConfig, evals:
             "curve": curve, "step_seconds_median": statistics.median(c["seconds"] for c in curve) if curve else None}
 
 
-async def main(args: argparse.Namespace) -> dict:
+@asynccontextmanager
+async def agent_runtime(customers: dict[str, TenantConfig]) -> AsyncIterator[tuple[Stack, Settings, TrainerIO, Trainer]]:
+    """The runtime (its own trainer and eval job off) with `customers` created and configured,
+    and a trainer wired as `clora train` wires it, on the other core (one torch thread)."""
     torch.set_num_threads(1)  # the trainer's core; vLLM's engine has the other
     base = Settings()
     model = str(resolve_model(base.model, base.cache_dir))
@@ -71,22 +76,33 @@ async def main(args: argparse.Namespace) -> dict:
     stack = Stack(settings)
     await stack.start()
     serving = asyncio.create_task(stack.serve())
+    try:
+        while not stack.server.started:
+            await asyncio.sleep(0.05)
+        customer_store, configs = CustomerStore(stack.redis), TenantConfigStore(stack.redis)
+        for name, config in customers.items():
+            await customer_store.create(name)
+            await configs.set(name, config)
+        torch_model, layers, tokenizer = await asyncio.to_thread(load_model, Path(model), "cpu")
+        runtime = RuntimeClient(stack.gateway_url, admin_key(settings))
+        io = TrainerIO(AdapterStore(home / "trainer"), runtime, ReplayBuffer(stack.redis), configs, customer_store,
+                       tokenizer, base_model=model, served_base=settings.served_base_name)
+        try:
+            yield stack, settings, io, Trainer(torch_model, layers, io.store, io, settings.trainer_pass_tokens or 512)
+        finally:
+            await runtime.close()
+    finally:
+        await stack.stop()
+        await asyncio.wait([serving], timeout=10)
+
+
+async def main(args: argparse.Namespace) -> dict:
     config = TenantConfig(environment=f"arithmetic:{args.level}", lr=args.lr, rank=16, alpha=32,
                           group_size=args.group, prompts_per_step=args.tasks, max_new_tokens=48,
                           temperature=args.temperature, seed=args.seed)
     curve, evals = [], []
-    try:
-        while not stack.server.started:
-            await asyncio.sleep(0.05)
-        customers = CustomerStore(stack.redis)
-        await customers.create(CUSTOMER)
-        configs = TenantConfigStore(stack.redis)
-        await configs.set(CUSTOMER, config)
-        torch_model, layers, tokenizer = await asyncio.to_thread(load_model, Path(model), "cpu")
-        runtime = RuntimeClient(stack.gateway_url, admin_key(settings))
-        io = TrainerIO(AdapterStore(home / "trainer"), runtime, ReplayBuffer(stack.redis), configs, customers,
-                       tokenizer, base_model=model, served_base=settings.served_base_name)
-        trainer = Trainer(torch_model, layers, io.store, io, settings.trainer_pass_tokens or 512)
+    async with agent_runtime({CUSTOMER: config}) as (stack, settings, io, trainer):
+        model = str(settings.model)
         client = admin_chat_client(stack.gateway_url, admin_key(settings), CUSTOMER)
         evals.append({"step": 0, **await evaluate(client, args.level, args.episodes, settings.served_base_name)})
         print(f"step 0: held-out reward {evals[-1]['reward']:.3f}", flush=True)
@@ -106,10 +122,6 @@ async def main(args: argparse.Namespace) -> dict:
                 print(f"step {n}: held-out reward {evals[-1]['reward']:.3f}", flush=True)
             args.out.write_text(json.dumps(report_of(args, model, config, evals, curve, False), indent=2) + "\n")
         await client.close()
-        await runtime.close()
-    finally:
-        await stack.stop()
-        await asyncio.wait([serving], timeout=10)
     return report_of(args, model, config, evals, curve, True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from contextlib import aclosing
 from pathlib import Path
 
 import httpx
@@ -23,8 +24,9 @@ from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore
 from clora.trainer.batching import sequence_logprobs
 from clora.trainer.data import TrainerIO
-from clora.trainer.loop import Trainer, load_model, step
+from clora.trainer.loop import StepReport, Trainer, drive, load_model, step
 from clora.trainer.lora import Segment, bind, spec_of
+from clora.trainer.scheduler import Scheduler
 from clora.trainer.step import greedy
 from clora.wire.trainer_config import TenantConfig
 from tests.conftest import ADMIN_KEY
@@ -176,6 +178,50 @@ async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_c
         other_after = await trainer.io.client.sample(high, prompt, n=1, max_tokens=12, temperature=0)
         assert other_after.adapter == other_before.adapter
         assert other_after.choices[0].token_ids == other_before.choices[0].token_ids
+    finally:
+        await trainer.io.client.close()
+        await redis_client.aclose()
+
+
+async def test_pipelined_steps_learn_from_rollouts_sampled_while_the_step_before_computes(
+        gateway, make_customer, redis_url, tiny_model, tmp_path):
+    """The loop as `clora train` drives it, pipelined: each step's rollouts were sampled by the
+    engine while the trainer computed the step before, so they come from the version before
+    (off-policy by one): their logprob gap, against the weights that sampled them, stays at vLLM's
+    precision, no step is skipped, both customers still learn, and the engine and the trainer were
+    busy at the same time (their shares of a step's wall time add up to more than 1)."""
+    redis_client = aioredis.Redis.from_url(redis_url)
+    trainer = make_trainer(tiny_model, gateway, redis_client, tmp_path / "trainer")
+    low, _ = make_customer("pipe-low")
+    high, _ = make_customer("pipe-high")
+    register_opposite_targets(trainer.model)
+    for name, env in ((low, "aligned:+"), (high, "aligned:-")):
+        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=1.5e-2, rank=8, alpha=16, group_size=8,
+                                                        prompts_per_step=6, max_new_tokens=12, seed=3))
+
+    async def pick() -> list[str]:
+        return [low, high]
+
+    steps: list[list[StepReport]] = []
+    try:
+        async with aclosing(drive(trainer, Scheduler(), pick, asyncio.Event(), pipeline=True)) as driven:
+            async for reports in driven:
+                steps.append(reports)
+                if len(steps) == STEPS:
+                    break
+        for n, reports in enumerate(steps):
+            assert {r.customer for r in reports} == {low, high} and not any(r.skipped for r in reports)
+            for report in reports:
+                # Step 1 sampled its own rollouts; every later step's were sampled ahead, by the version before.
+                assert report.result.lagged_groups == (6 if n else 0)
+                assert report.result.gap.tokens > 0 and report.result.gap.mean < 0.01, report.result.gap
+                assert 0 < report.engine_busy <= 1 and 0 < report.trainer_busy <= 1
+        overlap = statistics.fmean(r.engine_busy + r.trainer_busy for reports in steps[1:] for r in reports[:1])
+        assert overlap > 1.0, overlap
+        for name in (low, high):
+            rewards = [r.mean_reward for reports in steps for r in reports if r.customer == name]
+            assert gains(rewards) > 0.12, (name, [round(r, 3) for r in rewards])
+        assert (await trainer.io.client.versions(low))["current"] == f"{low}.v{STEPS}"
     finally:
         await trainer.io.client.close()
         await redis_client.aclose()

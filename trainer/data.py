@@ -1,11 +1,16 @@
 """The trainer's I/O: what a step learns from, and where its results go. No torch maths here.
 
-  - `gather`: per tenant, on-policy groups sampled now through the gateway's admin API under the
-    version holding the weights being trained (the newest published one, else the base model) and
-    scored by its environment (for a multi-turn environment, K episodes per task played out turn by
-    turn, each turn a request with the tools the agent uses); new rated answers and corrections from its replay buffer, topped up
-    with older ones (prioritized: corrections first) when few are new. A tenant's first state starts
-    from the adapter it is served when that has the configured shape (else from zero, saying so).
+  - `rollouts`: per tenant, on-policy groups sampled through the gateway's admin API under the
+    version holding the newest weights (the newest published one, else the base model) and scored
+    by its environment (for a multi-turn environment, K episodes per task played out turn by turn,
+    each turn a request with the tools the agent uses). Sampled ahead (pipelined, while the
+    trainer computes the step before), they keep a copy of the weights that sampled them: if that
+    step changes the tenant's weights, its groups are one version off-policy (see step.py). A
+    tenant's first state starts from the adapter it is served when that has the configured shape
+    (else from zero, saying so).
+  - `gather`: the step's data: the rollouts, and new rated answers and corrections from the
+    replay buffer, topped up with older ones (prioritized: corrections first) when few are new.
+    Read only when the step starts, so a record is never taken by two steps.
   - `publish`: checkpoint (state + PEFT adapter, whole or absent), then a new version through the
     admin API with origin `trainer:step-N`; `consumed` records which records it learnt from.
   - `recover`: after a restart, a checkpoint written but not (known to be) published is published,
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +69,17 @@ class Group:
 
 
 @dataclass
+class Rollouts:
+    """A tenant's on-policy groups for a step, sampled by its weights published as `version`
+    (None: the base model), under the tenant's config of that moment."""
+
+    config: TenantConfig
+    groups: list[Group]
+    version: int | None
+    weights: LoRAWeights | None = None  # a copy of the weights that sampled them, if kept (pipelined)
+
+
+@dataclass
 class TenantData:
     """One tenant's data for one step: token ids and numbers, ready for `step.backward`."""
 
@@ -75,6 +92,9 @@ class TenantData:
     cursor: int = 0  # replay-buffer sequence number of the newest record taken
     baseline: float = 0.0  # the tenant's running mean of rewards before this step
     current: list[bool] = field(default_factory=list)  # per rated record: sampled by the weights being trained
+    # The weights that sampled `groups` when they are not those being trained (a pipelined rollout
+    # sampled before the previous step changed them): the groups are off-policy by one version.
+    behaviour: LoRAWeights | None = None
 
     def empty(self) -> bool:
         return not (self.groups or self.rated or self.corrections)
@@ -93,20 +113,42 @@ class TrainerIO:
         self.store, self.client, self.replay, self.configs = store, client, replay, configs
         self.customers, self.tokenizer, self.base_model = customers, tokenizer, base_model
         self.served_base = served_base  # the base model's name on the server
+        # Held while a tenant's weights change (optimizer step until published) and while a rollout
+        # reads which version to sample: a rollout never pairs one version's name with other weights.
+        self.policy_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def config(self, customer: str) -> TenantConfig:
         return await self.configs.get(customer) or TenantConfig()
 
     # -- what a step learns from ---------------------------------------------------------------
-    async def gather(self, customer: str, layers: dict[str, MultiLoRALinear]) -> TenantData:
-        """The tenant's data for a step; its state is restored or created (shaped after `layers`)."""
-        config = await self.config(customer)
-        state = self.store.get(customer) or await self.first_state(customer, layers, config)
-        if state.published_version is None and state.step > 0:
-            await self.recover(customer)  # an earlier publish failed: its step must not be skipped
-        data = TenantData(customer, config, baseline=state.reward_baseline)
+    async def rollouts(self, customer: str, layers: dict[str, MultiLoRALinear], keep_weights: bool = False) -> Rollouts:
+        """The tenant's on-policy groups under its newest version (none without an environment);
+        its state is restored or created (shaped after `layers`). `keep_weights`: with a copy of
+        the weights that sample them (a rollout sampled ahead of the step that trains on it)."""
+        async with self.policy_locks[customer]:
+            config = await self.config(customer)
+            state = self.store.get(customer) or await self.first_state(customer, layers, config)
+            if state.published_version is None and state.step > 0:
+                await self.recover(customer)  # an earlier publish failed: its step must not be skipped
+            version, model = state.published_version, self.policy_model(customer, state)
+            weights = state.weights.copy() if keep_weights else None
+        groups = []
         if config.environment and config.weights.onpolicy:
-            data.groups = await self.sample_groups(customer, config, state.rng, self.policy_model(customer, state))
+            groups = await self.sample_groups(customer, config, state.rng, model)
+        return Rollouts(config, groups, version, weights)
+
+    async def gather(self, customer: str, layers: dict[str, MultiLoRALinear],
+                     rollouts: Rollouts | None = None) -> TenantData:
+        """The tenant's data for a step: its rollouts (sampled now unless given) and its records."""
+        rollouts = rollouts or await self.rollouts(customer, layers)
+        config, state = rollouts.config, self.store.get(customer)
+        data = TenantData(customer, config, rollouts.groups, baseline=state.reward_baseline)
+        if rollouts.groups and rollouts.version != state.published_version:
+            if rollouts.weights is None:  # cannot be corrected for: not trained on
+                log.warning("customer %s: rollouts of version %s dropped (the weights are now version %s)",
+                            customer, rollouts.version, state.published_version)
+                data.groups = []
+            data.behaviour = rollouts.weights
         cursor = await self.replay.cursor(customer)
         records, data.cursor = await self.replay.newer(customer, cursor, config.records_per_step)
         if len(records) < config.records_per_step:  # top up from the buffer (replay)

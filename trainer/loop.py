@@ -1,11 +1,16 @@
 """`clora train`, top to bottom: `main` loads the model, connects, and loops; `step` is one step.
 
-  main: recover unpublished checkpoints; then, until stopped: wait while serving is busy, let the
-        scheduler pick tenants, run one step for them (a step that fails is retried tenant by
-        tenant; a tenant that fails alone is backed off, and the others' steps land).
-  step: gather each tenant's data (data.py), copy its state onto the device, backward of every
-        loss (step.py); then per tenant: skip it if its logprob gap says the trainer does not see
-        what the server sampled, else AdamW, copy back, checkpoint and publish (data.py).
+  main: recover unpublished checkpoints; then `drive` until stopped.
+  drive: wait while serving is busy, let the scheduler pick tenants, run one step for them (a
+        step that fails is retried tenant by tenant; a tenant that fails alone is backed off, and
+        the others' steps land). Pipelined (the default), the next pick's rollouts are sampled by
+        the engine while the trainer computes the current step: a tenant in both is sampled by
+        its previous version and trained as off-policy by one step (step.py).
+  step: sample each tenant's rollouts unless sampled ahead, gather its data (data.py), copy its
+        state onto the device, backward of every loss (step.py); then per tenant: skip it if its
+        logprob gap says the trainer does not see what the server sampled, else AdamW, copy back,
+        checkpoint and publish (data.py). Its report says which share of its wall time the engine
+        spent sampling for the trainer and the trainer computing (`Timeline`).
 
 Everything it runs with is one frozen `TrainRun`, resolved once by the command.
 """
@@ -17,8 +22,11 @@ import logging
 import signal
 import statistics
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import redis.asyncio as aioredis
 import torch
@@ -31,7 +39,7 @@ from clora.core.settings import Settings
 from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore
-from clora.trainer.data import TrainerIO
+from clora.trainer.data import Rollouts, TrainerIO
 from clora.trainer.lora import MultiLoRALinear, inject
 from clora.trainer.optim import adamw_step
 from clora.trainer.scheduler import Scheduler
@@ -63,6 +71,7 @@ class TrainRun:
     max_inflight: int  # serving requests in flight above which training waits
     served_base: str = "base"  # the base model's name on the server
     metrics_port: int = 0  # Prometheus endpoint; 0: none
+    pipeline: bool = True  # sample the next step's rollouts while the current step computes
 
     @classmethod
     def from_settings(cls, settings: Settings, *, gateway_url: str, redis_url: str, model_dir: str | Path,
@@ -73,7 +82,7 @@ class TrainRun:
                    settings.trainer_pass_tokens or (65536 if device.type == "cuda" else 512),
                    settings.trainer_dir, settings.trainer_keep_checkpoints, settings.replay_capacity,
                    settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight,
-                   settings.served_base_name, settings.trainer_metrics_port)
+                   settings.served_base_name, settings.trainer_metrics_port, settings.trainer_pipeline)
 
 
 def load_model(model_dir: Path, device: str) -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
@@ -85,6 +94,44 @@ def load_model(model_dir: Path, device: str) -> tuple[nn.Module, dict[str, Multi
     return model, inject(model), AutoTokenizer.from_pretrained(model_dir)
 
 
+class Timeline:
+    """When the engine was sampling rollouts for the trainer and when the trainer was computing:
+    cut at the end of each step into each one's share of the step's wall time (since the step
+    before ended). Overlapping spans of one kind count once."""
+
+    KINDS = ("engine", "trainer")
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.since = clock()
+        self.open: dict[str, int] = defaultdict(int)  # spans in progress, per kind
+        self.began: dict[str, float] = {}  # when the kind's current busy period began
+        self.spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+    @contextmanager
+    def busy(self, kind: str) -> Iterator[None]:
+        if self.open[kind] == 0:
+            self.began[kind] = self.clock()
+        self.open[kind] += 1
+        try:
+            yield
+        finally:
+            self.open[kind] -= 1
+            if self.open[kind] == 0:
+                self.spans[kind].append((self.began[kind], self.clock()))
+
+    def cut(self) -> tuple[float, dict[str, float]]:
+        """Seconds since the last cut, and each kind's busy share of them."""
+        now = self.clock()
+        window, shares = now - self.since, {}
+        for kind in self.KINDS:
+            spans = self.spans.pop(kind, []) + ([(self.began[kind], now)] if self.open[kind] else [])
+            busy = sum(max(0.0, end - max(start, self.since)) for start, end in spans)
+            shares[kind] = busy / window if window > 0 else 0.0
+        self.since = now
+        return window, shares
+
+
 @dataclass
 class Trainer:
     """What a step works on: the frozen model and its LoRA layers, the tenants' states, the I/O."""
@@ -94,6 +141,7 @@ class Trainer:
     store: AdapterStore
     io: TrainerIO
     pass_tokens: int = 512
+    timeline: Timeline = field(default_factory=Timeline)
 
 
 @dataclass
@@ -111,25 +159,38 @@ class StepReport:
     # (the engine's part), the backward (the trainer's), then optimizer, checkpoint and publish.
     gather_s: float = 0.0
     backward_s: float = 0.0
+    # Since the previous step ended: wall seconds, and the share of them the engine spent sampling
+    # rollouts for the trainer and the trainer computing (both near 1: the pipeline keeps both busy).
+    cycle_s: float = 0.0
+    engine_busy: float = 0.0
+    trainer_busy: float = 0.0
 
 
-async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
-    """One step for several tenants; raises if any part fails (no tenant's result is then kept)."""
+async def step(trainer: Trainer, customers: list[str], rollouts: dict[str, Rollouts] | None = None) -> list[StepReport]:
+    """One step for several tenants (their rollouts sampled now, unless given: sampled ahead);
+    raises if any part fails (no tenant's result is then kept)."""
     started = time.perf_counter()
-    io, store = trainer.io, trainer.store
-    # 1. Data for each tenant (sampling for all tenants runs concurrently on the server).
-    data = [d for d in await asyncio.gather(*[io.gather(c, trainer.layers) for c in customers]) if not d.empty()]
+    io, store, timeline = trainer.io, trainer.store, trainer.timeline
+    # 1. Data for each tenant: rollouts (sampled for all tenants concurrently on the server), records.
+    rollouts = dict(rollouts or {})
+    missing = [c for c in customers if c not in rollouts]
+    if missing:
+        with timeline.busy("engine"):
+            rollouts |= zip(missing, await asyncio.gather(*[io.rollouts(c, trainer.layers) for c in missing]))
+    data = [d for d in await asyncio.gather(*[io.gather(c, trainer.layers, rollouts[c]) for c in customers])
+            if not d.empty()]
     if not data:
         return []
     gathered = time.perf_counter()
     # 2. Device copies of each tenant's state (a failure below leaves the masters untouched).
     states = {d.customer: store.swap_in(d.customer) for d in data}
     # 3. Every loss's gradients into them (in a thread: the event loop stays responsive).
-    results = await asyncio.to_thread(backward, trainer.model, trainer.layers, data, states, trainer.pass_tokens)
+    with timeline.busy("trainer"):
+        results = await asyncio.to_thread(backward, trainer.model, trainer.layers, data, states, trainer.pass_tokens)
     computed = time.perf_counter()
     # 4. Per tenant: unless its logprob gap is over its bound (the trainer would be correcting for a
     #    policy that did not sample: skipped, the records kept), AdamW, copy back, checkpoint then
-    #    publish, record what the version learnt from.
+    #    publish, record what the version learnt from. No rollout reads its version meanwhile.
     reports = []
     for d in data:
         state, result = states[d.customer], results[d.customer]
@@ -142,30 +203,82 @@ async def step(trainer: Trainer, customers: list[str]) -> list[StepReport]:
             report.skipped = (f"logprob gap {gap:.4f} nats (max {result.gap.max:.4f}, {result.gap.tokens} tokens) "
                               f"above max_logprob_gap {d.config.max_logprob_gap}")
         else:
-            adamw_step(state, lr=d.config.lr)
-            state.published_version = None  # a new step: not published until publish() says so
-            state.reward_baseline = d.next_baseline()
-            store.swap_out(state)
-            report.version = await io.publish(d.customer, switch=not d.config.gated)
+            async with io.policy_locks[d.customer]:
+                with timeline.busy("trainer"):
+                    adamw_step(state, lr=d.config.lr)
+                state.published_version = None  # a new step: not published until publish() says so
+                state.reward_baseline = d.next_baseline()
+                store.swap_out(state)
+                report.version = await io.publish(d.customer, switch=not d.config.gated)
             await io.consumed(d, report.version)
         report.seconds = time.perf_counter() - started
         reports.append(report)
+    cycle, shares = timeline.cut()
+    for report in reports:
+        report.cycle_s, report.engine_busy, report.trainer_busy = cycle, shares["engine"], shares["trainer"]
     return reports
 
 
-async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str]) -> None:
-    """A step for `customers`; if it fails, each alone, so that only the failing tenant is backed off."""
+async def sample_ahead(trainer: Trainer, customers: list[str]) -> dict[str, Rollouts]:
+    """The next step's rollouts, sampled while the current one computes, each with a copy of the
+    weights that sampled it; a tenant whose sampling fails is left to its step to sample."""
+    with trainer.timeline.busy("engine"):
+        sampled = await asyncio.gather(*[trainer.io.rollouts(c, trainer.layers, keep_weights=True)
+                                         for c in customers], return_exceptions=True)
+    out = {}
+    for customer, result in zip(customers, sampled):
+        if isinstance(result, BaseException):
+            log.warning("customer %s: rollouts sampled ahead failed (%s); its step samples again", customer, result)
+        else:
+            out[customer] = result
+    return out
+
+
+async def drive(trainer: Trainer, scheduler: Scheduler, pick: Callable[[], Awaitable[list[str]]], stop: asyncio.Event,
+                *, pipeline: bool = True, idle_s: float = 5.0) -> AsyncIterator[list[StepReport]]:
+    """Steps until `stop`, yielding each step's reports: `pick` says who trains next (nobody: wait
+    `idle_s`). Pipelined, the next pick is made when a step starts and its rollouts are sampled
+    while that step computes (one step ahead, no more)."""
+    ahead: tuple[list[str], asyncio.Task[dict[str, Rollouts]]] | None = None
     try:
-        reports = await step(trainer, customers)
+        while not stop.is_set():
+            if ahead is not None:
+                chosen, rollouts = ahead[0], await ahead[1]
+                ahead = None
+            else:
+                chosen, rollouts = await pick(), {}
+            if not chosen:
+                try:
+                    await asyncio.wait_for(stop.wait(), idle_s)
+                except asyncio.TimeoutError:
+                    pass
+                trainer.timeline.cut()  # idle time is no step's
+                continue
+            if pipeline and (following := await pick()):
+                ahead = (following, asyncio.create_task(sample_ahead(trainer, following)))
+            yield await train(trainer, scheduler, chosen, rollouts)
+    finally:
+        if ahead is not None:
+            ahead[1].cancel()
+
+
+async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str],
+                rollouts: dict[str, Rollouts] | None = None) -> list[StepReport]:
+    """A step for `customers`; if it fails, each alone, so that only the failing tenant is backed off."""
+    rollouts = rollouts or {}
+    try:
+        reports = await step(trainer, customers, rollouts)
     except Exception:  # noqa: BLE001 - a tenant's failure must not stop the trainer
         if len(customers) == 1:
             delay = scheduler.failed(customers[0])
             log.exception("customer %s: step failed; backing off %.0f s", customers[0], delay)
-            return
+            return []
         log.exception("step for %d tenants failed; retrying each alone", len(customers))
+        reports = []
         for customer in customers:
-            await train(trainer, scheduler, [customer])
-        return
+            alone = {customer: rollouts[customer]} if customer in rollouts else {}
+            reports += await train(trainer, scheduler, [customer], alone)
+        return reports
     for report in reports:
         observe(report)
         if report.skipped:
@@ -176,11 +289,14 @@ async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str]) ->
         scheduler.succeeded(report.customer)
         reward = f"{report.mean_reward:.3f}" if report.mean_reward is not None else "-"
         gap = report.result.gap
-        log.info("customer %s: step %d -> %s (reward %s, %d rated %s, %d corrections, logprob gap %s, %.1f s: "
-                 "data %.1f, backward %.1f)", report.customer, report.step, report.version, reward, report.rated,
-                 report.result.paths or "", report.corrections,
-                 f"{gap.mean:.4f}/{gap.max:.4f}" if gap.mean is not None else "-", report.seconds, report.gather_s,
-                 report.backward_s)
+        lagged = f", {report.result.lagged_groups} groups off-policy by one version" if report.result.lagged_groups else ""
+        log.info("customer %s: step %d -> %s (reward %s, %d rated %s, %d corrections, logprob gap %s%s, %.1f s: "
+                 "data %.1f, backward %.1f; engine busy %.0f%%, trainer busy %.0f%% of %.1f s)", report.customer,
+                 report.step, report.version, reward, report.rated, report.result.paths or "", report.corrections,
+                 f"{gap.mean:.4f}/{gap.max:.4f}" if gap.mean is not None else "-", lagged, report.seconds,
+                 report.gather_s, report.backward_s, 100 * report.engine_busy, 100 * report.trainer_busy,
+                 report.cycle_s)
+    return reports
 
 
 def observe(report: StepReport) -> None:
@@ -216,17 +332,14 @@ async def main(run: TrainRun) -> None:
     log.info("trainer up on %s (gateway %s)", run.device, run.gateway_url)
     try:
         await io.recover_all()  # checkpoints a previous run wrote but did not get to publish
-        while not stop.is_set():
-            load = await runtime.load()  # serving first: no training while it is saturated
+
+        async def pick() -> list[str]:  # serving first: no training while it is saturated
+            load = await runtime.load()
             busy = load["requests_in_flight"] > run.max_inflight or not load["engine_ready"]
-            chosen = [] if busy else scheduler.pick(await io.candidates())
-            if not chosen:
-                try:
-                    await asyncio.wait_for(stop.wait(), run.idle_s)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            await train(trainer, scheduler, chosen)
+            return [] if busy else scheduler.pick(await io.candidates())
+
+        async for _ in drive(trainer, scheduler, pick, stop, pipeline=run.pipeline, idle_s=run.idle_s):
+            pass
     finally:
         await runtime.close()
         await redis.aclose()

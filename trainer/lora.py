@@ -57,6 +57,13 @@ class LoRAWeights:
         """A stable order (module name, then A before B): optimizer state lists follow it."""
         return [t for name in sorted(self.a) for t in (self.a[name], self.b[name])]
 
+    def copy(self, device: torch.device | str | None = None) -> LoRAWeights:
+        """Detached copies of the tensors (on `device`, else where they are)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device or t.device, copy=True)
+
+        return LoRAWeights(self.spec, {n: move(t) for n, t in self.a.items()}, {n: move(t) for n, t in self.b.items()})
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"{n}.lora_A": t for n, t in self.a.items()}, **{f"{n}.lora_B": t for n, t in self.b.items()}}
 

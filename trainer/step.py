@@ -21,6 +21,10 @@ records took each path, and the logprob gap. AdamW, checkpoint and publish are t
 The logprob gap is |trainer logprob - vLLM's| on tokens the trainer's current weights sampled
 (on-policy groups; `importance` records of the version it holds), before the update: the
 rollout/train mismatch; the loop skips a tenant's step when its mean is above the tenant's bound.
+Groups sampled ahead by the previous version (a pipelined rollout: `TenantData.behaviour`) are
+off-policy by one step: PPO's ratio is against the logprobs vLLM sampled them with, which is the
+importance correction they need, and their gap is measured against the weights that sampled
+them, in an extra no-grad pass over the tenant's first group (a sample of its tokens).
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class TenantResult:
     losses: dict[str, float] = field(default_factory=dict)
     paths: dict[str, int] = field(default_factory=dict)  # records per loss path: importance, ratio_free, correction
     gap: Gap = field(default_factory=Gap)
+    lagged_groups: int = 0  # on-policy groups sampled by the previous version (pipelined), corrected as off-policy
 
 
 def backward(model: nn.Module, layers: Layers, data: list[TenantData], states: dict[str, TenantState],
@@ -175,6 +180,7 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
     Returns each tenant's loss."""
     items = [row for t, d in enumerate(sampled) for g in d.groups
              for row in onpolicy_rows(t, g, states[d.customer].weights)]
+    lagged = [d.behaviour is not None for d in sampled]
     totals = [0] * len(sampled)
     for item in items:
         totals[item.tenant] += item.group.tokens()
@@ -198,7 +204,8 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
         for t in sorted(set(tenant_R.tolist())):
             config, mine = sampled[t].config, tenant_N == t
             free, ratio = mine & constrained_R[rows_N], mine & ~constrained_R[rows_N]
-            results[t].gap.add(logp_N[ratio], old_logp_N[ratio])
+            if not lagged[t]:
+                results[t].gap.add(logp_N[ratio], old_logp_N[ratio])
             loss = logp_N.new_zeros(())
             if ratio.any():
                 loss = loss + ppo_clip_loss(logp_N[ratio], old_logp_N[ratio], advantages_R[rows_N[ratio]],
@@ -211,7 +218,23 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
             losses[t] += float(loss.detach())
             total = total + loss * config.weights.onpolicy
         total.backward()
+    for t, d in enumerate(sampled):
+        if lagged[t]:
+            results[t].lagged_groups = len(d.groups)
+            behaviour_gap(model, layers, d, [item for item in items if item.tenant == t], results[t].gap)
     return losses
+
+
+@torch.no_grad()
+def behaviour_gap(model: nn.Module, layers: Layers, d: TenantData, items: list[OnPolicyRows], gap: Gap) -> None:
+    """The logprob gap of a tenant's lagged groups against the weights that sampled them: over its
+    first group whose logprobs vLLM's are comparable to (not grammar-constrained)."""
+    item = next((item for item in items if not item.constrained), None)
+    if item is None:
+        return
+    weights = d.behaviour.copy(model.lm_head.weight.device)
+    result = shared_prefix_logprobs(model, layers, [replace(item.group, weights=weights)])
+    gap.add(result.logprobs, torch.tensor(item.old_logprobs))
 
 
 def rated_path(record: TrainingRecord) -> str:

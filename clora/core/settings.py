@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     trainer_device: str = Field(default="auto", description="cpu, cuda, cuda:N; auto = cuda if present.")
     trainer_pass_tokens: int | None = Field(default=None, description="Tokens per batched pass (auto: 512 CPU, 65536 GPU).")
     trainer_max_tenants: int = Field(default=8, description="Tenants trained together in one step.")
+    trainer_pipeline: bool = Field(default=True, description="Sample the next step's rollouts while the trainer "
+                                   "computes the current step (a tenant in both learns from them as off-policy by one "
+                                   "version).")
     trainer_idle_s: float = Field(default=5.0, description="Pause when no tenant has anything to learn.")
     trainer_max_inflight: int = Field(default=64, description="Serving requests in flight above which training waits.")
     trainer_keep_checkpoints: int = Field(default=5, description="Trainer state checkpoints kept per customer.")

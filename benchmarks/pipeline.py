@@ -1,0 +1,101 @@
+"""Rollouts overlapping training: step time of N tenants' agent RL with the pipeline off and on.
+
+N tenants (4 by default) learn tool-use arithmetic (`arithmetic:1`, `--tasks` problems x `--group`
+two-turn episodes each per step) on SmolLM2-135M-Instruct served by vLLM on one core, the trainer
+on the other (one torch thread), driven by `clora train`'s own loop (`trainer.loop.drive`), every
+tenant in every step. Off: each step samples its rollouts, then trains. On: the next step's
+rollouts are sampled while the step computes (each tenant's then come from its previous version
+and are trained as off-policy by one). Per step: wall time between step ends, and the share of it
+the engine spent sampling for the trainer and the trainer computing. Each mode runs its own
+tenants from the base model; the first step of each is a warm-up (not in the medians).
+Writes benchmarks/results/pipeline.json.
+
+    .venv/bin/python benchmarks/pipeline.py [--tenants 4] [--steps 5] [--tasks 2] [--group 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from agent_rl import agent_runtime  # noqa: E402
+
+from clora.demo.report import machine  # noqa: E402
+from clora.trainer.loop import Timeline, Trainer, drive  # noqa: E402
+from clora.trainer.scheduler import Scheduler  # noqa: E402
+from clora.wire.trainer_config import TenantConfig  # noqa: E402
+
+MODES = {"off": False, "on": True}
+
+
+async def run_mode(trainer: Trainer, customers: list[str], pipeline: bool, steps: int) -> list[dict]:
+    trainer.timeline = Timeline()
+
+    async def pick() -> list[str]:
+        return customers
+
+    rows = []
+    async with aclosing(drive(trainer, Scheduler(len(customers)), pick, asyncio.Event(), pipeline=pipeline)) as driven:
+        async for reports in driven:
+            first = reports[0]
+            rows.append({"step": len(rows) + 1, "cycle_s": round(first.cycle_s, 2),
+                         "engine_busy": round(first.engine_busy, 3), "trainer_busy": round(first.trainer_busy, 3),
+                         "backward_s": round(first.backward_s, 2), "tenants": len(reports),
+                         "lagged_groups": sum(r.result.lagged_groups for r in reports),
+                         "skipped": sum(bool(r.skipped) for r in reports),
+                         "gap_mean": [r.result.gap.mean for r in reports],
+                         "sampled_reward": statistics.fmean(r.mean_reward for r in reports)})
+            print(f"pipeline {'on' if pipeline else 'off'} step {len(rows)}: {first.cycle_s:.1f} s, engine busy "
+                  f"{first.engine_busy:.0%}, trainer busy {first.trainer_busy:.0%}", flush=True)
+            if len(rows) == steps:
+                break
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    measured = rows[1:]  # the first step is a warm-up
+    return {"step_s_median": statistics.median(r["cycle_s"] for r in measured),
+            "engine_busy_mean": round(statistics.fmean(r["engine_busy"] for r in measured), 3),
+            "trainer_busy_mean": round(statistics.fmean(r["trainer_busy"] for r in measured), 3),
+            "skipped_tenant_steps": sum(r["skipped"] for r in measured)}
+
+
+async def main(args: argparse.Namespace) -> dict:
+    config = TenantConfig(environment="arithmetic:1", lr=1e-3, rank=16, alpha=32, group_size=args.group,
+                          prompts_per_step=args.tasks, max_new_tokens=48, temperature=1.0)
+    tenants = {mode: [f"{mode}-{i}" for i in range(args.tenants)] for mode in MODES}
+    configs = {name: config.model_copy(update={"seed": i}) for names in tenants.values()
+               for i, name in enumerate(names)}
+    out = {"benchmark": "pipeline", "machine": machine(), "command": "python benchmarks/pipeline.py "
+           + " ".join(sys.argv[1:]), "at": time.time(), "config": config.model_dump(), "tenants": args.tenants,
+           "modes": {}}
+    async with agent_runtime(configs) as (_stack, settings, _io, trainer):
+        out["model"] = str(settings.model).rsplit("/", 1)[-1]
+        for mode, pipeline in MODES.items():
+            rows = await run_mode(trainer, tenants[mode], pipeline, args.steps)
+            out["modes"][mode] = {"summary": summary(rows), "steps": rows}
+    off, on = out["modes"]["off"]["summary"], out["modes"]["on"]["summary"]
+    out["speedup"] = round(off["step_s_median"] / on["step_s_median"], 3)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tenants", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="per mode, the first a warm-up")
+    parser.add_argument("--tasks", type=int, default=2, help="problems per tenant per step")
+    parser.add_argument("--group", type=int, default=8, help="episodes per problem")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pipeline.json")
+    cli = parser.parse_args()
+    result = asyncio.run(main(cli))
+    cli.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({mode: v["summary"] for mode, v in result["modes"].items()}, indent=2))
+    print(f"speedup {result['speedup']}x; wrote {cli.out}")
