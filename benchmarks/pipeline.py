@@ -30,7 +30,7 @@ from agent_rl import agent_runtime  # noqa: E402
 
 from clora.demo.report import machine  # noqa: E402
 from clora.trainer.loop import Timeline, Trainer, drive  # noqa: E402
-from clora.trainer.scheduler import Scheduler  # noqa: E402
+from clora.trainer.scheduler import Candidate, Scheduler  # noqa: E402
 from clora.wire.trainer_config import TenantConfig  # noqa: E402
 
 MODES = {"off": False, "on": True}
@@ -39,11 +39,11 @@ MODES = {"off": False, "on": True}
 async def run_mode(trainer: Trainer, customers: list[str], pipeline: bool, steps: int) -> list[dict]:
     trainer.timeline = Timeline()
 
-    async def pick() -> list[str]:
-        return customers
+    async def candidates() -> list[Candidate]:
+        return [Candidate(c, 1.0, samples=True) for c in customers]
 
     rows = []
-    async with aclosing(drive(trainer, Scheduler(len(customers)), pick, asyncio.Event(), pipeline=pipeline)) as driven:
+    async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, asyncio.Event(), pipeline=pipeline)) as driven:
         async for reports in driven:
             first = reports[0]
             rows.append({"step": len(rows) + 1, "cycle_s": round(first.cycle_s, 2),

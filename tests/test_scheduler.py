@@ -4,6 +4,7 @@ step tenant by tenant)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from clora.trainer import loop
@@ -38,6 +39,63 @@ def test_pending_work_weighs_in():
     assert counts["busy"] == 300 and counts["quiet"] == 100
 
 
+def test_peek_says_who_the_next_pick_chooses_and_changes_nothing():
+    scheduler = Scheduler(max_tenants=1)
+    offered = [Candidate("gold", 1.0, priority=2.0), Candidate("std", 1.0)]
+    for _ in range(30):
+        predicted = scheduler.peek(offered)
+        assert scheduler.peek(offered) == predicted  # peeking twice: the same
+        assert scheduler.pick(offered) == predicted
+
+
+async def test_the_pipelined_loop_samples_ahead_only_tenants_with_rollouts_and_uses_only_those_it_picks(monkeypatch):
+    """Rollouts are sampled ahead for the predicted next pick's sampling tenants (a feedback-only
+    tenant has nothing to sample, and its records are read by its own step); a tenant sampled
+    ahead but not picked gets its rollouts dropped, one picked but not sampled ahead samples in
+    its step."""
+    ahead: list[list[str]] = []
+    steps: list[tuple[list[str], list[str]]] = []
+
+    async def sample_ahead(trainer, customers):
+        ahead.append(list(customers))
+        return {c: f"rollouts of {c}" for c in customers}
+
+    async def step(trainer, customers, rollouts=None):
+        steps.append((list(customers), sorted(rollouts)))
+        return [loop.StepReport(c, 1, f"{c}.v1", None, 0, 0, TenantResult(), 0.0) for c in customers]
+
+    monkeypatch.setattr(loop, "sample_ahead", sample_ahead)
+    monkeypatch.setattr(loop, "step", step)
+    offers = iter([
+        [Candidate("env", 1.0, samples=True), Candidate("feedback", 1.0)],
+        [Candidate("env", 1.0, samples=True), Candidate("feedback", 1.0)],
+        [Candidate("feedback", 1.0), Candidate("other", 1.0, samples=True)],  # env's config changed
+        [],
+    ])
+
+    async def candidates():
+        return next(offers)
+
+    stop = asyncio.Event()
+    reports = []
+    async for step_reports in loop.drive(None, Scheduler(max_tenants=8), candidates, stop, idle_s=0.01):
+        reports.append(step_reports)
+        if len(reports) == 3:
+            stop.set()
+    # (the third step's sampling ahead, of "other", is cancelled when the loop stops)
+    assert ahead == [["env"], ["env"]]
+    assert steps == [(["env", "feedback"], []), (["env", "feedback"], ["env"]), (["feedback", "other"], [])]
+    assert len(reports) == 3
+
+    # Pipeline off: nothing is sampled ahead.
+    ahead.clear()
+    offers = iter([[Candidate("env", 1.0, samples=True)]] * 2)
+    stop = asyncio.Event()
+    async for _ in loop.drive(None, Scheduler(), candidates, stop, pipeline=False):
+        stop.set()
+    assert ahead == []
+
+
 def test_a_failing_tenant_is_backed_off_exponentially_and_others_go_on():
     clock = Clock()
     scheduler = Scheduler(max_tenants=8, base_backoff_s=5, max_backoff_s=60, clock=clock)
@@ -56,7 +114,7 @@ def test_a_failing_tenant_is_backed_off_exponentially_and_others_go_on():
 async def test_a_failed_step_is_retried_tenant_by_tenant_and_only_the_failing_one_backs_off(monkeypatch):
     steps: list[list[str]] = []
 
-    async def step(trainer, customers: list[str]) -> list[loop.StepReport]:
+    async def step(trainer, customers: list[str], rollouts=None) -> list[loop.StepReport]:
         steps.append(list(customers))
         if "bad" in customers:
             raise RuntimeError("this tenant's data breaks the step")

@@ -26,7 +26,7 @@ from clora.trainer.batching import sequence_logprobs
 from clora.trainer.data import TrainerIO
 from clora.trainer.loop import StepReport, Trainer, drive, load_model, step
 from clora.trainer.lora import Segment, bind, spec_of
-from clora.trainer.scheduler import Scheduler
+from clora.trainer.scheduler import Candidate, Scheduler
 from clora.trainer.step import greedy
 from clora.wire.trainer_config import TenantConfig
 from tests.conftest import ADMIN_KEY
@@ -199,12 +199,12 @@ async def test_pipelined_steps_learn_from_rollouts_sampled_while_the_step_before
         await trainer.io.configs.set(name, TenantConfig(environment=env, lr=1.5e-2, rank=8, alpha=16, group_size=8,
                                                         prompts_per_step=6, max_new_tokens=12, seed=3))
 
-    async def pick() -> list[str]:
-        return [low, high]
+    async def candidates() -> list[Candidate]:
+        return [Candidate(low, 1.0, samples=True), Candidate(high, 1.0, samples=True)]
 
     steps: list[list[StepReport]] = []
     try:
-        async with aclosing(drive(trainer, Scheduler(), pick, asyncio.Event(), pipeline=True)) as driven:
+        async with aclosing(drive(trainer, Scheduler(), candidates, asyncio.Event(), pipeline=True)) as driven:
             async for reports in driven:
                 steps.append(reports)
                 if len(steps) == STEPS:

@@ -260,12 +260,13 @@ class TrainerIO:
         out = []
         for customer in [c.name for c in await self.customers.list()]:
             config = configs.get(customer) or TenantConfig()
-            if config.environment and config.weights.onpolicy:
+            samples = bool(config.environment and config.weights.onpolicy)
+            if samples:
                 work = 1.0
             else:
                 new = await self.pending(customer)
                 work = new / config.records_per_step if new >= config.min_records else 0.0
-            out.append(Candidate(customer, work, config.priority))
+            out.append(Candidate(customer, work, config.priority, samples))
         return out
 
     # -- versions --------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
   main: recover unpublished checkpoints; then `drive` until stopped.
   drive: wait while serving is busy, let the scheduler pick tenants, run one step for them (a
         step that fails is retried tenant by tenant; a tenant that fails alone is backed off, and
-        the others' steps land). Pipelined (the default), the next pick's rollouts are sampled by
-        the engine while the trainer computes the current step: a tenant in both is sampled by
-        its previous version and trained as off-policy by one step (step.py).
+        the others' steps land). Pipelined (the default), the rollouts of the tenants the next
+        pick would choose are sampled by the engine while the trainer computes the current step:
+        a tenant in both is sampled by its previous version and trained as off-policy by one
+        step (step.py).
   step: sample each tenant's rollouts unless sampled ahead, gather its data (data.py), copy its
         state onto the device, backward of every loss (step.py); then per tenant: skip it if its
         logprob gap says the trainer does not see what the server sampled, else AdamW, copy back,
@@ -42,7 +43,7 @@ from clora.trainer.adapter_store import AdapterStore
 from clora.trainer.data import Rollouts, TrainerIO
 from clora.trainer.lora import MultiLoRALinear, inject
 from clora.trainer.optim import adamw_step
-from clora.trainer.scheduler import Scheduler
+from clora.trainer.scheduler import Candidate, Scheduler
 from clora.trainer.step import TenantResult, backward
 
 log = logging.getLogger("clora.trainer")
@@ -234,19 +235,22 @@ async def sample_ahead(trainer: Trainer, customers: list[str]) -> dict[str, Roll
     return out
 
 
-async def drive(trainer: Trainer, scheduler: Scheduler, pick: Callable[[], Awaitable[list[str]]], stop: asyncio.Event,
-                *, pipeline: bool = True, idle_s: float = 5.0) -> AsyncIterator[list[StepReport]]:
-    """Steps until `stop`, yielding each step's reports: `pick` says who trains next (nobody: wait
-    `idle_s`). Pipelined, the next pick is made when a step starts and its rollouts are sampled
-    while that step computes (one step ahead, no more)."""
-    ahead: tuple[list[str], asyncio.Task[dict[str, Rollouts]]] | None = None
+async def drive(trainer: Trainer, scheduler: Scheduler, candidates: Callable[[], Awaitable[list[Candidate]]],
+                stop: asyncio.Event, *, pipeline: bool = True, idle_s: float = 5.0) -> AsyncIterator[list[StepReport]]:
+    """Steps until `stop`, yielding each step's reports: the scheduler picks from `candidates`
+    (none: wait `idle_s`). Pipelined, when a step starts the tenants the next pick would choose
+    that sample rollouts get them sampled while it computes (one step ahead, no more); the next
+    step uses those of the tenants it does pick (a prediction that missed costs engine time, and
+    records are never read ahead)."""
+    ahead: asyncio.Task[dict[str, Rollouts]] | None = None
     try:
         while not stop.is_set():
+            offered = await candidates()
+            chosen = scheduler.pick(offered)
+            rollouts = {}
             if ahead is not None:
-                chosen, rollouts = ahead[0], await ahead[1]
+                rollouts = {c: r for c, r in (await ahead).items() if c in chosen}
                 ahead = None
-            else:
-                chosen, rollouts = await pick(), {}
             if not chosen:
                 try:
                     await asyncio.wait_for(stop.wait(), idle_s)
@@ -254,12 +258,13 @@ async def drive(trainer: Trainer, scheduler: Scheduler, pick: Callable[[], Await
                     pass
                 trainer.timeline.cut()  # idle time is no step's
                 continue
-            if pipeline and (following := await pick()):
-                ahead = (following, asyncio.create_task(sample_ahead(trainer, following)))
+            samples = {c.customer for c in offered if c.samples}
+            if pipeline and (following := [c for c in scheduler.peek(offered) if c in samples]):
+                ahead = asyncio.create_task(sample_ahead(trainer, following))
             yield await train(trainer, scheduler, chosen, rollouts)
     finally:
         if ahead is not None:
-            ahead[1].cancel()
+            ahead.cancel()
 
 
 async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str],
@@ -333,12 +338,12 @@ async def main(run: TrainRun) -> None:
     try:
         await io.recover_all()  # checkpoints a previous run wrote but did not get to publish
 
-        async def pick() -> list[str]:  # serving first: no training while it is saturated
+        async def candidates() -> list[Candidate]:  # serving first: no training while it is saturated
             load = await runtime.load()
             busy = load["requests_in_flight"] > run.max_inflight or not load["engine_ready"]
-            return [] if busy else scheduler.pick(await io.candidates())
+            return [] if busy else await io.candidates()
 
-        async for _ in drive(trainer, scheduler, pick, stop, pipeline=run.pipeline, idle_s=run.idle_s):
+        async for _ in drive(trainer, scheduler, candidates, stop, pipeline=run.pipeline, idle_s=run.idle_s):
             pass
     finally:
         await runtime.close()

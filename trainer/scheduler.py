@@ -3,7 +3,8 @@
 Every tenant with something to learn from (an environment, or enough new feedback) earns credit
 each round in proportion to its priority and pending work; the step takes the tenants with the most
 credit, up to `max_tenants` (all of them when they fit: one batched step serves them all). A tenant
-whose step failed is backed off exponentially, so it never holds up the others.
+whose step failed is backed off exponentially, so it never holds up the others. `peek` says who
+the next pick would be, changing nothing: the pipelined loop samples their rollouts ahead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Candidate:
     customer: str
     work: float  # > 0: something to learn from (1.0 = one full step's worth)
     priority: float = 1.0
+    samples: bool = False  # learns from on-policy rollouts (an environment): worth sampling ahead
 
 
 class Scheduler:
@@ -34,14 +36,26 @@ class Scheduler:
         self.backoff_until: dict[str, float] = {}
 
     def pick(self, candidates: list[Candidate]) -> list[str]:
+        credit = self._credit(candidates)
+        self.credit.update(credit)
+        chosen = self._ranked(credit)
+        for customer in chosen:
+            self.credit[customer] = 0.0
+        return chosen
+
+    def peek(self, candidates: list[Candidate]) -> list[str]:
+        """Who `pick` would choose from these candidates; nothing changes."""
+        return self._ranked(self._credit(candidates))
+
+    def _credit(self, candidates: list[Candidate]) -> dict[str, float]:
+        """The credit of each ready candidate after this round."""
         now = self.clock()
         ready = [c for c in candidates if c.work > 0 and self.backoff_until.get(c.customer, 0.0) <= now]
-        for c in ready:
-            self.credit[c.customer] += c.priority * min(c.work, 4.0)  # a backlog counts, but only so much
-        chosen = sorted(ready, key=lambda c: (-self.credit[c.customer], c.customer))[:self.max_tenants]
-        for c in chosen:
-            self.credit[c.customer] = 0.0
-        return [c.customer for c in chosen]
+        # A backlog counts, but only so much.
+        return {c.customer: self.credit[c.customer] + c.priority * min(c.work, 4.0) for c in ready}
+
+    def _ranked(self, credit: dict[str, float]) -> list[str]:
+        return sorted(credit, key=lambda customer: (-credit[customer], customer))[:self.max_tenants]
 
     def failed(self, customer: str) -> float:
         """Back the tenant off; returns for how long."""
