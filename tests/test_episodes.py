@@ -18,7 +18,7 @@ from clora.trainer.batching import sequence_logprobs, shared_prefix_logprobs
 from clora.trainer.data import Group, TenantData, Turn
 from clora.trainer.lora import LoRASpec, Segment, bind, inject, new_weights
 from clora.trainer.losses import group_advantages, ppo_clip_loss, ratio_free_loss
-from clora.trainer.step import backward, onpolicy_rows
+from clora.trainer.step import GROUP_PASS_FACTOR, backward, onpolicy_rows
 from clora.wire.interactions import Sampler
 from clora.wire.trainer_config import TenantConfig
 
@@ -111,8 +111,9 @@ def test_the_loss_covers_exactly_the_tokens_the_model_sampled(base):
     torch.testing.assert_close(result.logprobs, plain, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", [SAMPLED, FORCED], ids=["sampled", "forced-tool"])
-def test_episode_gradients_are_each_turns_loss_with_its_episodes_advantage(base, sampler):
+@pytest.mark.parametrize("sampler,pass_tokens", [(SAMPLED, 4096), (FORCED, 4096), (SAMPLED, None)],
+                         ids=["sampled", "forced-tool", "groups-split-across-passes"])
+def test_episode_gradients_are_each_turns_loss_with_its_episodes_advantage(base, sampler, pass_tokens):
     """The packed multi-turn step equals a hand-written one: every turn a plain row (its prompt,
     its tokens), the episode's advantage, PPO-clip against the server's logprobs for sampled turns,
     the ratio-free loss for grammar-forced ones; a token mean over the tenant's model tokens."""
@@ -140,8 +141,13 @@ def test_episode_gradients_are_each_turns_loss_with_its_episodes_advantage(base,
         (loss * len(completion) / total).backward()
     expected = grads(weights)
 
+    if pass_tokens is None:  # a group's rows no longer fit one pass with its prompt: split, the prompt run again
+        first = onpolicy_rows(0, groups[0], weights)[0]
+        pass_tokens = (len(first.group.prompt) + 3 * max(len(r) for r in first.group.rows())) // GROUP_PASS_FACTOR
+        parts = first.split(GROUP_PASS_FACTOR * pass_tokens)
+        assert len(parts) > 2 and max(len(p.group.completions) for p in parts) > 1
     data = TenantData("c", config, groups=groups)
-    result = backward(model, layers, [data], {"c": TenantState("c", weights, [], [])}, pass_tokens=4096)["c"]
+    result = backward(model, layers, [data], {"c": TenantState("c", weights, [], [])}, pass_tokens=pass_tokens)["c"]
     assert max(g.abs().max() for g in expected) > 0
     for got, want in zip(grads(weights), expected):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)

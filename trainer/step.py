@@ -62,6 +62,10 @@ if TYPE_CHECKING:  # types only: this module loads with torch alone
 
 Layers = dict[str, MultiLoRALinear]
 IMPORTANCE, RATIO_FREE, CORRECTION = "importance", "ratio_free", "correction"  # loss paths of records
+# A group (its prompt run once for all its rows) may take this many times `pass_tokens` in one pass
+# before its rows are split across passes: sharing the prompt saves more than small passes gain,
+# but the pass's memory must stay bounded.
+GROUP_PASS_FACTOR = 4
 
 
 @dataclass
@@ -139,6 +143,29 @@ class OnPolicyRows:
     old_logprobs: list[float]  # flat, completion by completion
     constrained: bool  # sampled under a grammar (a forced tool call): vLLM's logprobs are not comparable
 
+    def split(self, max_tokens: int) -> list[OnPolicyRows]:
+        """These rows in parts whose padded size (prompt + rows x widest row) stays within
+        max_tokens, one row at least: a pass's activation memory grows with its padded size (a
+        group of long multi-turn rows over a long prompt took 20 GB in one pass), and each part
+        runs the prompt again."""
+        g, parts, start = self.group, [], 0
+        widths = [len(r) for r in g.rows()]
+        while start < len(widths):
+            stop = start + 1
+            while stop < len(widths) and len(g.prompt) + (stop + 1 - start) * max(widths[start:stop + 1]) <= max_tokens:
+                stop += 1
+            parts.append((start, stop))
+            start = stop
+        if len(parts) == 1:
+            return [self]
+        offsets = [0]
+        for c in g.completions:
+            offsets.append(offsets[-1] + len(c))
+        return [OnPolicyRows(self.tenant, replace(g, completions=g.completions[a:b],
+                                                  contexts=g.contexts[a:b] if g.contexts is not None else None),
+                             self.advantages_R[a:b], self.old_logprobs[offsets[a]:offsets[b]], self.constrained)
+                for a, b in parts]
+
 
 def onpolicy_rows(t: int, group: Group, weights: LoRAWeights) -> list[OnPolicyRows]:
     """A group's pass items: its completions over the shared prompt, and each later turn of a
@@ -178,8 +205,8 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
     group. Turns sampled under a grammar take the ratio-free loss (the trainer cannot rebuild the
     grammar's mask, so no importance ratio against vLLM's masked logprobs) and no logprob gap.
     Returns each tenant's loss."""
-    items = [row for t, d in enumerate(sampled) for g in d.groups
-             for row in onpolicy_rows(t, g, states[d.customer].weights)]
+    items = [part for t, d in enumerate(sampled) for g in d.groups
+             for row in onpolicy_rows(t, g, states[d.customer].weights) for part in row.split(GROUP_PASS_FACTOR * pass_tokens)]
     lagged = [d.behaviour is not None for d in sampled]
     totals = [0] * len(sampled)
     for item in items:
