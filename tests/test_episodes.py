@@ -154,3 +154,46 @@ def test_episode_gradients_are_each_turns_loss_with_its_episodes_advantage(base,
     # The logprob gap compares the server's logprobs only where they are comparable.
     assert result.gap.tokens == (0 if sampler.constrained else total)
 
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1], ids=["no-kl", "kl"])
+def test_groups_whose_episodes_all_scored_the_same_take_no_pass(base, monkeypatch, kl_coef):
+    """A group whose episodes all scored the same has advantage 0: PPO gives it no gradient, so it
+    takes no pass (a low-reward task's step is mostly such groups), yet its tokens stay in the
+    token mean; with a KL term it still pulls towards the base model, so it is passed."""
+    from clora.trainer import step as step_module
+    model, layers, tokenizer = base
+    rng = random.Random(3)
+    varied = arithmetic_group(tokenizer, rng, 4, SAMPLED)
+    flat = arithmetic_group(tokenizer, rng, 4, SAMPLED)
+    flat.rewards = [0.0] * 4
+    passed_rows = []
+    real_pass = step_module.shared_prefix_logprobs
+
+    def counting_pass(model, layers, groups, **kwargs):
+        passed_rows.append(sum(len(g.completions) for g in groups if g.weights is not None))
+        return real_pass(model, layers, groups, **kwargs)
+
+    monkeypatch.setattr(step_module, "shared_prefix_logprobs", counting_pass)
+    config = TenantConfig(clip=0.2, kl_coef=kl_coef)
+    weights = weights_of(layers, 4)
+    state = {"c": TenantState("c", weights, [], [])}
+    backward(model, layers, [TenantData("c", config, groups=[varied, flat])], state, pass_tokens=4096)
+    both = grads(weights)
+    rows = [len(onpolicy_rows(0, g, weights)[0].group.completions) for g in (varied, flat)]
+    assert sum(passed_rows) == (rows[0] + rows[1] if kl_coef else rows[0])
+
+    passed_rows.clear()
+    backward(model, layers, [TenantData("c", config, groups=[flat])], state, pass_tokens=4096)
+    assert sum(passed_rows) == (rows[1] if kl_coef else 0)
+    if not kl_coef:
+        assert all(t.grad is None for t in weights.tensors())
+        # The flat group's tokens still count in the token mean: the gradients are the varied
+        # group's alone, scaled by its share of the tokens.
+        backward(model, layers, [TenantData("c", config, groups=[varied])], state, pass_tokens=4096)
+        share = onpolicy_rows(0, varied, weights)[0].group.tokens() / sum(
+            onpolicy_rows(0, g, weights)[0].group.tokens() for g in (varied, flat))
+        for got, alone in zip(both, grads(weights)):
+            torch.testing.assert_close(got, alone * share, rtol=2e-4, atol=1e-7)
+    else:
+        grads(weights)

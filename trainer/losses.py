@@ -15,7 +15,8 @@ def group_advantages(rewards_G_K: torch.Tensor, eps: float = 1e-6) -> torch.Tens
     A group whose samples all scored the same teaches nothing: zeros."""
     mean = rewards_G_K.mean(dim=-1, keepdim=True)
     std = rewards_G_K.std(dim=-1, unbiased=False, keepdim=True)
-    return (rewards_G_K - mean) / (std + eps)
+    constant = (rewards_G_K == rewards_G_K[..., :1]).all(dim=-1, keepdim=True)  # exactly 0, not float noise
+    return torch.where(constant, 0.0, (rewards_G_K - mean) / (std + eps))
 
 
 def ppo_clip_loss(logp_N: torch.Tensor, old_logp_N: torch.Tensor, advantages_N: torch.Tensor,

@@ -204,17 +204,20 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
     adds its tokens' part, weighted by their share, so the gradients are those of one pass per
     group. Turns sampled under a grammar take the ratio-free loss (the trainer cannot rebuild the
     grammar's mask, so no importance ratio against vLLM's masked logprobs) and no logprob gap.
-    Returns each tenant's loss."""
+    Groups whose episodes all scored the same (advantage 0: no gradient from PPO or the ratio-free
+    loss) take no pass unless the tenant has a KL term; their tokens still count in the tenant's
+    token mean, so the gradients are those of passing them. Returns each tenant's loss."""
     items = [part for t, d in enumerate(sampled) for g in d.groups
              for row in onpolicy_rows(t, g, states[d.customer].weights) for part in row.split(GROUP_PASS_FACTOR * pass_tokens)]
     lagged = [d.behaviour is not None for d in sampled]
     totals = [0] * len(sampled)
     for item in items:
         totals[item.tenant] += item.group.tokens()
+    teaching = [item for item in items if item.advantages_R.any() or sampled[item.tenant].config.kl_coef]
     losses = [0.0] * len(sampled)
     device = model.lm_head.weight.device
-    for chosen in pack_groups([item.group for item in items], pass_tokens):
-        passed = [items[i] for i in chosen]
+    for chosen in pack_groups([item.group for item in teaching], pass_tokens):
+        passed = [teaching[i] for i in chosen]
         with_kl = any(sampled[item.tenant].config.kl_coef for item in passed)
         result = shared_prefix_logprobs(model, layers, [item.group for item in passed], with_raw=with_kl)
         if with_kl:  # the base model's (unprocessed) logprobs of the same tokens
