@@ -132,3 +132,38 @@ async def test_a_failed_step_is_retried_tenant_by_tenant_and_only_the_failing_on
     assert scheduler.failures == {"bad": 1}
     clock.now = 10.0
     assert sorted(scheduler.pick(everyone)) == ["bad", "good", "other"]
+
+
+async def test_a_lone_record_trains_once_it_has_waited_max_record_wait_s(redis_url, tmp_path):
+    """Below `min_records` a customer has no work, until its oldest new record has waited
+    `max_record_wait_s` since its 202: a lone correction is learnt from within seconds."""
+    import time
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from clora.core.admin_client import RuntimeClient
+    from clora.core.customers import CustomerStore
+    from clora.core.tenant_configs import TenantConfigStore
+    from clora.feedback.replay import ReplayBuffer
+    from clora.trainer.adapter_store import AdapterStore
+    from clora.trainer.data import TrainerIO
+    from clora.wire.trainer_config import TenantConfig
+    from tests.test_replay import training_record
+
+    client = aioredis.Redis.from_url(redis_url)
+    customers, configs, replay = CustomerStore(client), TenantConfigStore(client), ReplayBuffer(client)
+    runtime = RuntimeClient("http://127.0.0.1:9", "unused")
+    io = TrainerIO(AdapterStore(tmp_path), runtime, replay, configs, customers, tokenizer=None, base_model="m")
+    waited, fresh, many = (f"wait-{uuid.uuid4().hex[:6]}" for _ in range(3))
+    for name in (waited, fresh, many):
+        await customers.create(name)
+        await configs.set(name, TenantConfig(min_records=4, max_record_wait_s=30, records_per_step=8))
+    await replay.push(training_record(waited, "correction").model_copy(update={"created_at": time.time() - 31}))
+    await replay.push(training_record(fresh, "correction"))
+    await replay.push_many([training_record(many) for _ in range(4)])
+    work = {c.customer: c.work for c in await io.candidates()}
+    assert work[waited] == 1 / 8 and work[fresh] == 0.0 and work[many] == 4 / 8
+    assert 31 <= await io.oldest_pending_age(waited) < 40
+    await runtime.close()
+    await client.aclose()

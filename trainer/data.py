@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,9 +254,14 @@ class TrainerIO:
         """Records in the tenant's replay buffer that it has not trained on yet."""
         return await self.replay.count_newer(customer, await self.replay.cursor(customer))
 
+    async def oldest_pending_age(self, customer: str) -> float:
+        """Seconds since the webhook accepted the oldest record the tenant has not trained on (0: none)."""
+        records, _ = await self.replay.newer(customer, await self.replay.cursor(customer), 1)
+        return max(0.0, time.time() - records[0].created_at) if records else 0.0
+
     async def candidates(self) -> list[Candidate]:
         """Every customer with its work: a full step's worth with an environment, else its new
-        records in steps (nothing below `min_records`)."""
+        records in steps (nothing below `min_records` until the oldest has waited `max_record_wait_s`)."""
         configs = await self.configs.all()
         out = []
         for customer in [c.name for c in await self.customers.list()]:
@@ -265,7 +271,9 @@ class TrainerIO:
                 work = 1.0
             else:
                 new = await self.pending(customer)
-                work = new / config.records_per_step if new >= config.min_records else 0.0
+                due = new >= config.min_records or (
+                    new > 0 and await self.oldest_pending_age(customer) >= config.max_record_wait_s)
+                work = new / config.records_per_step if due else 0.0
             out.append(Candidate(customer, work, config.priority, samples))
         return out
 

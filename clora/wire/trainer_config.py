@@ -32,6 +32,9 @@ class TenantConfig(BaseModel):
     kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the base model (on-policy).")
     records_per_step: int = Field(default=8, ge=1, description="Production records per step.")
     min_records: int = Field(default=4, ge=1, description="New records needed before a feedback-only step.")
+    max_record_wait_s: float = Field(default=5.0, ge=0, description="Fewer than `min_records` new records train "
+                                     "anyway once the oldest has waited this long since its 202: a lone correction is "
+                                     "learnt from within seconds, not held back until more arrive.")
     is_cap: float = Field(default=2.0, ge=1, description="Truncation of importance weights (off-policy).")
     baseline_rate: float = Field(default=0.1, gt=0, le=1, description="Step size of the running mean of rated "
                                  "answers' rewards that their advantages are measured against (starts at 0).")
