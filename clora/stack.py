@@ -134,7 +134,7 @@ class Stack:
                                                    access_log=False, lifespan="off"))
         self.gateway_url = f"http://{s.host}:{port}"
         self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis,
-                                     ReplayBuffer(self.redis, s.replay_capacity))
+                                     ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share))
         self.ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
         self._write_state()
         if s.trainer_enabled:

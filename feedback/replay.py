@@ -1,7 +1,9 @@
 """Per-customer replay buffers in Redis: the trainer's only way to get data.
 
 Per customer: records (hash event_id -> JSON), insertion order (zset), eviction order (zset whose
-score puts plain ratings before rewards before corrections, oldest first within a kind), applied
+score puts plain ratings before rewards before corrections, oldest first within a kind; a kind at
+or under its minimum share of the capacity is passed over, so a buffer full of corrections still
+keeps the newest ratings), applied
 event ids (a zset pruned after a week, so a redelivered event is never stored twice), which adapter
 versions consumed each record, and counters. A push is one Lua script per customer and batch:
 idempotent and atomic.
@@ -25,13 +27,24 @@ SEEN_TTL_S = 7 * 24 * 3600
 # One call pushes a batch of one customer's records; each is applied at most once (the `seen` zset
 # holds applied event ids, scored by when, pruned after SEEN_TTL_S).
 # KEYS: records, order, evict, seen, stats, seq.
-# ARGV: capacity, now, seen_ttl, then per record: event_id, json, kind_rank, kind.
+# ARGV: capacity, now, seen_ttl, floor (records of a kind never evicted), then per record: event_id,
+# json, kind_rank, kind.
 # Returns per record: -1 (already applied) or how many old records it evicted.
 _PUSH = """
-local capacity, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local capacity, now, floor = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[3]))
+-- The oldest record of the lowest-ranked kind holding more than `floor` records (of any kind if none does).
+local function victim()
+  for rank = 0, 3 do
+    local low, high = string.format('%d', rank * 1e12), string.format('(%d', (rank + 1) * 1e12)
+    if redis.call('ZCOUNT', KEYS[3], low, high) > floor then
+      return redis.call('ZRANGEBYSCORE', KEYS[3], low, high, 'LIMIT', 0, 1)[1]
+    end
+  end
+  return redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+end
 local results = {}
-for i = 4, #ARGV, 4 do
+for i = 5, #ARGV, 4 do
   local id = ARGV[i]
   if redis.call('ZADD', KEYS[4], 'NX', now, id) == 0 then
     redis.call('HINCRBY', KEYS[5], 'duplicates', 1)
@@ -45,7 +58,8 @@ for i = 4, #ARGV, 4 do
     redis.call('HINCRBY', KEYS[5], 'kind:' .. ARGV[i + 3], 1)
     local evicted = 0
     while redis.call('ZCARD', KEYS[2]) > capacity do
-      local victim = redis.call('ZPOPMIN', KEYS[3])[1]
+      local victim = victim()
+      redis.call('ZREM', KEYS[3], victim)
       redis.call('ZREM', KEYS[2], victim)
       redis.call('HDEL', KEYS[1], victim)
       redis.call('HDEL', KEYS[1] .. ':consumed', victim)
@@ -71,9 +85,14 @@ class ReplayStats(BaseModel):
 
 
 class ReplayBuffer:
-    def __init__(self, redis: aioredis.Redis, default_capacity: int = 10_000):
+    def __init__(self, redis: aioredis.Redis, default_capacity: int = 10_000, min_share: float = 0.1):
+        """`min_share`: the share of a buffer's capacity each kind keeps through eviction (the newest
+        of its records), whatever the other kinds outrank it by."""
+        if not 0 <= min_share <= 0.25:
+            raise ValueError("min_share must be within 0..0.25 (four kinds share the capacity)")
         self.redis = redis
         self.default_capacity = default_capacity
+        self.min_share = min_share
         self._push = redis.register_script(_PUSH)
 
     @staticmethod
@@ -114,7 +133,8 @@ class ReplayBuffer:
         async with self.redis.pipeline(transaction=False) as pipe:
             for customer, indices in by_customer.items():
                 k = self._keys(customer)
-                args: list = [int(quotas[customer] or self.default_capacity), now, SEEN_TTL_S]
+                capacity = int(quotas[customer] or self.default_capacity)
+                args: list = [capacity, now, SEEN_TTL_S, int(capacity * self.min_share)]
                 for i in indices:
                     signal, raw = records[i]
                     args += [signal.event_id, raw, KIND_RANK[signal.kind], signal.kind]

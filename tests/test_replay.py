@@ -55,11 +55,32 @@ async def test_eviction_keeps_corrections_over_ratings_and_respects_quota(buffer
     assert stats.size == 10 and stats.evicted == 14 and stats.capacity == 10
     assert {r.event_id for r in corrections} <= kept  # older, but outrank plain ratings
     assert {r.event_id for r in ratings[-6:]} <= kept  # among ratings, the newest stay
-    # Once only corrections remain, the oldest correction goes first.
+    # Once ratings are down to their minimum share (10% of 10: the newest one), the oldest
+    # correction goes first.
     more = [training_record(customer, "correction") for _ in range(10)]
     for r in more:
         await buffer.push(r)
-    assert {r.event_id for r in await buffer.sample(customer, 100)} == {r.event_id for r in more}
+    assert {r.event_id for r in await buffer.sample(customer, 100)} == {r.event_id for r in [ratings[-1], *more[1:]]}
+
+
+async def test_a_buffer_full_of_corrections_keeps_the_newest_ratings_at_their_minimum_share(redis_url):
+    """Corrections outrank ratings, but a buffer full of them must not evict every new rating on
+    arrival: ratings keep min_share of the capacity (their newest), then corrections make room."""
+    client = aioredis.Redis.from_url(redis_url)
+    buffer = ReplayBuffer(client, default_capacity=10, min_share=0.2)
+    customer = f"rb-{uuid.uuid4().hex[:6]}"
+    corrections = [training_record(customer, "correction") for _ in range(10)]
+    await buffer.push_many(corrections)
+    ratings = [training_record(customer, "rating") for _ in range(5)]
+    for r in ratings:
+        await buffer.push(r)
+    kept = {r.event_id for r in await buffer.sample(customer, 100)}
+    assert kept == {r.event_id for r in ratings[-2:] + corrections[2:]}
+    stats = await buffer.stats(customer)
+    assert stats.size == 10 and stats.evicted == 5
+    with pytest.raises(ValueError):
+        ReplayBuffer(client, min_share=0.5)
+    await client.aclose()
 
 
 async def test_sampling_policies(buffer):

@@ -28,7 +28,7 @@ def ingest() -> None:
     async def main() -> None:
         client = aioredis.Redis.from_url(url)
         consumer = IngestConsumer(ingest_config(settings, bootstrap), client,
-                                  ReplayBuffer(client, settings.replay_capacity))
+                                  ReplayBuffer(client, settings.replay_capacity, settings.replay_min_share))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, consumer.stop)

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     interaction_ttl_s: int = Field(default=7 * 24 * 3600, description="How long feedback can join an answer.")
     feedback_max_wait_s: float = Field(default=300.0, description="Feedback waits this long for its interaction.")
     replay_capacity: int = Field(default=10_000, description="Default records per customer buffer.")
+    replay_min_share: float = Field(default=0.1, ge=0, le=0.25, description=(
+        "Share of a buffer's capacity each kind of record (rating, reward, correction, comment) keeps through "
+        "eviction, its newest: corrections outrank ratings, but never evict them all."))
 
     # Trainer (`clora train`, and a child of `clora serve` unless disabled).
     trainer_enabled: bool = Field(default=True, description="`clora serve` also runs the trainer.")
