@@ -163,8 +163,9 @@ async def swap_under_load(gateway: str, admin: dict, steady_keys: list[str], swa
 def start_serve(home: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict, dict]:
     port = free_port()
     # The trainer stays off: this measures serving (the committed numbers were taken before it existed).
+    # vLLM's own app on a loopback port too (diagnosis mode): the straight-to-vLLM path compared against.
     env = {**os.environ, "CLORA_HOME": str(home), "CLORA_PORT": str(port), "CLORA_TRAINER_ENABLED": "false",
-           **(extra_env or {})}
+           "CLORA_ENGINE_DIAGNOSIS_HTTP": "true", **(extra_env or {})}
     # Its own session, as a service runs: not in the load generator's scheduling (auto)group.
     proc = subprocess.Popen([sys.executable, "-m", "clora.cli.main", "serve"], env=env, cwd=REPO, start_new_session=True,
                             stdout=open(home / "serve.out", "wb"), stderr=subprocess.STDOUT)

@@ -7,10 +7,12 @@ tenant in every step. Off: each step samples its rollouts, then trains. On: the 
 rollouts are sampled while the step computes (each tenant's then come from its previous version
 and are trained as off-policy by one). Per step: wall time between step ends, and the share of it
 the engine spent sampling for the trainer and the trainer computing. Each mode runs its own
-tenants from the base model; the first step of each is a warm-up (not in the medians).
+tenants from the base model. The modes alternate in `--rounds` blocks of `--steps` steps (off, on,
+off, on, ...: a slow spell of the machine falls on both); the first step of every block is a warm-up
+(the pipeline has nothing sampled ahead when a block starts) and is not in the medians.
 Writes benchmarks/results/pipeline.json.
 
-    .venv/bin/python benchmarks/pipeline.py [--tenants 4] [--steps 5] [--tasks 2] [--group 8]
+    .venv/bin/python benchmarks/pipeline.py [--tenants 4] [--rounds 2] [--steps 4] [--tasks 1] [--group 4]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from clora.wire.trainer_config import TenantConfig  # noqa: E402
 MODES = {"off": False, "on": True}
 
 
-async def run_mode(trainer: Trainer, customers: list[str], pipeline: bool, steps: int) -> list[dict]:
+async def run_block(trainer: Trainer, customers: list[str], pipeline: bool, steps: int, block: int) -> list[dict]:
     trainer.timeline = Timeline()
 
     async def candidates() -> list[Candidate]:
@@ -46,7 +48,7 @@ async def run_mode(trainer: Trainer, customers: list[str], pipeline: bool, steps
     async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, asyncio.Event(), pipeline=pipeline)) as driven:
         async for reports in driven:
             first = reports[0]
-            rows.append({"step": len(rows) + 1, "cycle_s": round(first.cycle_s, 2),
+            rows.append({"block": block, "step": len(rows) + 1, "cycle_s": round(first.cycle_s, 2),
                          "engine_busy": round(first.engine_busy, 3), "trainer_busy": round(first.trainer_busy, 3),
                          "backward_s": round(first.backward_s, 2), "tenants": len(reports),
                          "lagged_groups": sum(r.result.lagged_groups for r in reports),
@@ -61,16 +63,17 @@ async def run_mode(trainer: Trainer, customers: list[str], pipeline: bool, steps
 
 
 def summary(rows: list[dict]) -> dict:
-    measured = rows[1:]  # the first step is a warm-up
-    return {"step_s_median": statistics.median(r["cycle_s"] for r in measured),
+    measured = [r for r in rows if r["step"] > 1]  # each block's first step is a warm-up
+    return {"measured_steps": len(measured), "step_s_median": statistics.median(r["cycle_s"] for r in measured),
             "engine_busy_mean": round(statistics.fmean(r["engine_busy"] for r in measured), 3),
             "trainer_busy_mean": round(statistics.fmean(r["trainer_busy"] for r in measured), 3),
+            "backward_s_median": statistics.median(r["backward_s"] for r in measured),
             "skipped_tenant_steps": sum(r["skipped"] for r in measured)}
 
 
 async def main(args: argparse.Namespace) -> dict:
     config = TenantConfig(environment="arithmetic:1", lr=1e-3, rank=16, alpha=32, group_size=args.group,
-                          prompts_per_step=args.tasks, max_new_tokens=48, temperature=1.0)
+                          prompts_per_step=args.tasks, max_new_tokens=48, temperature=args.temperature)
     tenants = {mode: [f"{mode}-{i}" for i in range(args.tenants)] for mode in MODES}
     configs = {name: config.model_copy(update={"seed": i}) for names in tenants.values()
                for i, name in enumerate(names)}
@@ -79,9 +82,11 @@ async def main(args: argparse.Namespace) -> dict:
            "modes": {}}
     async with agent_runtime(configs) as (_stack, settings, _io, trainer):
         out["model"] = str(settings.model).rsplit("/", 1)[-1]
-        for mode, pipeline in MODES.items():
-            rows = await run_mode(trainer, tenants[mode], pipeline, args.steps)
-            out["modes"][mode] = {"summary": summary(rows), "steps": rows}
+        rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for block in range(args.rounds):
+            for mode, pipeline in MODES.items():
+                rows[mode] += await run_block(trainer, tenants[mode], pipeline, args.steps, block)
+        out["modes"] = {mode: {"summary": summary(r), "steps": r} for mode, r in rows.items()}
     off, on = out["modes"]["off"]["summary"], out["modes"]["on"]["summary"]
     out["speedup"] = round(off["step_s_median"] / on["step_s_median"], 3)
     return out
@@ -90,9 +95,11 @@ async def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5, help="per mode, the first a warm-up")
-    parser.add_argument("--tasks", type=int, default=2, help="problems per tenant per step")
-    parser.add_argument("--group", type=int, default=8, help="episodes per problem")
+    parser.add_argument("--rounds", type=int, default=2, help="blocks per mode, alternating off and on")
+    parser.add_argument("--steps", type=int, default=4, help="steps per block, the first a warm-up")
+    parser.add_argument("--tasks", type=int, default=1, help="problems per tenant per step")
+    parser.add_argument("--group", type=int, default=4, help="episodes per problem")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pipeline.json")
     cli = parser.parse_args()
     result = asyncio.run(main(cli))

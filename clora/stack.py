@@ -122,7 +122,8 @@ class Stack:
         await self.engine.start()
 
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
-                               max_request_bytes=s.max_request_bytes, admin_key=admin_key(s))
+                               max_request_bytes=s.max_request_bytes, admin_key=admin_key(s),
+                               upstream_timeout_s=s.upstream_timeout_s)
         traces = TraceSigner(trace_secret(s))
         app = create_app(config, customers, router, self.engine, self.capture, traces,
                          configs=TenantConfigStore(self.redis), validate_lora=engine_config.validate_lora)

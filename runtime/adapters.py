@@ -1,11 +1,14 @@
 """Adapter versions: immutable files on disk plus a record in Redis; routes customer -> version.
 
 A version is never modified and its name (`<customer>.v<N>`) is never reused, so the engine can
-never serve stale prefix-cache blocks from an in-place reload under the same name.
+never serve stale prefix-cache blocks from an in-place reload under the same name. A version that
+has been served (promoted: published live, or switched to by the gate or an operator) stays
+callable by its name; one that never was is a candidate, reachable only through the admin API.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import time
@@ -13,6 +16,23 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+
+PROMOTED = "clora:adapter-promoted"  # names of every version ever served
+IDEMPOTENCY_TTL_S = 24 * 3600  # a publish retried within a day with the same key returns the same version
+
+
+def _idempotency(customer: str, key: str) -> str:
+    return f"clora:publish-key:{customer}:{key}"
+
+
+def _copy_adapter(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    for item in source.iterdir():
+        if item.is_file():
+            shutil.copy2(item, tmp / item.name)
+    tmp.chmod(0o755)
+    tmp.rename(target)
 
 
 class AdapterVersion(BaseModel):
@@ -31,26 +51,39 @@ class AdapterRegistry:
         self.keep_versions = keep_versions  # None: keep every version
         self._versions: dict[str, AdapterVersion] = {}  # immutable, so safe to cache forever
 
-    async def register(self, customer: str, source: Path, origin: str = "manual") -> AdapterVersion:
-        """Copy the adapter into the store under a new version number (temp dir, then rename)."""
+    async def stage(self, customer: str, source: Path, origin: str = "manual") -> AdapterVersion:
+        """The next version's number and files (temp dir, then rename; copied off the event loop),
+        not yet registered: nobody can find it until `commit`."""
         number = int(await self.redis.incr(f"clora:adapter-seq:{customer}"))
         target = self.adapters_dir / customer / f"v{number}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        for item in source.iterdir():
-            if item.is_file():
-                shutil.copy2(item, tmp / item.name)
-        tmp.chmod(0o755)
-        tmp.rename(target)
-        version = AdapterVersion(name=f"{customer}.v{number}", customer=customer, version=number,
-                                 path=str(target.resolve()), created_at=time.time(), source=origin)
+        await asyncio.to_thread(_copy_adapter, source, target)
+        return AdapterVersion(name=f"{customer}.v{number}", customer=customer, version=number,
+                              path=str(target.resolve()), created_at=time.time(), source=origin)
+
+    async def commit(self, version: AdapterVersion, idempotency_key: str | None = None) -> AdapterVersion:
+        """Register a staged version (and the publish request that made it), then prune old ones."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(f"clora:adapter:{version.name}", version.model_dump_json())
-            pipe.zadd(f"clora:adapter-versions:{customer}", {version.name: number})
+            pipe.zadd(f"clora:adapter-versions:{version.customer}", {version.name: version.version})
+            if idempotency_key is not None:
+                pipe.set(_idempotency(version.customer, idempotency_key), version.name, ex=IDEMPOTENCY_TTL_S)
             await pipe.execute()
         self._versions[version.name] = version
-        await self.prune(customer)
+        await self.prune(version.customer)
         return version
+
+    async def discard(self, version: AdapterVersion) -> None:
+        """A staged version that will not be committed (its number is never reused)."""
+        await asyncio.to_thread(shutil.rmtree, version.path, True)
+
+    async def register(self, customer: str, source: Path, origin: str = "manual") -> AdapterVersion:
+        """Stage and commit at once (no engine involved)."""
+        return await self.commit(await self.stage(customer, source, origin))
+
+    async def published_as(self, customer: str, idempotency_key: str) -> AdapterVersion | None:
+        """The version an earlier publish with this key made (None: no such publish, or forgotten)."""
+        name = await self.redis.get(_idempotency(customer, idempotency_key))
+        return await self.get(name.decode()) if name is not None else None
 
     async def prune(self, customer: str) -> list[str]:
         """Delete versions older than the newest `keep_versions`, never the one being served nor a
@@ -66,11 +99,12 @@ class AdapterRegistry:
             version = await self.get(name)
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(f"clora:adapter-versions:{customer}", name)
+                pipe.srem(PROMOTED, name)
                 pipe.delete(f"clora:adapter:{name}")
                 await pipe.execute()
             self._versions.pop(name, None)
             if version is not None:
-                shutil.rmtree(version.path, ignore_errors=True)
+                await asyncio.to_thread(shutil.rmtree, version.path, True)
         return doomed
 
     async def pin(self, customer: str, names: list[str], keep: bool = True) -> None:
@@ -98,10 +132,21 @@ class AdapterRegistry:
         return [v for v in found if v is not None]
 
     async def set_current(self, customer: str, name: str | None) -> None:
-        if name is None:  # back to the base model
+        """Route the customer to a version (which is promoted from now on), or to the base model."""
+        if name is None:
             await self.redis.hdel("clora:routes", customer)
-        else:
-            await self.redis.hset("clora:routes", customer, name)
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset("clora:routes", customer, name)
+            pipe.sadd(PROMOTED, name)
+            await pipe.execute()
+
+    async def promoted(self) -> set[str]:
+        """Every version that has been served; a version routed before promotion was recorded counts."""
+        routed = [n.decode() for n in await self.redis.hvals("clora:routes")]
+        if routed:
+            await self.redis.sadd(PROMOTED, *routed)
+        return {n.decode() for n in await self.redis.smembers(PROMOTED)}
 
     async def routes(self) -> dict[str, AdapterVersion]:
         raw = await self.redis.hgetall("clora:routes")

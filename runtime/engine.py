@@ -6,8 +6,9 @@ frontend inside the gateway's process and call its ASGI app directly, without a 
 gateway -> vLLM HTTP hop cost ~0.7 ms of the ~2.9 ms the gateway used to add per request (2
 cores). The engine core stays a child process, as in `vllm serve`; when it dies the frontend is
 rebuilt. We use vLLM's own app building blocks and its OpenAI routes, so requests behave exactly as
-against `vllm serve` with the same arguments. That app is also served as is on a loopback port
-(`url`, no auth, as `vllm serve` would), for diagnosis and the benchmarks' straight-to-vLLM path.
+against `vllm serve` with the same arguments. Nothing else reaches the app: no port is open. Only
+in diagnosis mode (`CLORA_ENGINE_DIAGNOSIS_HTTP`) is it also served as is on a loopback port
+(`url`, no key, as `vllm serve` would) for the benchmarks' straight-to-vLLM path.
 
 This is the only module of clora that imports vLLM in our process (tests/test_vllm_boundary.py;
 the grouped LoRA plugin, `lora_plugin.py`/`lora_punica.py`, runs inside vLLM's): its API is used
@@ -44,8 +45,8 @@ class EngineManager:
         self.config = config
         self.on_ready = on_ready
         self.client = EngineClient()
-        self.port = free_port(HOST)
-        self.url = f"http://{HOST}:{self.port}"
+        self.port = free_port(HOST) if config.diagnosis_http else None
+        self.url = f"http://{HOST}:{self.port}" if self.port else None  # diagnosis mode only
         self.ready = asyncio.Event()
         self.restarts = 0
         self.engine: Any = None  # vLLM's AsyncLLM
@@ -131,11 +132,14 @@ class EngineManager:
         tasks = await engine.get_supported_tasks()
         app = build_app(args, tasks, engine.model_config)
         await init_app_state(engine, app.state, args, tasks)
-        await self._serve_loopback(app, stack)
+        if self.config.diagnosis_http:
+            await self._serve_loopback(app, stack)
+        else:  # vLLM's app lifespan, which its uvicorn would run
+            await stack.enter_async_context(app.router.lifespan_context(app))
         return engine, app
 
     async def _serve_loopback(self, app: Any, stack: AsyncExitStack) -> None:
-        """vLLM's app as is on `url`, for diagnosis and the benchmarks' straight-to-vLLM path."""
+        """vLLM's app as is on `url` (diagnosis mode), for the benchmarks' straight-to-vLLM path."""
         server = _Server(uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", access_log=False))
         serving = asyncio.create_task(server.serve(), name="vllm-http")
         stack.push_async_callback(_stop_server, server, serving)

@@ -116,7 +116,11 @@ class EngineClient:
         exchange = _Exchange(path, body)
         task = asyncio.get_running_loop().create_task(app(_scope(method, path, body), exchange.receive, exchange.send))
         task.add_done_callback(exchange.finished)
-        await exchange.resp.started.wait()
+        try:
+            await exchange.resp.started.wait()
+        except BaseException:  # the caller gave up (timeout, its client left): vLLM sees a disconnect, aborts
+            exchange.resp.release()
+            raise
         if exchange.resp.status == 0:
             raise EngineUnavailable("the engine failed the request without an answer")
         return exchange.resp

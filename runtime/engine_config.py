@@ -47,6 +47,7 @@ class EngineConfig:
     grouped_lora: bool = True
     start_timeout_s: float = 300.0
     extra_args: list[str] = field(default_factory=list)
+    diagnosis_http: bool = False  # also serve vLLM's app, unauthenticated, on a loopback port
 
     @classmethod
     def from_settings(cls, settings: Settings, model: str, log_dir: Path) -> "EngineConfig":
@@ -60,6 +61,7 @@ class EngineConfig:
             cpu_threads_bind=settings.cpu_threads_bind, enforce_eager=settings.enforce_eager,
             grouped_lora=settings.grouped_lora,
             start_timeout_s=settings.engine_start_timeout_s, extra_args=settings.engine_extra_args,
+            diagnosis_http=settings.engine_diagnosis_http,
         )
 
     @property

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import Gauge, Histogram
@@ -37,23 +38,26 @@ class Router:
         self.engine = engine
         self.validate = validate
         self.routes: dict[str, AdapterVersion] = {}
+        self.promoted: set[str] = set()  # versions ever served: callable by name (candidates are not)
         self.loaded: set[str] = set()
         self.inflight: Counter[str] = Counter()
         self.base_inflight = 0
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _Lock] = {}
 
     async def restore(self) -> None:
         self.routes = await self.registry.routes()
+        self.promoted = await self.registry.promoted()
 
     def requests_in_flight(self) -> int:
         return self.base_inflight + sum(self.inflight.values())
 
-    async def resolve(self, customer: str, model: str) -> AdapterVersion | None:
-        """`default` -> the customer's current version (None = base model); else a version it owns."""
+    async def resolve(self, customer: str, model: str, candidates: bool = False) -> AdapterVersion | None:
+        """`default` -> the customer's current version (None = base model); else a version it owns
+        that has been promoted (`candidates`: or not yet, for the admin API only)."""
         if model == "default":
             return self.routes.get(customer)
         version = await self.registry.get(model)
-        if version is None or version.customer != customer:
+        if version is None or version.customer != customer or not (candidates or version.name in self.promoted):
             raise ModelNotFound(model)
         return version
 
@@ -67,7 +71,7 @@ class Router:
             finally:
                 self.base_inflight -= 1
             return
-        async with self._lock(version.name):
+        async with self._locked(version.name):
             await self._ensure_loaded(version)
             self.inflight[version.name] += 1
         try:
@@ -78,23 +82,39 @@ class Router:
                 del self.inflight[version.name]
                 await self._unload_if_idle(version)
 
-    async def publish(self, customer: str, source: Path, origin: str = "manual", switch: bool = True) -> AdapterVersion:
-        """New version from adapter files: validate, store, then load and switch, unless it is only
-        a candidate (the promotion gate switches to it after its eval; it loads on first use)."""
+    async def publish(self, customer: str, source: Path, origin: str = "manual", switch: bool = True,
+                      idempotency_key: str | None = None) -> AdapterVersion:
+        """New version from adapter files: validate, stage, load into the engine, and only then
+        register it; then switch to it, unless it is a candidate (unloaded again: the promotion
+        gate switches to it after its eval). A load the engine refuses registers nothing. A retry
+        with the same `idempotency_key` (a lost response) returns the version the first made."""
         self.validate(source)
-        started = time.perf_counter()
-        version = await self.registry.register(customer, source, origin)
+        async with self._locked(f"publish:{customer}:{idempotency_key}") if idempotency_key else _no_lock():
+            if idempotency_key and (earlier := await self.registry.published_as(customer, idempotency_key)):
+                return earlier
+            started = time.perf_counter()
+            version = await self.registry.stage(customer, source, origin)
+            try:
+                async with self._locked(version.name):
+                    await self._ensure_loaded(version)
+            except BaseException:
+                await self.registry.discard(version)
+                raise
+            await self.registry.commit(version, idempotency_key)
         if switch:
             await self.switch(version)
             SWAP_SECONDS.observe(time.perf_counter() - started)
+        else:
+            await self._unload_if_idle(version)
         return version
 
     async def switch(self, version: AdapterVersion) -> None:
         """Make `version` its customer's current one (also how rollback works)."""
-        async with self._lock(version.name):
+        async with self._locked(version.name):
             await self._ensure_loaded(version)
         previous = self.routes.get(version.customer)
         self.routes[version.customer] = version
+        self.promoted.add(version.name)
         await self.registry.set_current(version.customer, version.name)
         log.info("customer %s now served by %s", version.customer, version.name)
         if previous is not None and previous.name != version.name:
@@ -112,15 +132,27 @@ class Router:
         """After an engine (re)start: nothing is loaded; bring back every current version."""
         self.loaded.clear()
         for version in list(self.routes.values()):
-            async with self._lock(version.name):
+            async with self._locked(version.name):
                 await self._ensure_loaded(version)
 
     def forget(self, name: str) -> None:
         """The engine no longer knows this name (it said 404): load it again on next use."""
         self.loaded.discard(name)
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    @asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """Hold the version's lock: its loads and unloads never interleave. The lock is dropped
+        only when nobody holds or waits for it (a waiter being woken still counts), so two
+        callers can never hold two different locks for one name."""
+        entry = self._locks.setdefault(name, _Lock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[name]
 
     async def _ensure_loaded(self, version: AdapterVersion) -> None:
         if version.name not in self.loaded:
@@ -129,12 +161,21 @@ class Router:
             LOADED.set(len(self.loaded))
 
     async def _unload_if_idle(self, version: AdapterVersion) -> None:
-        async with self._lock(version.name):
+        async with self._locked(version.name):
             current = self.routes.get(version.customer)
             if (version.name in self.loaded and not self.inflight.get(version.name)
                     and (current is None or current.name != version.name)):
                 self.loaded.discard(version.name)
                 LOADED.set(len(self.loaded))
                 await self.engine.unload_adapter(version.name)
-        if not self._lock(version.name).locked():
-            self._locks.pop(version.name, None)
+
+
+@dataclass
+class _Lock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # holding or waiting
+
+
+@asynccontextmanager
+async def _no_lock() -> AsyncIterator[None]:
+    yield

@@ -106,6 +106,7 @@ def stack(tiny_model: Path, broker: str, redis_url: str, run_dir: Path):
         port=0, admin_key=ADMIN_KEY, max_loras=2, max_cpu_loras=2, max_lora_rank=16, kv_cache_gib=1,
         max_model_len=1024, feedback_events_per_s=20,  # slow refill: the 429 test cannot race it
         trainer_enabled=False,  # trainer tests run their own
+        engine_diagnosis_http=True,  # the `engine` fixture: vLLM straight, to compare against
         eval_interval_s=0,  # eval tests run the job themselves
     )
     settings.home.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import time
 
 import httpx
 import openai
@@ -212,3 +214,73 @@ def test_health_and_metrics(gateway, make_customer):
     assert 'clora_requests_total{status="200",stream="false"}' in metrics
     assert 'clora_requests_total{status="401",stream="unknown"}' in metrics
     assert "clora_capture_records_total" in metrics
+
+
+def test_candidates_are_callable_only_through_the_admin_api_until_promoted(gateway, make_customer, make_adapter,
+                                                                           admin):
+    """The promotion gate cannot be bypassed: an undecided or held-back candidate is not the
+    customer's to call or to see; a version once served stays callable after a rollback."""
+    name, key = make_customer()
+    live = admin.post(f"/admin/customers/{name}/adapters", json={"path": str(make_adapter(seed=21))}).json()["name"]
+    resp = admin.post(f"/admin/customers/{name}/adapters", json={"path": str(make_adapter(seed=22)), "switch": False})
+    assert resp.status_code == 200, resp.text
+    candidate = resp.json()["name"]
+    headers = {"Authorization": f"Bearer {key}"}
+    ask = {"messages": MESSAGES, "max_tokens": 2, "temperature": 0}
+
+    def customer_chat(model: str) -> httpx.Response:
+        return httpx.post(f"{gateway}/v1/chat/completions", json={**ask, "model": model}, headers=headers, timeout=60)
+
+    missing = customer_chat(f"{name}.v999")
+    refused = customer_chat(candidate)
+    assert refused.status_code == missing.status_code == 404
+    assert refused.json()["error"]["message"].replace(candidate, "X") == \
+        missing.json()["error"]["message"].replace(f"{name}.v999", "X")
+    assert {m.id for m in client_for(gateway, key).models.list()} == {"default", live}
+    sampled = admin.post(f"/admin/customers/{name}/v1/chat/completions", json={**ask, "model": candidate})
+    assert sampled.status_code == 200 and sampled.json()["adapter"] == candidate  # the gate's evals still reach it
+    listed = {v["name"]: v["promoted"] for v in admin.get(f"/admin/customers/{name}/adapters").json()["versions"]}
+    assert listed == {live: True, candidate: False}
+
+    admin.put(f"/admin/customers/{name}/route", json={"adapter": candidate}).raise_for_status()  # promoted
+    admin.put(f"/admin/customers/{name}/route", json={"adapter": live}).raise_for_status()  # rolled back
+    assert customer_chat(candidate).status_code == 200
+    assert {m.id for m in client_for(gateway, key).models.list()} == {"default", live, candidate}
+
+
+def test_a_version_the_engine_refuses_at_request_time_is_a_503_not_a_500(gateway, make_customer, make_adapter, admin):
+    name, key = make_customer()
+    resp = admin.post(f"/admin/customers/{name}/adapters", json={"path": str(make_adapter(seed=23)), "switch": False})
+    version = resp.json()
+    shutil.rmtree(version["path"])  # not loaded yet (a candidate loads on first use); its files are gone
+    refused = admin.post(f"/admin/customers/{name}/v1/chat/completions",
+                         json={"model": version["name"], "messages": MESSAGES, "max_tokens": 2})
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "adapter_unavailable"
+    reply = client_for(gateway, key).chat.completions.create(model="default", messages=MESSAGES, max_tokens=2)
+    assert reply.choices[0].message is not None  # everything else is served as before
+
+
+def engine_running(engine: httpx.Client) -> float:
+    metrics = engine.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def test_an_engine_slower_than_the_upstream_timeout_is_a_504_and_aborted_there(gateway, engine, stack,
+                                                                               make_customer):
+    _, key = make_customer()
+    config = stack.stack.server.config.app.state.gateway.config
+    config.upstream_timeout_s = 0.2
+    try:
+        resp = httpx.post(f"{gateway}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                          json={"model": "default", "messages": MESSAGES, "max_tokens": 960, "ignore_eos": True})
+    finally:
+        config.upstream_timeout_s = 600.0
+    assert resp.status_code == 504, resp.text
+    assert resp.json()["error"]["code"] == "upstream_timeout"
+    # Aborted in the engine, not left generating its 960 tokens for nobody.
+    deadline = time.monotonic() + 1
+    while engine_running(engine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine_running(engine) == 0

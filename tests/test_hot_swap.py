@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import shutil
 import threading
 
 import httpx
@@ -108,3 +110,79 @@ def test_adapter_that_the_engine_cannot_serve_is_rejected(make_customer, make_ad
     not_adapter = admin.post(f"/admin/customers/{name}/adapters", json={"path": str(tmp_path)})
     assert not_adapter.status_code == 422
     assert admin.get(f"/admin/customers/{name}/adapters").json()["versions"] == []
+
+
+def test_a_publish_retried_with_its_idempotency_key_makes_one_version(make_customer, make_adapter, admin):
+    name, _ = make_customer()
+    path = str(make_adapter(seed=6))
+    first = admin.post(f"/admin/customers/{name}/adapters", json={"path": path}, headers={"Idempotency-Key": "ck-1"})
+    again = admin.post(f"/admin/customers/{name}/adapters", json={"path": path}, headers={"Idempotency-Key": "ck-1"})
+    other = admin.post(f"/admin/customers/{name}/adapters", json={"path": path}, headers={"Idempotency-Key": "ck-2"})
+    assert first.status_code == again.status_code == other.status_code == 200
+    assert again.json()["name"] == first.json()["name"] != other.json()["name"]
+    assert [v["name"] for v in admin.get(f"/admin/customers/{name}/adapters").json()["versions"]] == \
+        [first.json()["name"], other.json()["name"]]
+
+
+def test_an_adapter_the_engine_fails_to_load_registers_no_version(gateway, make_customer, make_adapter, admin,
+                                                                  tmp_path):
+    """Valid on paper (config, rank, targets), unreadable weights: the engine refuses the load, so
+    nothing is registered (recovery could take it as published) and serving goes on."""
+    name, key = make_customer()
+    broken = tmp_path / "broken"
+    shutil.copytree(make_adapter(seed=7), broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    refused = admin.post(f"/admin/customers/{name}/adapters", json={"path": str(broken)})
+    assert refused.status_code == 422, refused.text
+    assert admin.get(f"/admin/customers/{name}/adapters").json() == {"customer": name, "current": None,
+                                                                     "versions": []}
+    good = publish(admin, name, make_adapter(seed=8))
+    assert good["name"] == f"{name}.v2"  # numbers are never reused
+    assert greedy_ids(gateway, key)
+
+
+def test_loads_unloads_and_leases_racing_on_one_version_never_overlap(stack, make_customer, make_adapter, admin):
+    """Switches back and forth between two versions while requests lease them: the engine never
+    sees two loads/unloads of one name at once, and the router's view of what is loaded is the
+    engine's at the end."""
+    name, _ = make_customer()
+    v1, v2 = (publish(admin, name, make_adapter(seed=s))["name"] for s in (9, 10))
+    router = stack.stack.server.config.app.state.gateway.router
+    engine = router.engine
+    busy: dict[str, int] = {}
+    overlaps: list[str] = []
+
+    def watched(call):
+        async def run(adapter: str, *args):
+            busy[adapter] = busy.get(adapter, 0) + 1
+            if busy[adapter] > 1:
+                overlaps.append(adapter)
+            try:
+                await asyncio.sleep(0.01)  # widen the window a racing caller could slip into
+                return await call(adapter, *args)
+            finally:
+                busy[adapter] -= 1
+        return run
+
+    async def race() -> set[str]:
+        versions = [await router.registry.get(v) for v in (v1, v2)]
+
+        async def lease(version) -> None:
+            async with router.lease(version):
+                await asyncio.sleep(0.005)
+
+        jobs = []
+        for i in range(40):
+            jobs.append(router.switch(versions[i % 2]))
+            jobs += [lease(versions[(i + 1) % 2]), lease(versions[i % 2])]
+        await asyncio.gather(*jobs)
+        return set(await engine.served_models())
+
+    engine.load_adapter, engine.unload_adapter = watched(engine.load_adapter), watched(engine.unload_adapter)
+    try:
+        served = stack.call(race(), timeout_s=120)
+    finally:
+        del engine.load_adapter, engine.unload_adapter  # the instance attributes: the class's methods again
+    assert overlaps == []
+    assert {v for v in (v1, v2) if v in served} == {v for v in (v1, v2) if v in router.loaded}
+    assert router._locks == {}  # every lock dropped once nobody holds or waits

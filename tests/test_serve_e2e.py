@@ -78,6 +78,11 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         state = wait_until(lambda: state_file.exists() and json.loads(state_file.read_text()), 300, "serve.json")
         url = state["gateway_url"]
         wait_until(lambda: healthy(url), 120, "healthy gateway")
+        # Only the gateway listens: vLLM's own app (no key) is not served unless in diagnosis mode.
+        assert state["engine_url"] is None
+        listening = {c.laddr.port for c in psutil.Process(serve.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening == {int(env["CLORA_PORT"])}
 
         key = subprocess.run([*CLORA, "customers", "create", "e2e"], env=env, capture_output=True, text=True,
                              check=True).stdout.strip()

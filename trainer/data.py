@@ -284,7 +284,8 @@ class TrainerIO:
         restart can tell whether it was published already."""
         checkpoint = self.store.checkpoint(customer, self.base_model)
         origin = f"trainer:{checkpoint.name}"
-        published = await self.client.publish(customer, checkpoint / "adapter", origin, switch)
+        published = await self.client.publish(customer, checkpoint / "adapter", origin, switch,
+                                              publish_key(checkpoint))
         self.store.mark_published(customer, checkpoint, published["version"])
         log.info("customer %s: step %s published as %s", customer, checkpoint.name, published["name"])
         return published["name"]
@@ -306,7 +307,8 @@ class TrainerIO:
         match = next((v for v in listed["versions"] if v.get("source") == origin), None)
         if match is None:
             config = await self.config(customer)
-            match = await self.client.publish(customer, checkpoint / "adapter", origin, not config.gated)
+            match = await self.client.publish(customer, checkpoint / "adapter", origin, not config.gated,
+                                              publish_key(checkpoint))
         self.store.mark_published(customer, checkpoint, match["version"])
 
     async def recover_all(self) -> None:
@@ -315,6 +317,13 @@ class TrainerIO:
         for directory in sorted(root.iterdir()) if root.exists() else []:
             if directory.is_dir():
                 await self.recover(directory.name)
+
+
+def publish_key(checkpoint: Path) -> str:
+    """One checkpoint's idempotency key: its name and when its adapter was written (a tenant whose
+    state was reset writes `step-1` again, a different checkpoint)."""
+    written = next((checkpoint / "adapter").glob("*.safetensors")).stat().st_mtime_ns
+    return f"trainer:{checkpoint.name}:{written}"
 
 
 def completion_of(choice: CapturedChoice) -> Completion:

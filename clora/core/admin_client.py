@@ -53,8 +53,12 @@ class RuntimeClient:
         return Sampled(payload["adapter"], payload.get("prompt_token_ids") or [], captured_choices(payload))
 
     @_retrying
-    async def publish(self, customer: str, adapter_dir: Path, origin: str, switch: bool = True) -> dict[str, Any]:
-        resp = await self.http.post(f"/admin/customers/{customer}/adapters",
+    async def publish(self, customer: str, adapter_dir: Path, origin: str, switch: bool = True,
+                      idempotency_key: str | None = None) -> dict[str, Any]:
+        """Retried on transport errors; with an `idempotency_key` a retry after a lost response
+        returns the version the first attempt made instead of a duplicate."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        resp = await self.http.post(f"/admin/customers/{customer}/adapters", headers=headers,
                                     json={"path": str(adapter_dir.resolve()), "origin": origin, "switch": switch})
         resp.raise_for_status()
         return resp.json()

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(default=None, description="Admin API key; generated if unset.")
     trace_secret: str | None = Field(default=None, description="HMAC key for trace ids; generated if unset.")
     max_request_bytes: int = Field(default=1 << 20, description="Largest accepted request body.")
-    upstream_timeout_s: float = 600.0
+    upstream_timeout_s: float = Field(default=600.0, gt=0, description=(
+        "Longest wait for the engine's answer to a chat request (a whole answer: all of it; a stream: its "
+        "start); past it the request is aborted in the engine and answered 504."))
 
     # Engine (vLLM).
     served_base_name: str = "base"
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
                                "multiply per adapter) instead of vLLM's per-token ones; eager mode only.")
     engine_start_timeout_s: float = 300.0
     engine_extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags.")
+    engine_diagnosis_http: bool = Field(default=False, description=(
+        "Also serve vLLM's own OpenAI app, as `vllm serve` would (no key), on a loopback port (`engine_url` in "
+        "serve.json): for diagnosis and the benchmarks' straight-to-vLLM path only. Any local process can then "
+        "reach every customer's adapter past auth, limits and capture; off, only the gateway reaches the engine."))
 
     adapter_keep_versions: int = Field(default=20, description="Versions kept per customer for rollback.")
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Annotated
 
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from clora.core.http import APIError, model_not_found
@@ -38,13 +39,17 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 @router.post("/customers/{customer}/adapters", openapi_extra=PUBLISH_BODY.openapi)
-async def publish_adapter(scope: AdminOf, body: PublishIn) -> dict:
-    """Publish a PEFT adapter directory as the customer's next version (served now, or a candidate)."""
+async def publish_adapter(scope: AdminOf, body: PublishIn, idempotency_key: Annotated[
+        str | None, Header(max_length=200, description="A retry with the same key (say, after a lost response) "
+                                                        "returns the version the first request made, for a day.")] = None
+                          ) -> dict:
+    """Publish a PEFT adapter directory as the customer's next version (served now, or a candidate);
+    registered only once the engine has loaded it."""
     scope.gateway.require_engine()
     started = time.perf_counter()
     try:
         version = await scope.gateway.router.publish(scope.customer, Path(body.value.path), body.value.origin,
-                                                     switch=body.value.switch)
+                                                     switch=body.value.switch, idempotency_key=idempotency_key)
     except AdapterRejected as exc:
         raise APIError(422, str(exc), "adapter_rejected") from None
     return {**version.model_dump(), "swap_ms": (time.perf_counter() - started) * 1000}
@@ -62,7 +67,8 @@ async def sample(scope: AdminOf, body: ChatBody) -> JSONResponse:
         raise APIError(400, "Sampling does not stream.", "invalid_request", "stream")
     base = gateway.config.served_base_name
     try:  # the base model by name too: evals compare against it
-        version = None if chat.model == base else await gateway.router.resolve(scope.customer, chat.model)
+        version = (None if chat.model == base
+                   else await gateway.router.resolve(scope.customer, chat.model, candidates=True))
     except ModelNotFound:
         raise model_not_found(chat.model) from None
     gateway.require_engine()
@@ -70,7 +76,8 @@ async def sample(scope: AdminOf, body: ChatBody) -> JSONResponse:
     upstream = dict(body.raw, model=version.name if version else base, return_token_ids=True, logprobs=True,
                     top_logprobs=0)
     async with AsyncExitStack() as stack:
-        resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream)
+        resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream,
+                                   gateway.config.upstream_timeout_s)
         payload = orjson.loads(await resp.read())
     return JSONResponse({**payload, "adapter": version.name if version else None})
 
@@ -109,11 +116,13 @@ async def set_pins(scope: AdminOf, body: PinIn) -> dict:
 
 @router.get("/customers/{customer}/adapters")
 async def customer_adapters(scope: AdminOf) -> dict:
-    """The customer's versions, oldest first, and the one served now."""
-    current = scope.gateway.router.routes.get(scope.customer)
-    versions = await scope.gateway.router.registry.versions(scope.customer)
+    """The customer's versions, oldest first (`promoted`: served at some time, so callable by the
+    customer by name), and the one served now."""
+    router = scope.gateway.router
+    current = router.routes.get(scope.customer)
+    versions = await router.registry.versions(scope.customer)
     return {"customer": scope.customer, "current": current.name if current else None,
-            "versions": [v.model_dump() for v in versions]}
+            "versions": [{**v.model_dump(), "promoted": v.name in router.promoted} for v in versions]}
 
 
 @router.get("/customers/{customer}/trainer-config")

@@ -70,7 +70,8 @@ async def answer(gateway: Gateway, request: Request) -> Response:
 
     stack = AsyncExitStack()
     try:
-        resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream)
+        resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream,
+                                   gateway.config.upstream_timeout_s)
     except BaseException:
         await stack.aclose()
         raise

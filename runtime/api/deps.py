@@ -3,6 +3,7 @@ preamble as one dependency, and the request bodies (parsed by `clora.core.http.J
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Protocol
@@ -35,6 +36,7 @@ class GatewayConfig:
     served_base_name: str = "base"
     max_request_bytes: int = 1 << 20
     admin_key: str | None = None
+    upstream_timeout_s: float | None = 600.0  # the engine's answer must start within this (else 504)
 
 
 @dataclass
@@ -68,7 +70,8 @@ class Gateway:
         return customer
 
     def require_admin(self, request: Request) -> None:
-        if not self.config.admin_key or bearer(request) != self.config.admin_key:
+        # Constant time: how long a refusal takes must not tell how much of the key was right.
+        if not self.config.admin_key or not hmac.compare_digest(bearer(request).encode(), self.config.admin_key.encode()):
             raise unauthorized()
 
 

@@ -1,8 +1,9 @@
 """The engine call shared by the chat endpoint and admin sampling: forward under a lease on the
-version, reload an adapter the engine lost, and map the engine's errors to ours."""
+version, reload an adapter the engine lost, bound the wait, and map the engine's errors to ours."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -12,21 +13,32 @@ import orjson
 from clora.core.http import APIError
 from clora.runtime.adapters import AdapterVersion
 from clora.runtime.engine_client import EngineClient, EngineResponse, EngineUnavailable
+from clora.runtime.engine_config import AdapterRejected
 from clora.runtime.routing import Router
 
 log = logging.getLogger("clora.gateway")
 
 
 async def send_upstream(stack: AsyncExitStack, router: Router, client: EngineClient,
-                        version: AdapterVersion | None, body: dict) -> EngineResponse:
-    """Forward under a lease on the version; if the engine lost the adapter, reload once and retry."""
+                        version: AdapterVersion | None, body: dict, timeout_s: float | None = None) -> EngineResponse:
+    """Forward under a lease on the version; if the engine lost the adapter, reload once and retry.
+    The engine must start its answer within `timeout_s` (a whole answer: all of it; a stream: its
+    status, which vLLM sends at once), or the request is aborted there and answered 504."""
     for attempt in (1, 2):
-        await stack.enter_async_context(router.lease(version))
         try:
-            resp = await client.chat(body)
+            await stack.enter_async_context(router.lease(version))
+        except AdapterRejected as exc:  # e.g. its files are gone: the version exists but cannot be served
+            log.error("engine refused adapter %s at request time: %s", version.name if version else None, exc)
+            raise APIError(503, f"Model `{version.name if version else None}` cannot be loaded now; the operator "
+                                "has been told.", "adapter_unavailable") from None
+        try:
+            resp = await asyncio.wait_for(client.chat(body), timeout_s)
         except EngineUnavailable as exc:
             raise APIError(503, f"The engine is restarting; retry shortly ({exc}).", "engine_unavailable",
                            headers={"Retry-After": "5"}) from None
+        except asyncio.TimeoutError:
+            raise APIError(504, f"The engine did not answer within {timeout_s:g} s; the request was aborted.",
+                           "upstream_timeout") from None
         stack.callback(resp.release)
         if resp.status == 200:
             return resp
