@@ -171,7 +171,8 @@ def test_groups_whose_episodes_all_scored_the_same_take_no_pass(base, monkeypatc
     real_pass = step_module.shared_prefix_logprobs
 
     def counting_pass(model, layers, groups, **kwargs):
-        passed_rows.append(sum(len(g.completions) for g in groups if g.weights is not None))
+        if torch.is_grad_enabled():  # a training pass (a lone no-grad one measures the logprob gap)
+            passed_rows.append(sum(len(g.completions) for g in groups if g.weights is not None))
         return real_pass(model, layers, groups, **kwargs)
 
     monkeypatch.setattr(step_module, "shared_prefix_logprobs", counting_pass)
@@ -184,10 +185,11 @@ def test_groups_whose_episodes_all_scored_the_same_take_no_pass(base, monkeypatc
     assert sum(passed_rows) == (rows[0] + rows[1] if kl_coef else rows[0])
 
     passed_rows.clear()
-    backward(model, layers, [TenantData("c", config, groups=[flat])], state, pass_tokens=4096)
+    flat_gap = backward(model, layers, [TenantData("c", config, groups=[flat])], state, pass_tokens=4096)["c"].gap
     assert sum(passed_rows) == (rows[1] if kl_coef else 0)
     if not kl_coef:
         assert all(t.grad is None for t in weights.tensors())
+        assert flat_gap.tokens == sum(len(c) for c in onpolicy_rows(0, flat, weights)[0].group.completions)
         # The flat group's tokens still count in the token mean: the gradients are the varied
         # group's alone, scaled by its share of the tokens.
         backward(model, layers, [TenantData("c", config, groups=[varied])], state, pass_tokens=4096)

@@ -249,22 +249,25 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
             total = total + loss * config.weights.onpolicy
         total.backward()
     for t, d in enumerate(sampled):
+        mine = [item for item in items if item.tenant == t]
         if lagged[t]:
             results[t].lagged_groups = len(d.groups)
-            behaviour_gap(model, layers, d, [item for item in items if item.tenant == t], results[t].gap)
+            sampled_gap(model, layers, mine, d.behaviour.copy(device), results[t].gap)
+        elif results[t].gap.tokens == 0:  # no group taught anything: the gap is still checked, on one
+            sampled_gap(model, layers, mine, states[d.customer].weights, results[t].gap)
     return losses
 
 
 @torch.no_grad()
-def behaviour_gap(model: nn.Module, layers: Layers, d: TenantData, items: list[OnPolicyRows], gap: Gap) -> None:
-    """The logprob gap of a tenant's lagged groups against the weights that sampled them: over its
-    first group whose logprobs vLLM's are comparable to (not grammar-constrained)."""
+def sampled_gap(model: nn.Module, layers: Layers, items: list[OnPolicyRows], weights: LoRAWeights, gap: Gap) -> None:
+    """The logprob gap of a tenant's groups against the weights that sampled them (a lagged
+    tenant's previous ones; its current ones when no group took a pass): over its first group
+    whose logprobs vLLM's are comparable to (not grammar-constrained)."""
     item = next((item for item in items if not item.constrained), None)
     if item is None:
         return
-    weights = d.behaviour.copy(model.lm_head.weight.device)
     result = shared_prefix_logprobs(model, layers, [replace(item.group, weights=weights)])
-    gap.add(result.logprobs, torch.tensor(item.old_logprobs))
+    gap.add(result.logprobs, torch.tensor(item.old_logprobs, device=result.logprobs.device))
 
 
 def rated_path(record: TrainingRecord) -> str:
