@@ -86,6 +86,10 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
 
         key = subprocess.run([*CLORA, "customers", "create", "e2e"], env=env, capture_output=True, text=True,
                              check=True).stdout.strip()
+        # The trainer learns from a lone record after max_record_wait_s; here it waits for min_records,
+        # so the versions this test publishes are e2e's only ones.
+        subprocess.run([*CLORA, "trainer-config", "set", "e2e", "max_record_wait_s=86400"], env=env, check=True,
+                       capture_output=True)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
         raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES, max_tokens=8)
         trace_id = raw.headers["x-clora-trace-id"]
@@ -135,10 +139,13 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
                                   text=True).stdout
         clora("eval", "suite", "e2e", "--env", "token-range:0-100000", "--n", "3", "--max-tokens", "4")
         assert "not served yet" in clora("adapters", "publish", "e2e", str(make_adapter(seed=98)), "--candidate")
-        answered_by = served(client, bootstrap)  # v1, unless the gate (every 2 s) has promoted v2 already
-        assert answered_by == "e2e.v1" or (answered_by == "e2e.v2" and "promoted e2e.v2" in clora("eval"))
+        # v1, unless the gate (every 2 s) has promoted v2 already: the gate routes, then records its
+        # decision, so a v2 answer means the "promoted" record follows within moments.
+        gate_promoted = lambda: "promoted e2e.v2" in clora("eval")  # noqa: E731
+        answered_by = served(client, bootstrap)
+        assert answered_by == "e2e.v1" or (answered_by == "e2e.v2" and wait_until(gate_promoted, 10, "decision"))
         wait_until(lambda: served(client, bootstrap) == "e2e.v2", 60, "candidate promoted")
-        assert "promoted e2e.v2" in clora("eval")
+        wait_until(gate_promoted, 10, "promotion recorded")
         assert "no new candidates" in clora("eval", "run")
         assert "rollback" in clora("eval", "rollback", "e2e")
         assert served(client, bootstrap) == "e2e.v1"
