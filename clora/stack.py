@@ -48,7 +48,7 @@ def ingest_config(settings: Settings, bootstrap: str) -> IngestConfig:
                         group_id=settings.ingest_group, partitions=settings.topic_partitions,
                         interaction_ttl_s=settings.interaction_ttl_s,
                         max_wait_s=settings.feedback_max_wait_s, fetch_wait_s=settings.ingest_fetch_wait_s,
-                        max_poll_records=settings.ingest_max_poll_records)
+                        max_poll_records=settings.ingest_max_poll_records, max_lag=settings.ingest_max_lag)
 
 
 def redis_url(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:
@@ -125,8 +125,11 @@ class Stack:
                                max_request_bytes=s.max_request_bytes, admin_key=admin_key(s),
                                upstream_timeout_s=s.upstream_timeout_s)
         traces = TraceSigner(trace_secret(s))
+        self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis,
+                                     ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share))
         app = create_app(config, customers, router, self.engine, self.capture, traces,
-                         configs=TenantConfigStore(self.redis), validate_lora=engine_config.validate_lora)
+                         configs=TenantConfigStore(self.redis), validate_lora=engine_config.validate_lora,
+                         health_checks={"ingestion": self.ingest.health})
         self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions)
         limits = WebhookLimits(s.feedback_max_body_bytes, s.feedback_events_per_s, s.feedback_burst)
         mount_feedback(app, customers, traces, self.feedback, limits)
@@ -134,9 +137,7 @@ class Stack:
         self.server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
                                                    access_log=False, lifespan="off"))
         self.gateway_url = f"http://{s.host}:{port}"
-        self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis,
-                                     ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share))
-        self.ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
+        self.ingest_task = asyncio.create_task(self.ingest.supervise(), name="ingest")
         self._write_state()
         if s.trainer_enabled:
             self.trainer = self._start_trainer(model)

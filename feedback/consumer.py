@@ -11,6 +11,10 @@ in between means redelivery, which the replay buffer absorbs (a push is idempote
 - feedback -> joined with its interaction and pushed to the customer's buffer; if the interaction
   has not arrived yet, the feedback waits in Redis (bounded time), then goes to the dead letters.
 - anything malformed or unjoinable -> the dead-letter topic with the reason; never a stop.
+
+`supervise` runs the consumer and starts it again (with backoff) when it fails: Redis or the
+broker gone, a bug. The new consumer resumes at the committed offsets, so what the failed one had
+not committed is delivered again. Its state, restarts and lag are reported by `health()`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
+from clora.core.health import ComponentHealth
 from clora.feedback.replay import ReplayBuffer
 from clora.wire.feedback import FeedbackMessage, FeedbackSignal, join_json
 from clora.wire.interactions import InteractionRecord
@@ -36,6 +41,8 @@ from clora.wire.kafka import ensure_topics, reliable_producer
 log = logging.getLogger("clora.ingest")
 INGESTED = Counter("clora_ingest_messages_total", "Messages handled by the ingestion consumer", ["topic", "outcome"])
 LAG = Gauge("clora_ingest_lag", "Messages behind the partition's high watermark", ["topic", "partition"])
+RESTARTS = Counter("clora_ingest_restarts_total", "Times the ingestion consumer failed and was started again")
+UP = Gauge("clora_ingest_up", "1 while the ingestion consumer runs, 0 while it is down or restarting")
 
 
 @dataclass
@@ -51,6 +58,8 @@ class IngestConfig:
     housekeeping_s: float = 1.0  # offsets committed and waiting feedback expired at most this often
     fetch_wait_s: float = 0.5  # the broker holds a fetch until 1 MiB or this long: batches, not a fetch per record
     max_poll_records: int = 500  # records handled (and written to Redis) per batch
+    max_lag: int = 10_000  # messages behind (all partitions) beyond which health says degraded
+    restart_backoff_s: float = 1.0  # first wait before a failed consumer starts again; doubles, up to 30 s
 
 
 class DeadLetter(BaseModel):
@@ -88,6 +97,10 @@ class IngestConsumer:
         self._stop = threading.Event()
         self._consumer: KafkaConsumer | None = None
         self._dead = None
+        self.state = "starting"  # running | restarting | stopped
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.lag = 0
 
     # Waiting feedback belongs to this consumer group (another group on the same Redis has its own).
     def _waiting(self, trace_id: str) -> str:
@@ -110,7 +123,48 @@ class IngestConsumer:
     def stop(self) -> None:
         self._stop.set()
 
+    def health(self) -> ComponentHealth:
+        ok = self.state == "running" and self.lag <= self.config.max_lag
+        return ComponentHealth(state=self.state, ok=ok, detail={"restarts": self.restarts, "lag": self.lag,
+                                                                "max_lag": self.config.max_lag,
+                                                                "last_error": self.last_error})
+
+    async def supervise(self, max_backoff_s: float = 30.0) -> None:
+        """Consume until stop(), again after each failure: waits `restart_backoff_s`, doubling
+        while it keeps failing within a minute of starting. The Kafka consumer is kept and rewound
+        to the committed offsets (a new group member would wait for the old one's session to
+        expire: minutes on the embedded broker); only a consumer that cannot rewind is replaced."""
+        backoff = self.config.restart_backoff_s
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    await self._consume()
+                except Exception as exc:  # noqa: BLE001 - whatever failed, ingestion must come back
+                    self.restarts += 1
+                    self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    self.state = "restarting"
+                    RESTARTS.inc()
+                    UP.set(0)
+                    log.exception("ingestion failed (restart %d in %.1f s)", self.restarts, backoff)
+                    if time.monotonic() - started > 60:
+                        backoff = self.config.restart_backoff_s  # it had stayed up: not a crash loop
+                    await asyncio.to_thread(self._stop.wait, backoff)
+                    backoff = min(backoff * 2, max_backoff_s)
+                    await asyncio.to_thread(self._rewind)
+        finally:
+            await asyncio.to_thread(self._close)
+            self.state = "stopped"
+            UP.set(0)
+
     async def run(self) -> None:
+        """Consume until stop() or the first failure, then close."""
+        try:
+            await self._consume()
+        finally:
+            await asyncio.to_thread(self._close)
+
+    async def _consume(self) -> None:
         """Poll, handle, commit, until stop(). Kafka calls block, so they run in a thread.
 
         Offsets are committed (and waiting feedback expired) at most every `housekeeping_s`, not
@@ -119,24 +173,38 @@ class IngestConsumer:
         handled since the last commit; every write is idempotent, so nothing is applied twice."""
         if self._consumer is None:
             await asyncio.to_thread(self.connect)
-        uncommitted, last_housekeeping, stopped_cleanly = False, 0.0, False
+        uncommitted, last_housekeeping = False, 0.0
+        self.state = "running"
+        UP.set(1)
+        while not self._stop.is_set():
+            batch = await asyncio.to_thread(self._consumer.poll, 500, self.config.max_poll_records)
+            await self.handle_batch([(tp, m.offset, m.value) for tp, ms in batch.items() for m in ms])
+            uncommitted = uncommitted or bool(batch)
+            if time.monotonic() - last_housekeeping >= self.config.housekeeping_s:
+                await self.expire_waiting()
+                if uncommitted:
+                    await asyncio.to_thread(self._flush_dead_and_commit)
+                    uncommitted = False
+                last_housekeeping = time.monotonic()
+            self._report_lag()
+        if uncommitted:  # stopped cleanly (never after a failed batch: its offsets must redeliver)
+            await asyncio.to_thread(self._flush_dead_and_commit)
+
+    def _rewind(self) -> None:
+        """Back to the committed offsets: what the failed pass handled but had not committed comes
+        again. A consumer that cannot (the broker gone) is closed; the next pass connects anew."""
+        if self._consumer is None:
+            return
         try:
-            while not self._stop.is_set():
-                batch = await asyncio.to_thread(self._consumer.poll, 500, self.config.max_poll_records)
-                await self.handle_batch([(tp, m.offset, m.value) for tp, ms in batch.items() for m in ms])
-                uncommitted = uncommitted or bool(batch)
-                if time.monotonic() - last_housekeeping >= self.config.housekeeping_s:
-                    await self.expire_waiting()
-                    if uncommitted:
-                        await asyncio.to_thread(self._flush_dead_and_commit)
-                        uncommitted = False
-                    last_housekeeping = time.monotonic()
-                self._report_lag()
-            stopped_cleanly = True
-        finally:
-            if stopped_cleanly and uncommitted:  # never after a failed batch: its offsets must redeliver
-                await asyncio.to_thread(self._flush_dead_and_commit)
-            await asyncio.to_thread(self._close)
+            for tp in self._consumer.assignment():
+                committed = self._consumer.committed(tp)
+                if committed is None:
+                    self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, committed)
+        except Exception:  # noqa: BLE001
+            log.exception("ingestion: cannot rewind to the committed offsets; reconnecting")
+            self._close()
 
     def _flush_dead_and_commit(self) -> None:
         self._dead.flush(timeout=30)  # dead letters acknowledged before their offsets are committed
@@ -156,12 +224,17 @@ class IngestConsumer:
                 coordinator_log.setLevel(level)
         if self._dead is not None:
             self._dead.close(timeout=5)
+        self._consumer = self._dead = None
 
     def _report_lag(self) -> None:
+        total = 0
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
             if high is not None:
-                LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - self._consumer.position(tp)))
+                behind = max(0, high - self._consumer.position(tp))
+                LAG.labels(tp.topic, str(tp.partition)).set(behind)
+                total += behind
+        self.lag = total
 
     # -- handling -----------------------------------------------------------------------------
     async def handle_batch(self, messages: list[tuple[TopicPartition, int, bytes]]) -> None:

@@ -6,7 +6,11 @@ carries many records rather than one: on a small machine each round trip's CPU, 
 the broker, is time taken from the model) and sends each batch with acks=all; whatever the broker does not acknowledge (down, unreachable,
 timing out) goes to the on-disk spool, which is drained once the broker answers again.
 Delivery to the topic is at-least-once; each record carries its trace id so consumers apply
-it exactly once.
+it exactly once. A record the broker refuses for good (over its size limit: `n=64` long answers)
+is dead-lettered with the reason (`Spool.dead`) and never blocks the records behind it. When the
+memory queue is full, records go to the spool through a writer thread (one fsync per batch):
+serving never waits on the disk; if that writer falls `overflow_size` records behind too, the
+record is dropped and counted.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ RECONNECT_EVERY_S = 2.0
 
 class Capture:
     def __init__(self, bootstrap: str, topic: str, spool: Spool, queue_size: int = 10_000,
-                 partitions: int = 4, flush_timeout_s: float = 10.0, batch_s: float = 0.5):
+                 partitions: int = 4, flush_timeout_s: float = 10.0, batch_s: float = 0.5,
+                 overflow_size: int = 10_000):
         self.bootstrap = bootstrap
         self.topic = topic
         self.partitions = partitions
@@ -47,15 +52,38 @@ class Capture:
         self._producer = None
         self._next_connect = 0.0
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+        self._overflow: queue.Queue[InteractionRecord] = queue.Queue(maxsize=overflow_size)
+        self._overflow_thread = threading.Thread(target=self._spool_overflow, name="capture-overflow", daemon=True)
 
     # -- request path -------------------------------------------------------------------------
     def submit(self, record: InteractionRecord) -> None:
-        """Never blocks on Kafka: memory queue (serialised off the request path), else the spool."""
+        """Never blocks on Kafka or the disk: the memory queue (serialised off the request path),
+        else the overflow writer's queue (to the spool)."""
         try:
             self._queue.put_nowait(record)
         except queue.Full:
-            dropped = self.spool.append([self._message(record)])
-            CAPTURED.labels("spooled" if not dropped else "dropped").inc()
+            try:
+                self._overflow.put_nowait(record)
+            except queue.Full:
+                CAPTURED.labels("dropped").inc()
+                log.error("capture overloaded (memory queue and spool writer full): record %s dropped",
+                          record.trace_id)
+
+    def _spool_overflow(self) -> None:
+        """What did not fit in the memory queue, to the spool in batches (one fsync each)."""
+        while not self._stop.is_set() or not self._overflow.empty():
+            try:
+                batch = [self._overflow.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._overflow.get_nowait())
+                except queue.Empty:
+                    break
+            dropped = self.spool.append([self._message(record) for record in batch])
+            CAPTURED.labels("spooled").inc(len(batch) - dropped)
+            CAPTURED.labels("dropped").inc(dropped)
 
     def _message(self, record: InteractionRecord) -> SpooledMessage:
         return SpooledMessage(self.topic, record.customer.encode(), record.model_dump_json().encode())
@@ -63,12 +91,24 @@ class Capture:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "Capture":
         self._thread.start()
+        self._overflow_thread.start()
         return self
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Send what is queued (or spool it), then close the producer."""
         self._stop.set()
+        self._overflow_thread.join(timeout_s)
         self._thread.join(timeout_s)
+        if self._thread.is_alive():  # stuck on the broker: what is still in memory goes to disk
+            rest = []
+            while True:
+                try:
+                    rest.append(self._message(self._queue.get_nowait()))
+                except queue.Empty:
+                    break
+            dropped = self.spool.append(rest)
+            CAPTURED.labels("spooled").inc(len(rest) - dropped)
+            CAPTURED.labels("dropped").inc(dropped)
 
     def connected(self) -> bool:
         return self._producer is not None
@@ -121,25 +161,37 @@ class Capture:
             log.warning("Kafka unreachable at %s (%s); spooling records", self.bootstrap, exc)
 
     def _send(self, batch: list[SpooledMessage]) -> list[SpooledMessage]:
-        ok = self._send_indices(batch)
-        CAPTURED.labels("sent").inc(len(ok))
-        return [m for i, m in enumerate(batch) if i not in ok]
+        done = self._send_indices(batch)
+        return [m for i, m in enumerate(batch) if i not in done]
 
     def _send_indices(self, batch: list[SpooledMessage]) -> set[int]:
-        """Send and wait for acks; indices acknowledged. Any failure marks the broker down."""
+        """Send and wait for acks; the indices done with: acknowledged, or refused for good
+        (non-retriable: dead-lettered with the reason). Any other failure marks the broker down."""
         producer = self._producer
         assert producer is not None
-        futures = []
+        futures, refused = {}, {}
         try:
-            for message in batch:
-                futures.append(producer.send(message.topic, key=message.key, value=message.value))
+            for i, message in enumerate(batch):
+                try:
+                    futures[i] = producer.send(message.topic, key=message.key, value=message.value)
+                except KafkaError as exc:
+                    if exc.retriable:
+                        raise
+                    refused[i] = exc  # e.g. over the producer's max_request_size: no retry can help
             producer.flush(timeout=self.flush_timeout_s)
         except KafkaError as exc:
             log.warning("Kafka send failed: %s", exc)
-        ok = {i for i, f in enumerate(futures) if f.is_done and f.succeeded()}
-        if len(ok) < len(batch):
+        ok = {i for i, f in futures.items() if f.is_done and f.succeeded()}
+        refused |= {i: f.exception for i, f in futures.items()
+                    if f.is_done and f.failed() and not getattr(f.exception, "retriable", True)}
+        for i, exc in refused.items():
+            self.spool.dead.add(batch[i], f"{type(exc).__name__}: {exc}")
+        CAPTURED.labels("sent").inc(len(ok))
+        CAPTURED.labels("dead").inc(len(refused))
+        done = ok | set(refused)
+        if len(done) < len(batch):
             self._disconnect()
-        return ok
+        return done
 
     def _disconnect(self) -> None:
         producer, self._producer = self._producer, None

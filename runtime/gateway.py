@@ -9,6 +9,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from clora.core.customers import CustomerStore
+from clora.core.health import ComponentHealth
 from clora.core.http import document_bodies, install_error_handlers
 from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
@@ -22,9 +23,11 @@ __all__ = ["GatewayConfig", "create_app"]
 
 def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, engine: Engine,
                capture: Capture | None, traces: TraceSigner, configs: TenantConfigStore | None = None,
-               validate_lora: Callable[[int, list[str]], None] | None = None) -> FastAPI:
+               validate_lora: Callable[[int, list[str]], None] | None = None,
+               health_checks: dict[str, Callable[[], ComponentHealth]] | None = None) -> FastAPI:
     app = FastAPI(title="clora gateway", docs_url=None, redoc_url=None)
-    app.state.gateway = Gateway(config, customers, router, engine, capture, traces, configs, validate_lora)
+    app.state.gateway = Gateway(config, customers, router, engine, capture, traces, configs, validate_lora,
+                                health_checks or {})
     install_error_handlers(app)
     document_bodies(app)
     for api in (chat, models, health, admin):

@@ -1,8 +1,12 @@
-"""A bounded on-disk queue for Kafka messages that could not be sent.
+"""A bounded on-disk queue for Kafka messages that could not be sent, and the dead letters.
 
 Segments are JSON-lines files, fsync'd per append. Draining reads a segment, the caller sends
-its messages, and each acknowledged line number is recorded in a sidecar (`.acked`, fsync'd)
-before the segment is deleted; a crash mid-drain therefore resends only unacknowledged lines.
+its messages, and each line it is done with (acknowledged, or refused for good and dead-lettered)
+is recorded in a sidecar (`.acked`, fsync'd) before the segment is deleted; a crash mid-drain
+therefore resends only the lines not done with.
+
+Dead letters are messages the broker refuses whatever the retries (over its size limit, invalid):
+kept with the reason in `dead-letters.jsonl` next to the segments, never blocking the ones behind.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel
 
 log = logging.getLogger("clora.spool")
 SEGMENT_BYTES = 4 << 20
@@ -36,8 +43,41 @@ class SpooledMessage:
         return cls(raw["t"], base64.b64decode(raw["k"]), base64.b64decode(raw["v"]))
 
 
-# Sends messages; returns the indices (into its argument) that the broker acknowledged.
+# Sends messages; returns the indices (into its argument) done with: acknowledged by the broker,
+# or refused for good and dead-lettered.
 SendFn = Callable[[list[SpooledMessage]], set[int]]
+
+
+class DeadLetter(BaseModel):
+    at: float
+    reason: str
+    topic: str
+    key_b64: str
+    value_b64: str
+    size: int
+
+
+class DeadLetters:
+    """Messages the broker refused for good, with the reason (JSON lines, fsync'd per add)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def add(self, message: SpooledMessage, reason: str) -> None:
+        letter = DeadLetter(at=time.time(), reason=reason, topic=message.topic,
+                            key_b64=base64.b64encode(message.key).decode(),
+                            value_b64=base64.b64encode(message.value).decode(), size=len(message.value))
+        log.error("dead letter: %d-byte record for %s refused (%s)", letter.size, message.topic, reason)
+        with self._lock, open(self.path, "ab") as f:
+            f.write(letter.model_dump_json().encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[DeadLetter]:
+        if not self.path.exists():
+            return []
+        return [DeadLetter.model_validate_json(line) for line in self.path.read_bytes().splitlines() if line]
 
 
 class Spool:
@@ -48,6 +88,7 @@ class Spool:
         self._lock = threading.Lock()
         self._active: Path | None = None
         self.dropped = 0
+        self.dead = DeadLetters(directory / "dead-letters.jsonl")
 
     def _segments(self) -> list[Path]:
         return sorted(self.dir.glob("seg-*.jsonl"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 
@@ -128,3 +129,59 @@ def test_records_arriving_within_the_batch_window_share_one_broker_round_trip(br
     assert capture.batches == [10, 1]
     got = read_all(broker, "t.window", expect=11)
     assert sorted(r.trace_id for r in got) == sorted(r.trace_id for r in [*sent, late])
+
+
+def huge(i: int) -> InteractionRecord:
+    """Over the producer's 1 MiB request limit (64 long choices would get there)."""
+    big = record(i)
+    big.choices = [CapturedChoice(message={"role": "assistant", "content": "x" * 40_000}, token_ids=[i] * 2000,
+                                  logprobs=[-0.5] * 2000) for _ in range(32)]
+    return big
+
+
+def test_a_record_the_broker_refuses_for_good_is_dead_lettered_and_blocks_nothing(broker, tmp_path):
+    spool = Spool(tmp_path / "spool", max_bytes=200 << 20)
+    capture = Capture(broker, "t.oversize", spool, batch_s=0.2).start()
+    sent = [record(1), huge(2), record(3)]
+    try:
+        for r in sent:
+            capture.submit(r)
+        got = read_all(broker, "t.oversize", expect=2)
+        assert sorted(r.trace_id for r in got) == sorted([sent[0].trace_id, sent[2].trace_id])
+        # The same from the spool (records spooled during an outage): the drain is not wedged.
+        spool.append([capture._message(huge(4)), capture._message(record(5))])
+        deadline = time.monotonic() + 30
+        while spool.pending() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not spool.pending()
+    finally:
+        capture.stop()
+    letters = spool.dead.read()
+    assert [InteractionRecord.model_validate_json(base64.b64decode(d.value_b64)).trace_id
+            for d in letters][0] == sent[1].trace_id
+    assert len(letters) == 2 and all("MessageSizeTooLarge" in d.reason for d in letters)
+    got = read_all(broker, "t.oversize", expect=3)
+    assert len(got) == 3  # the spooled small record came through
+
+
+class SlowDiskSpool(Spool):
+    """A spool on a disk that takes 0.3 s per write."""
+
+    def append(self, messages):
+        time.sleep(0.3)
+        return super().append(messages)
+
+
+def test_a_full_memory_queue_spools_without_making_the_caller_wait_on_the_disk(tmp_path):
+    port = free_port()  # nothing listens: every record ends up in the spool
+    spool = SlowDiskSpool(tmp_path / "spool", max_bytes=50 << 20)
+    capture = Capture(f"127.0.0.1:{port}", "t.slowdisk", spool, queue_size=2, flush_timeout_s=1).start()
+    try:
+        started = time.perf_counter()
+        for i in range(50):
+            capture.submit(record(i))
+        assert time.perf_counter() - started < 0.2  # a fsync'd write on this thread would take 0.3 s each
+    finally:
+        capture.stop()
+    lines = [line for segment in spool._segments() for line in segment.read_bytes().splitlines()]
+    assert len(lines) == 50  # every record on disk, none dropped

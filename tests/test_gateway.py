@@ -210,10 +210,13 @@ def test_health_and_metrics(gateway, make_customer):
     assert httpx.post(f"{gateway}/v1/chat/completions", json={}).status_code == 401
     health = httpx.get(f"{gateway}/healthz").json()
     assert health["engine"] is True and health["capture_connected"] is True
+    assert health["ingestion"]["state"] == "running" and health["ingestion"]["ok"] is True
+    assert health["status"] == "ok"
     metrics = httpx.get(f"{gateway}/metrics").text
     assert 'clora_requests_total{status="200",stream="false"}' in metrics
     assert 'clora_requests_total{status="401",stream="unknown"}' in metrics
     assert "clora_capture_records_total" in metrics
+    assert "clora_ingest_up 1.0" in metrics
 
 
 def test_candidates_are_callable_only_through_the_admin_api_until_promoted(gateway, make_customer, make_adapter,

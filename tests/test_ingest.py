@@ -98,3 +98,62 @@ async def test_joins_waits_deduplicates_and_dead_letters(broker, redis_url):
 async def _size_is(replay: ReplayBuffer, customer: str, n: int) -> bool:
     return (await replay.stats(customer)).size >= n
 
+
+
+async def test_ingestion_comes_back_after_redis_dies_and_delivers_what_arrived_meanwhile(broker, tmp_path):
+    """Redis goes away under the ingestion: it fails, is started again with backoff (health says
+    so, degraded), and once Redis is back the feedback sent during the outage (never committed)
+    is delivered again and reaches the buffer."""
+    from clora.core.services import start_redis
+
+    config = topics(uuid.uuid4().hex[:8])
+    config.bootstrap, config.restart_backoff_s = broker, 0.2
+    service = start_redis(tmp_path / "data", tmp_path, persistent=True)
+    port = int(service.url.rsplit(":", 1)[1].split("/")[0])
+    client = aioredis.Redis.from_url(service.url, socket_timeout=2)
+    replay = ReplayBuffer(client)
+    producer = KafkaProducer(bootstrap_servers=broker, acks="all")
+    customer = f"sup-{uuid.uuid4().hex[:6]}"
+
+    def send_pair(n: int) -> FeedbackMessage:
+        served = interaction(n, customer)
+        rated = feedback(served.trace_id, customer)
+        producer.send(config.interactions_topic, key=customer.encode(), value=served.model_dump_json().encode())
+        producer.send(config.feedback_topic, key=customer.encode(), value=rated.model_dump_json().encode())
+        producer.flush()
+        return rated
+
+    consumer = IngestConsumer(config, client, replay)
+    task = asyncio.create_task(consumer.supervise())
+    try:
+        before = send_pair(1)
+        await wait_for(lambda: _size_is(replay, customer, 1))
+        assert consumer.health().ok and consumer.health().state == "running"
+
+        service.stop()  # AOF flushed on SIGTERM: what was pushed survives
+        during = send_pair(2)
+
+        async def restarting() -> bool:
+            return consumer.restarts >= 1 and consumer.health().state == "restarting"
+        await wait_for(restarting, 30)
+        health = consumer.health()
+        assert not health.ok and "Error" in health.detail["last_error"]
+        await asyncio.sleep(1.0)
+        assert not task.done()  # still trying, not gone
+
+        service = start_redis(tmp_path / "data", tmp_path, port=port, persistent=True)
+        await wait_for(lambda: _size_is(replay, customer, 2), 60)
+        assert {r.event_id for r in await replay.sample(customer, 10)} == {before.event.event_id,
+                                                                          during.event.event_id}
+        await wait_for(lambda: _true(consumer.health().ok), 30)
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 30)
+        service.stop()
+        producer.close()
+        await client.aclose()
+    assert consumer.health().state == "stopped"
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     ingest_fetch_wait_s: float = Field(default=0.5, gt=0, description="The broker holds a fetch this long to "
                                        "fill a batch (returns early at 1 MiB): fewer wake-ups per record.")
     ingest_max_poll_records: int = Field(default=500, gt=0, description="Records the ingestion handles per batch.")
+    ingest_max_lag: int = Field(default=10_000, ge=0, description="Messages the ingestion may be behind before "
+                                "/healthz reports it degraded (still a 200: serving is unaffected).")
     interaction_ttl_s: int = Field(default=7 * 24 * 3600, description="How long feedback can join an answer.")
     feedback_max_wait_s: float = Field(default=300.0, description="Feedback waits this long for its interaction.")
     replay_capacity: int = Field(default=10_000, description="Default records per customer buffer.")

@@ -12,7 +12,10 @@ log = logging.getLogger("clora.kafka")
 
 
 def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="clora-admin", request_timeout_ms=10_000)
+    # A broker that is down is reported within seconds (the defaults wait 30 s), so the capture
+    # thread spools instead of hanging.
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="clora-admin", request_timeout_ms=10_000,
+                             bootstrap_timeout_ms=5_000, reconnect_backoff_max_ms=2_000)
     try:
         existing = set(admin.list_topics())
         missing = [NewTopic(name=t, num_partitions=partitions, replication_factor=1)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, Field
 
 from clora.core.customers import CustomerStore
+from clora.core.health import ComponentHealth
 from clora.core.http import APIError, Body, JsonBody, bearer, unauthorized
 from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
@@ -51,6 +52,8 @@ class Gateway:
     traces: TraceSigner
     configs: TenantConfigStore | None = None  # trainer configs (the admin API sets them)
     validate_lora: Callable[[int, list[str]], None] | None = None  # raises AdapterRejected
+    # Background components shown in /healthz (ingestion...): degraded ones do not make it a 503.
+    health_checks: dict[str, Callable[[], ComponentHealth]] = field(default_factory=dict)
 
     def refuse_unsafe_seed(self, seed: int | None) -> None:
         """A `seed` the engine cannot take without crashing (vLLM's CPU engine) is a 400, not an outage."""

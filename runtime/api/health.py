@@ -1,4 +1,7 @@
-"""Operations: `GET /healthz` (engine and capture state) and `GET /metrics` (Prometheus)."""
+"""Operations: `GET /healthz` (engine, capture and background components) and `GET /metrics`
+(Prometheus). Only an engine that cannot serve makes /healthz a 503 (a load balancer then takes the
+replica out); a lagging or restarting ingestion is reported as "degraded" with a 200: serving is
+unaffected, and pulling the replica would not help ingestion."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 async def healthz(gateway: GatewayDep) -> JSONResponse:
     ready = gateway.engine.is_ready()
-    body = {"status": "ok" if ready else "degraded", "engine": ready,
-            "capture_connected": gateway.capture.connected() if gateway.capture else None}
+    components = {name: check() for name, check in gateway.health_checks.items()}
+    body = {"status": "ok" if ready and all(c.ok for c in components.values()) else "degraded", "engine": ready,
+            "capture_connected": gateway.capture.connected() if gateway.capture else None,
+            **{name: c.model_dump() for name, c in components.items()}}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
