@@ -21,6 +21,7 @@ import uvicorn
 
 from clora.core.customers import CustomerStore
 from clora.core.models import resolve_model
+from clora.core.outbox import Outbox
 from clora.core.processes import ChildProcess, free_port
 from clora.core.services import EmbeddedService, start_broker, start_redis
 from clora.core.settings import Settings
@@ -29,6 +30,7 @@ from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.evals.job import EvalJob
 from clora.feedback.consumer import IngestConfig, IngestConsumer
+from clora.feedback.outbox_keeper import OutboxKeeper
 from clora.feedback.replay import ReplayBuffer
 from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 from clora.runtime.adapters import AdapterRegistry
@@ -73,6 +75,8 @@ class Stack:
     engine: EngineManager | None = None
     capture: Capture | None = None
     feedback: FeedbackPublisher | None = None
+    outbox: Outbox | None = None
+    keeper_task: asyncio.Task | None = None
     ingest: IngestConsumer | None = None
     ingest_task: asyncio.Task | None = None
     redis: aioredis.Redis | None = None
@@ -125,12 +129,14 @@ class Stack:
                                max_request_bytes=s.max_request_bytes, admin_key=admin_key(s),
                                upstream_timeout_s=s.upstream_timeout_s)
         traces = TraceSigner(trace_secret(s))
-        self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis,
-                                     ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share))
+        replay = ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share)
+        self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis, replay)
         app = create_app(config, customers, router, self.engine, self.capture, traces,
                          configs=TenantConfigStore(self.redis), validate_lora=engine_config.validate_lora,
-                         health_checks={"ingestion": self.ingest.health})
-        self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions)
+                         health_checks={"ingestion": self.ingest.health}, replay_report=replay.report)
+        self.outbox = Outbox(s.outbox_dir, s.feedback_outbox_max_bytes)
+        self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions,
+                                          outbox=self.outbox)
         limits = WebhookLimits(s.feedback_max_body_bytes, s.feedback_events_per_s, s.feedback_burst)
         mount_feedback(app, customers, traces, self.feedback, limits)
         port = s.port or free_port(s.host)
@@ -138,6 +144,9 @@ class Stack:
                                                    access_log=False, lifespan="off"))
         self.gateway_url = f"http://{s.host}:{port}"
         self.ingest_task = asyncio.create_task(self.ingest.supervise(), name="ingest")
+        keeper = OutboxKeeper(self.outbox, self.feedback, self.redis, self.ingest.handled_key,
+                              resend_after_s=s.feedback_resend_after_s)
+        self.keeper_task = asyncio.create_task(keeper.run(self._stopping), name="outbox-keeper")
         self._write_state()
         if s.trainer_enabled:
             self.trainer = self._start_trainer(model)
@@ -201,12 +210,16 @@ class Stack:
         if self.ingest is not None and self.ingest_task is not None:
             self.ingest.stop()
             await asyncio.wait([self.ingest_task], timeout=30)
+        if self.keeper_task is not None:
+            await asyncio.wait([self.keeper_task], timeout=30)
         if self.engine is not None:
             await self.engine.stop()
         if self.capture is not None:
             await asyncio.to_thread(self.capture.stop)
         if self.feedback is not None:
             await asyncio.to_thread(self.feedback.close)
+        if self.outbox is not None:
+            await asyncio.to_thread(self.outbox.close)
         if self.redis is not None:
             await self.redis.aclose()
         for service in reversed(self.services):

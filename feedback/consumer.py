@@ -58,6 +58,7 @@ class IngestConfig:
     housekeeping_s: float = 1.0  # offsets committed and waiting feedback expired at most this often
     fetch_wait_s: float = 0.5  # the broker holds a fetch until 1 MiB or this long: batches, not a fetch per record
     max_poll_records: int = 500  # records handled (and written to Redis) per batch
+    handled_ttl_s: float = 24 * 3600  # how long a handled feedback id is remembered for the outbox
     max_lag: int = 10_000  # messages behind (all partitions) beyond which health says degraded
     restart_backoff_s: float = 1.0  # first wait before a failed consumer starts again; doubles, up to 30 s
 
@@ -109,6 +110,12 @@ class IngestConsumer:
     @property
     def _deadlines(self) -> str:
         return f"clora:ingest:{{{self.config.group_id}}}:deadlines"
+
+    @property
+    def handled_key(self) -> str:
+        """Feedback event ids this group has handled (stored, waiting or dead-lettered), scored by
+        when: the webhook's outbox confirms against it."""
+        return f"clora:ingest:{{{self.config.group_id}}}:handled"
 
     # -- lifecycle ----------------------------------------------------------------------------
     def connect(self) -> None:
@@ -253,11 +260,13 @@ class IngestConsumer:
                 self._dead_letter(f"malformed: {str(exc).splitlines()[0][:300]}", tp.topic, tp.partition, offset, value)
         released = await self._store_interactions(interactions)
         await self._join([*released, *await self._match(feedback)])
-        if released:  # only now: a crash before this point redelivers, and the pushes are idempotent
+        if released or feedback:  # only now: a crash before this point redelivers, and the pushes are idempotent
             async with self.redis.pipeline(transaction=False) as pipe:
                 for trace in {message.event.trace_id for _, message in released}:
                     pipe.delete(self._waiting(trace))
                     pipe.zrem(self._deadlines, trace)
+                if feedback:
+                    pipe.zadd(self.handled_key, {message.event.event_id: time.time() for message in feedback})
                 await pipe.execute()
 
     @staticmethod
@@ -333,7 +342,9 @@ class IngestConsumer:
         INGESTED.labels(self.config.feedback_topic, "duplicate").inc(len(pushed) - sum(pushed))
 
     async def expire_waiting(self) -> None:
-        """Feedback whose interaction never came within max_wait_s goes to the dead letters."""
+        """Feedback whose interaction never came within max_wait_s goes to the dead letters; handled
+        ids older than `handled_ttl_s` are forgotten."""
+        await self.redis.zremrangebyscore(self.handled_key, "-inf", time.time() - self.config.handled_ttl_s)
         expired = await self.redis.zrangebyscore(self._deadlines, "-inf", time.time())
         for trace in (t.decode() for t in expired):
             for raw in await self.redis.lrange(self._waiting(trace), 0, -1):

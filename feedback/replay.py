@@ -84,6 +84,24 @@ class ReplayStats(BaseModel):
     consumed: int
 
 
+class ReplayEntry(BaseModel):
+    """A record of the buffer as an operator sees it (its feedback, not the whole interaction)."""
+
+    event_id: str
+    trace_id: str
+    kind: str
+    source: str
+    reward: float | None
+    created_at: float
+    ingested_at: float | None
+    consumed_by: list[str]  # adapter versions whose training steps used it
+
+
+class ReplayReport(BaseModel):
+    stats: ReplayStats
+    newest: list[ReplayEntry]
+
+
 class ReplayBuffer:
     def __init__(self, redis: aioredis.Redis, default_capacity: int = 10_000, min_share: float = 0.1):
         """`min_share`: the share of a buffer's capacity each kind keeps through eviction (the newest
@@ -231,3 +249,12 @@ class ReplayBuffer:
             pushed=raw.get("pushed", 0), duplicates=raw.get("duplicates", 0), evicted=raw.get("evicted", 0),
             by_kind={key[5:]: v for key, v in raw.items() if key.startswith("kind:")},
             consumed=await self.redis.hlen(k["consumed"]))
+
+    async def report(self, customer: str, newest: int = 10) -> ReplayReport:
+        """Counters, and the newest records with the versions that trained on them."""
+        records = await self.sample(customer, newest) if newest > 0 else []
+        consumed = [await self.consumed_by(customer, r.event_id) for r in records]
+        return ReplayReport(stats=await self.stats(customer), newest=[
+            ReplayEntry(event_id=r.event_id, trace_id=r.trace_id, kind=r.kind, source=r.source, reward=r.reward,
+                        created_at=r.created_at, ingested_at=r.ingested_at, consumed_by=c)
+            for r, c in zip(records, consumed)])

@@ -1,4 +1,5 @@
-"""`POST /v1/feedback`: feedback events in, acknowledged by the broker (acks=all) before 202.
+"""`POST /v1/feedback`: feedback events in, on disk (the outbox) and acknowledged by the broker
+(acks=all) before 202.
 
 Callers are customers (their own traces) or operators (traces of the customers in their scope).
 Ownership is read off the signed trace id, so a trace of another customer answers 404 exactly
@@ -21,6 +22,7 @@ from prometheus_client import Counter
 
 from clora.core.customers import CustomerStore
 from clora.core.http import APIError, JsonBody, bearer, unauthorized
+from clora.core.outbox import Outbox, OutboxFull, OutboxMessage
 from clora.core.traces import TraceSigner
 from clora.wire.feedback import FeedbackBatch, FeedbackEvent, FeedbackMessage
 from clora.wire.kafka import ensure_topics, reliable_producer
@@ -29,32 +31,52 @@ FEEDBACK = Counter("clora_feedback_events_total", "Feedback events by outcome", 
 
 
 class FeedbackPublisher:
-    """Sends feedback messages and waits for the broker's acknowledgement (acks=all)."""
+    """Writes feedback messages to the outbox (fsync'd), sends them and waits for the broker's
+    acknowledgement (acks=all); a 202 needs both. The outbox keeps each message until ingestion
+    has it in Redis (`OutboxKeeper`), so a broker that loses it (restarted empty) gets it again."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int = 4, timeout_s: float = 10.0):
+    def __init__(self, bootstrap: str, topic: str, partitions: int = 4, timeout_s: float = 10.0,
+                 outbox: Outbox | None = None):
         self.bootstrap = bootstrap
         self.topic = topic
         self.partitions = partitions
         self.timeout_s = timeout_s
+        self.outbox = outbox
         self._producer = None
 
-    def _send_and_wait(self, messages: list[FeedbackMessage]) -> None:
+    def send_and_wait(self, messages: list[tuple[str, str, str]]) -> None:
+        """(topic, key, JSON value) each; raises unless the broker acknowledged every one."""
         if self._producer is None:
             ensure_topics(self.bootstrap, [self.topic], self.partitions)
             self._producer = reliable_producer(self.bootstrap, "clora-feedback")
-        futures = [self._producer.send(self.topic, key=m.customer.encode(), value=m.model_dump_json().encode())
-                   for m in messages]
+        futures = [self._producer.send(topic, key=key.encode(), value=value.encode()) for topic, key, value in messages]
         self._producer.flush(timeout=self.timeout_s)
         for future in futures:
             future.get(timeout=0)  # raises if that message was not acknowledged
 
+    async def reset(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await asyncio.to_thread(producer.close, 0)
+
     async def publish(self, messages: list[FeedbackMessage]) -> None:
+        now = time.time()
+        kept = [OutboxMessage(id=m.event.event_id, topic=self.topic, key=m.customer, value=m.model_dump_json(),
+                              added_at=now) for m in messages]
+        added: set[str] = set()
+        if self.outbox is not None:
+            try:
+                added = await self.outbox.add(kept)
+            except OutboxFull as exc:
+                FEEDBACK.labels("outbox_full").inc(len(messages))
+                raise APIError(503, f"Feedback cannot be accepted now ({exc}); retry later.", "ingestion_behind",
+                               headers={"Retry-After": "30"}) from None
         try:
-            await asyncio.to_thread(self._send_and_wait, messages)
+            await asyncio.to_thread(self.send_and_wait, [(k.topic, k.key, k.value) for k in kept])
         except (KafkaError, OSError) as exc:
-            producer, self._producer = self._producer, None
-            if producer is not None:
-                await asyncio.to_thread(producer.close, 0)
+            await self.reset()
+            if added:  # answered 503: not accepted, so not kept (an id accepted before stays)
+                await asyncio.to_thread(self.outbox.withdraw, added)
             raise APIError(503, f"Feedback could not be stored ({exc.__class__.__name__}); retry with the same "
                                 "event_id values.", "broker_unavailable", headers={"Retry-After": "5"}) from None
 

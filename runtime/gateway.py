@@ -4,9 +4,10 @@ router is mounted into the same app by the composition root (`clora.stack`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from clora.core.customers import CustomerStore
 from clora.core.health import ComponentHealth
@@ -24,10 +25,11 @@ __all__ = ["GatewayConfig", "create_app"]
 def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, engine: Engine,
                capture: Capture | None, traces: TraceSigner, configs: TenantConfigStore | None = None,
                validate_lora: Callable[[int, list[str]], None] | None = None,
-               health_checks: dict[str, Callable[[], ComponentHealth]] | None = None) -> FastAPI:
+               health_checks: dict[str, Callable[[], ComponentHealth]] | None = None,
+               replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None) -> FastAPI:
     app = FastAPI(title="clora gateway", docs_url=None, redoc_url=None)
     app.state.gateway = Gateway(config, customers, router, engine, capture, traces, configs, validate_lora,
-                                health_checks or {})
+                                health_checks or {}, replay_report)
     install_error_handlers(app)
     document_bodies(app)
     for api in (chat, models, health, admin):

@@ -65,10 +65,13 @@ class DeadLetters:
         self._lock = threading.Lock()
 
     def add(self, message: SpooledMessage, reason: str) -> None:
-        letter = DeadLetter(at=time.time(), reason=reason, topic=message.topic,
-                            key_b64=base64.b64encode(message.key).decode(),
-                            value_b64=base64.b64encode(message.value).decode(), size=len(message.value))
-        log.error("dead letter: %d-byte record for %s refused (%s)", letter.size, message.topic, reason)
+        self.add_raw(DeadLetter(at=time.time(), reason=reason, topic=message.topic,
+                                key_b64=base64.b64encode(message.key).decode(),
+                                value_b64=base64.b64encode(message.value).decode(), size=len(message.value)))
+
+    def add_raw(self, letter: DeadLetter, reason: str | None = None) -> None:
+        letter = letter.model_copy(update={"reason": reason}) if reason else letter
+        log.error("dead letter: %d-byte record for %s refused (%s)", letter.size, letter.topic, letter.reason)
         with self._lock, open(self.path, "ab") as f:
             f.write(letter.model_dump_json().encode() + b"\n")
             f.flush()

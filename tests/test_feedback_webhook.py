@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -117,3 +118,22 @@ async def test_broker_down_is_a_503_not_a_lost_event():
     with pytest.raises(APIError) as info:
         await asyncio.wait_for(publisher.publish([]), timeout=60)
     assert info.value.status == 503 and "Retry-After" in info.value.headers
+
+
+def test_the_admin_replay_report_shows_what_reached_the_buffer(gateway, make_customer, admin):
+    name, key = make_customer()
+    trace = served_trace(gateway, key)
+    accepted = post(gateway, key, {"events": [{"trace_id": trace, "rating": "up"}, {"trace_id": trace, "reward": -0.5}]})
+    assert accepted.status_code == 202, accepted.text
+    deadline = time.monotonic() + 60
+    while (report := admin.get(f"/admin/customers/{name}/replay", params={"newest": 5}).json())["stats"]["size"] < 2:
+        assert time.monotonic() < deadline, report
+        time.sleep(0.3)
+    assert report["stats"]["by_kind"] == {"rating": 1, "reward": 1} and report["stats"]["capacity"] > 0
+    assert {e["event_id"] for e in report["newest"]} == set(accepted.json()["event_ids"])
+    assert all(e["trace_id"] == trace and e["consumed_by"] == [] and e["ingested_at"] for e in report["newest"])
+    assert len(admin.get(f"/admin/customers/{name}/replay", params={"newest": 1}).json()["newest"]) == 1
+    assert admin.get(f"/admin/customers/{name}/replay", params={"newest": 1000}).status_code == 400
+    assert admin.get("/admin/customers/nobody-here/replay").status_code == 404
+    assert httpx.get(f"{gateway}/admin/customers/{name}/replay", headers={"Authorization": f"Bearer {key}"}
+                     ).status_code == 401

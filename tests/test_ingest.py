@@ -157,3 +157,73 @@ async def test_ingestion_comes_back_after_redis_dies_and_delivers_what_arrived_m
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_buffer_once(redis_url, tmp_path):
+    """202 means kept: the webhook's publisher writes the outbox before the broker's ack; the broker
+    then restarts empty before ingestion read the feedback; the keeper sends it again once ingestion
+    has not stored it within resend_after_s, and confirms it once stored."""
+    from clora.core.outbox import Outbox
+    from clora.core.processes import free_port
+    from clora.core.services import start_broker
+    from clora.feedback.outbox_keeper import OutboxKeeper
+    from clora.feedback.webhook import FeedbackPublisher
+
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    broker = start_broker(tmp_path / "b1", port=port)
+    config = topics(uuid.uuid4().hex[:8])
+    config.bootstrap = bootstrap
+    client = aioredis.Redis.from_url(redis_url)
+    replay = ReplayBuffer(client)
+    customer = f"obx-{uuid.uuid4().hex[:6]}"
+    served = [interaction(i, customer) for i in range(5)]
+
+    # The interactions are ingested (stored in Redis) first.
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for record in served:
+        producer.send(config.interactions_topic, key=customer.encode(), value=record.model_dump_json().encode())
+    producer.flush()
+    producer.close()
+    consumer = IngestConsumer(config, client, replay)
+    task = asyncio.create_task(consumer.supervise())
+
+    async def stored() -> bool:
+        return all([await client.exists(f"clora:interaction:{r.trace_id}") for r in served])
+    await wait_for(stored)
+    consumer.stop()
+    await task
+
+    # Feedback accepted while ingestion is away; then the broker restarts empty.
+    outbox = Outbox(tmp_path / "outbox")
+    publisher = FeedbackPublisher(bootstrap, config.feedback_topic, outbox=outbox)
+    accepted = [feedback(r.trace_id, customer) for r in served]
+    await publisher.publish(accepted[:3])
+    await publisher.publish(accepted[3:])
+    assert len(outbox) == 5
+    broker.stop()
+    await publisher.reset()
+    broker = start_broker(tmp_path / "b2", port=port)
+    keeper = OutboxKeeper(outbox, publisher, client, IngestConsumer(config, client, replay).handled_key,
+                          resend_after_s=2.0)
+    consumer = IngestConsumer(config, client, replay)
+    task = asyncio.create_task(consumer.supervise())
+    resent = 0
+    try:
+        deadline = time.monotonic() + 90
+        while len(outbox):
+            assert time.monotonic() < deadline, f"{len(outbox)} unconfirmed"
+            resent += (await keeper.tick())[1]
+            await asyncio.sleep(0.5)
+        records = await replay.sample(customer, 20)
+        assert sorted(r.event_id for r in records) == sorted(m.event.event_id for m in accepted)
+        assert resent >= 5  # each lost once at least (more while the new consumer joins its group)
+        print(f"outbox drained in {time.monotonic() - deadline + 90:.1f} s, {resent} resends")
+        assert (await keeper.tick()) == (0, 0)  # nothing left to confirm or send
+    finally:
+        consumer.stop()
+        await task
+        publisher.close()
+        outbox.close()
+        broker.stop()
+        await client.aclose()

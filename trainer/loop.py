@@ -19,6 +19,7 @@ Everything it runs with is one frozen `TrainRun`, resolved once by the command.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 import statistics
@@ -86,9 +87,23 @@ class TrainRun:
                    settings.served_base_name, settings.trainer_metrics_port, settings.trainer_pipeline)
 
 
+def release_freed_host_memory() -> None:
+    """Large host buffers from mmap, always, so that freeing one returns it to the system. glibc
+    raises its mmap threshold to the size of each large block freed; after the first pass the
+    activations come from the heap, which fragments: a GRPO pass of 1,550 tokens on SmolLM2-135M
+    peaked at 3.8 GB, then 6.0 GB by the third (a 20-step run was OOM-killed at 20 GB); with the
+    threshold fixed, 3.7 GB every pass. No-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixing it stops the raising)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(model_dir: Path, device: str) -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
     """The base model, loaded once and frozen, with every target projection LoRA-wrapped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    release_freed_host_memory()
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

@@ -33,7 +33,7 @@ def ingest() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, consumer.stop)
         try:
-            await consumer.run()
+            await consumer.supervise()  # started again after a failure, as in `clora serve`
         finally:
             await client.aclose()
 

@@ -16,6 +16,7 @@ import typer  # noqa: E402
 
 from clora.cli.adapters import adapters_app  # noqa: E402
 from clora.cli.customers import customers_app, operators_app  # noqa: E402
+from clora.cli.dead_letters import dead_app  # noqa: E402
 from clora.cli.demo import demo  # noqa: E402
 from clora.cli.evals import eval_app  # noqa: E402
 from clora.cli.ingest import ingest  # noqa: E402
@@ -34,6 +35,7 @@ app.add_typer(operators_app, name="operators")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(eval_app, name="eval")
 app.add_typer(trainer_config_app, name="trainer-config")
+app.add_typer(dead_app, name="dead-letters")
 
 if __name__ == "__main__":
     app()

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     feedback_max_body_bytes: int = 1 << 20
     feedback_events_per_s: float = Field(default=200.0, description="Sustained feedback rate per caller.")
     feedback_burst: int = Field(default=2000, description="Feedback events a caller may send at once.")
+    feedback_outbox_max_bytes: int = Field(default=256 << 20, gt=0, description="Accepted feedback not yet "
+                                           "confirmed by ingestion, on disk; beyond it the webhook answers 503.")
+    feedback_resend_after_s: float = Field(default=30.0, gt=0, description="Accepted feedback that ingestion has "
+                                           "not stored this long after sending is sent to the broker again.")
 
     # Ingestion and replay buffers.
     dead_letter_topic: str = "clora.feedback.dead"
@@ -130,6 +134,10 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.home / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.home / "outbox"
 
     @property
     def runs_dir(self) -> Path:

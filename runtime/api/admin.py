@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 
 from clora.core.http import APIError, model_not_found
@@ -123,6 +123,15 @@ async def customer_adapters(scope: AdminOf) -> dict:
     versions = await router.registry.versions(scope.customer)
     return {"customer": scope.customer, "current": current.name if current else None,
             "versions": [{**v.model_dump(), "promoted": v.name in router.promoted} for v in versions]}
+
+
+@router.get("/customers/{customer}/replay")
+async def customer_replay(scope: AdminOf, newest: int = Query(10, ge=0, le=100)) -> dict:
+    """The customer's replay buffer: size, capacity, records pushed, duplicates, evicted and
+    consumed, by kind; the `newest` records with the versions whose steps trained on them."""
+    if scope.gateway.replay_report is None:
+        raise APIError(404, "This gateway has no replay buffers attached.", "replay_unavailable")
+    return (await scope.gateway.replay_report(scope.customer, newest)).model_dump(mode="json")
 
 
 @router.get("/customers/{customer}/trainer-config")

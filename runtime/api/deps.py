@@ -4,7 +4,7 @@ preamble as one dependency, and the request bodies (parsed by `clora.core.http.J
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
@@ -54,6 +54,9 @@ class Gateway:
     validate_lora: Callable[[int, list[str]], None] | None = None  # raises AdapterRejected
     # Background components shown in /healthz (ingestion...): degraded ones do not make it a 503.
     health_checks: dict[str, Callable[[], ComponentHealth]] = field(default_factory=dict)
+    # A customer's replay buffer report (counters, newest records): the feedback stage's, set by
+    # the composition root (the gateway does not import the stages above it).
+    replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None
 
     def refuse_unsafe_seed(self, seed: int | None) -> None:
         """A `seed` the engine cannot take without crashing (vLLM's CPU engine) is a 400, not an outage."""
