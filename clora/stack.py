@@ -38,6 +38,7 @@ from clora.runtime.capture import Capture
 from clora.runtime.engine import EngineManager
 from clora.runtime.engine_config import EngineConfig
 from clora.runtime.gateway import GatewayConfig, create_app
+from clora.runtime.limits import Limits
 from clora.runtime.routing import Router
 from clora.runtime.spool import Spool
 
@@ -127,7 +128,9 @@ class Stack:
 
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
                                max_request_bytes=s.max_request_bytes, admin_key=admin_key(s),
-                               upstream_timeout_s=s.upstream_timeout_s)
+                               upstream_timeout_s=s.upstream_timeout_s, max_tokens_cap=s.max_tokens_cap or None,
+                               limits=Limits(s.customer_max_concurrent, s.customer_requests_per_s,
+                                             s.customer_tokens_per_min))
         traces = TraceSigner(trace_secret(s))
         replay = ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share)
         self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis, replay)

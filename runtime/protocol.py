@@ -1,4 +1,5 @@
-"""The chat request body as the gateway validates it; unknown fields pass through to vLLM."""
+"""The chat request body as the gateway validates it. Fields it does not declare reach vLLM only
+if they are in FORWARDED_EXTRAS (customers' requests; the admin API's callers are trusted)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,28 @@ class ChatRequest(BaseModel):
     return_token_ids: bool | None = None
     seed: int | None = None
 
+
+
+# vLLM's extra request fields a customer may send: the OpenAI ones the model above leaves to
+# vLLM, and the sampling, decoding-constraint and chat-template extras agents and RL clients use.
+# Not forwarded: what costs the server far more than its tokens (`prompt_logprobs`,
+# `use_beam_search`, `best_of`), what reaches past the request (`priority`, `request_id`,
+# `kv_transfer_params`, `vllm_xargs`, `logits_processors`, `mm_processor_kwargs`) and a
+# caller-supplied `chat_template` (code run by the server's template engine).
+FORWARDED_EXTRAS = frozenset({
+    "frequency_penalty", "presence_penalty", "logit_bias", "stop", "response_format", "user", "metadata", "store",
+    "parallel_tool_calls", "reasoning_effort", "service_tier",
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "stop_token_ids", "include_stop_str_in_output",
+    "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+    "allowed_token_ids", "bad_words", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "guided_whitespace_pattern", "echo", "add_generation_prompt", "continue_final_message",
+    "add_special_tokens", "chat_template_kwargs", "documents", "return_tokens_as_token_ids", "cache_salt",
+})
+
+
+def unsupported_fields(chat: ChatRequest) -> list[str]:
+    """The request's fields that are neither declared nor in FORWARDED_EXTRAS."""
+    return sorted(set(chat.model_extra or {}) - FORWARDED_EXTRAS)
 
 
 # Fields that are not sampling parameters, left out of the captured `sampling` dict.

@@ -76,6 +76,10 @@ class StreamAccumulator:
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
 
+    def tokens(self) -> int:
+        """Prompt and sampled tokens so far."""
+        return len(self.prompt_token_ids) + sum(len(s.token_ids) for s in self._choices.values())
+
     def complete(self) -> bool:
         return bool(self._choices) and all(s.finish_reason for s in self._choices.values())
 

@@ -6,6 +6,8 @@ import asyncio
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -287,3 +289,76 @@ def test_an_engine_slower_than_the_upstream_timeout_is_a_504_and_aborted_there(g
     while engine_running(engine) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine_running(engine) == 0
+
+
+@contextmanager
+def customer_limits(stack, limits):
+    """The running gateway's per-customer limits replaced for the block."""
+    from clora.runtime.limits import CustomerLimits
+
+    gateway_obj = stack.stack.server.config.app.state.gateway
+    before = gateway_obj.limits
+    gateway_obj.limits = CustomerLimits(limits)
+    try:
+        yield gateway_obj.limits
+    finally:
+        gateway_obj.limits = before
+
+
+def chat(gateway: str, key: str, **body) -> httpx.Response:
+    return httpx.post(f"{gateway}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                      json={"model": "default", "messages": MESSAGES, "max_tokens": 2, **body})
+
+
+def test_only_allow_listed_extras_reach_the_engine_and_max_tokens_is_capped(gateway, make_customer):
+    _, key = make_customer()
+    for field, value in (("prompt_logprobs", 5), ("priority", -10), ("chat_template", "{{ 'x' }}"),
+                         ("logits_processors", ["x"])):
+        resp = chat(gateway, key, **{field: value})
+        assert resp.status_code == 400, (field, resp.text)
+        assert resp.json()["error"]["code"] == "unsupported_parameter" and resp.json()["error"]["param"] == field
+    ok = chat(gateway, key, top_k=5, min_p=0.1, ignore_eos=True, min_tokens=2, stop_token_ids=[7],
+              chat_template_kwargs={}, user="u-1")
+    assert ok.status_code == 200, ok.text
+    over = chat(gateway, key, max_tokens=5000)
+    assert over.status_code == 400 and over.json()["error"]["code"] == "max_tokens_exceeded"
+
+
+def test_a_customer_over_its_concurrency_limit_gets_429_and_others_are_unaffected(gateway, stack, make_customer):
+    from clora.runtime.limits import Limits
+
+    _, key = make_customer()
+    _, other = make_customer()
+    with customer_limits(stack, Limits(max_concurrent=2, requests_per_s=0)) as limits, \
+            ThreadPoolExecutor(2) as pool:
+        long = [pool.submit(chat, gateway, key, max_tokens=400, ignore_eos=True) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while sum(limits.active.values()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refused = chat(gateway, key)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "concurrency_limit_exceeded" and refused.headers["retry-after"]
+        assert chat(gateway, other).status_code == 200  # another customer's slots are its own
+        assert all(f.result().status_code == 200 for f in long)
+        assert chat(gateway, key).status_code == 200  # slots released when the answers end
+        assert limits.active == {}
+
+
+def test_request_and_token_rates_are_limited_per_customer(gateway, stack, make_customer):
+    from clora.runtime.limits import Limits
+
+    _, key = make_customer()
+    with customer_limits(stack, Limits(max_concurrent=0, requests_per_s=1)):
+        codes = [chat(gateway, key).status_code for _ in range(3)]  # a burst of 2 s worth: 2
+        assert codes == [200, 200, 429]
+        refused = chat(gateway, key)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and int(refused.headers["retry-after"]) >= 1
+    with customer_limits(stack, Limits(max_concurrent=0, requests_per_s=0, tokens_per_min=30)):
+        streamed = httpx.post(f"{gateway}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                              timeout=120, json={"model": "default", "messages": MESSAGES, "max_tokens": 40,
+                                                 "ignore_eos": True, "stream": True})
+        assert streamed.status_code == 200  # its prompt and 40 tokens overdraw the 30 tokens/min
+        refused = chat(gateway, key)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "token_rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = Field(default=600.0, gt=0, description=(
         "Longest wait for the engine's answer to a chat request (a whole answer: all of it; a stream: its "
         "start); past it the request is aborted in the engine and answered 504."))
+    customer_max_concurrent: int = Field(default=64, ge=0, description="A customer's chat requests in flight "
+                                         "at once; more are a 429 (0: no limit).")
+    customer_requests_per_s: float = Field(default=100.0, ge=0, description="A customer's sustained chat "
+                                           "request rate (bursts of 2 s worth); beyond it a 429 (0: no limit).")
+    customer_tokens_per_min: int = Field(default=0, ge=0, description="A customer's prompt + completion tokens "
+                                         "per minute; beyond it a 429 until refilled (0: no limit).")
+    max_tokens_cap: int = Field(default=4096, ge=0, description="Largest `max_tokens` / `max_completion_tokens` a "
+                                "customer may ask for; more is a 400 (0: no cap).")
 
     # Engine (vLLM).
     served_base_name: str = "base"

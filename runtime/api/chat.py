@@ -23,6 +23,7 @@ from clora.runtime.adapters import AdapterVersion
 from clora.runtime.api.deps import CHAT_BODY, Gateway, gateway_of
 from clora.runtime.api.upstream import send_upstream, sse_data
 from clora.runtime.engine_client import EngineResponse
+from clora.runtime.limits import Slot
 from clora.runtime.protocol import NON_SAMPLING, ChatRequest, sampler_of
 from clora.runtime.responses import ClientWants, StreamAccumulator, for_client
 from clora.runtime.routing import ModelNotFound
@@ -46,12 +47,22 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def answer(gateway: Gateway, request: Request) -> Response:
-    """Authenticate, parse (in that order: a stranger learns nothing of the body rules), resolve the
-    model, forward, and answer whole or as a stream."""
+    """Authenticate, admit under the customer's limits, parse (in that order: a stranger learns
+    nothing of the body rules), resolve the model, forward, and answer whole or as a stream."""
     arrived = time.time()
     customer = await gateway.authenticate(request)
+    slot = gateway.limits.admit(customer)
+    try:
+        return await respond(gateway, request, customer, slot, arrived)
+    except BaseException:
+        slot.done()
+        raise
+
+
+async def respond(gateway: Gateway, request: Request, customer: str, slot: Slot, arrived: float) -> Response:
     body = await CHAT_BODY(request)
     chat, raw = body.value, body.raw
+    gateway.refuse_unsupported(chat)
     try:
         version = await gateway.router.resolve(customer, chat.model)
     except ModelNotFound:
@@ -85,12 +96,14 @@ async def answer(gateway: Gateway, request: Request) -> Response:
         async def record_answer() -> None:  # once the response is on the wire (async: no thread hop)
             record(payload.get("prompt_token_ids") or [], captured_choices(payload))
 
+        slot.done((payload.get("usage") or {}).get("total_tokens") or 0)
+
         REQUESTS.labels("200", "false").inc()
         LATENCY.labels("false").observe(time.time() - arrived)
         return Response(orjson.dumps(for_client(payload, trace_id, shown_model, wants)),
                         media_type="application/json", headers=headers, background=BackgroundTask(record_answer))
     REQUESTS.labels("200", "true").inc()
-    return StreamingResponse(relay(resp, stack, record, trace_id, shown_model, wants, arrived),
+    return StreamingResponse(relay(resp, stack, record, trace_id, shown_model, wants, arrived, slot),
                              media_type="text/event-stream", headers=headers)
 
 
@@ -113,8 +126,9 @@ def recorder(gateway: Gateway, customer: str, version: AdapterVersion | None, ch
 
 
 async def relay(resp: EngineResponse, stack: AsyncExitStack, record: Record, trace_id: str, shown_model: str,
-                wants: ClientWants, arrived: float) -> AsyncIterator[bytes]:
-    """The engine's stream as the client's, accumulated for capture."""
+                wants: ClientWants, arrived: float, slot: Slot) -> AsyncIterator[bytes]:
+    """The engine's stream as the client's, accumulated for capture; the customer's slot held
+    until it ends."""
     acc, recorded = StreamAccumulator(), False
     try:
         async for data in sse_data(resp):
@@ -132,5 +146,6 @@ async def relay(resp: EngineResponse, stack: AsyncExitStack, record: Record, tra
     finally:
         await stack.aclose()
         LATENCY.labels("true").observe(time.time() - arrived)
+        slot.done(acc.tokens())
     if not recorded and acc.complete():  # an engine that ended the stream without [DONE]
         record(acc.prompt_token_ids, acc.choices())

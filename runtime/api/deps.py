@@ -18,7 +18,8 @@ from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.runtime.capture import Capture
 from clora.runtime.engine_client import EngineClient
-from clora.runtime.protocol import ChatRequest
+from clora.runtime.limits import CustomerLimits, Limits
+from clora.runtime.protocol import ChatRequest, unsupported_fields
 from clora.runtime.routing import Router
 from clora.wire.trainer_config import TenantConfig
 
@@ -38,6 +39,8 @@ class GatewayConfig:
     max_request_bytes: int = 1 << 20
     admin_key: str | None = None
     upstream_timeout_s: float | None = 600.0  # the engine's answer must start within this (else 504)
+    limits: Limits = field(default_factory=Limits)  # per customer (runtime/limits.py)
+    max_tokens_cap: int | None = 4096  # a larger max_tokens / max_completion_tokens is a 400
 
 
 @dataclass
@@ -57,6 +60,26 @@ class Gateway:
     # A customer's replay buffer report (counters, newest records): the feedback stage's, set by
     # the composition root (the gateway does not import the stages above it).
     replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None
+    limits: CustomerLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = CustomerLimits(self.config.limits)
+
+    def refuse_unsupported(self, chat: ChatRequest) -> None:
+        """A customer's request: the max_tokens cap, and only the fields that may reach vLLM."""
+        unknown = unsupported_fields(chat)
+        if unknown:
+            raise APIError(400, f"Unsupported parameter `{unknown[0]}`: this server does not forward it.",
+                           "unsupported_parameter", unknown[0])
+        self.refuse_over_cap(chat)
+
+    def refuse_over_cap(self, chat: ChatRequest) -> None:
+        cap = self.config.max_tokens_cap
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(chat, name)
+            if cap and value is not None and value > cap:
+                raise APIError(400, f"`{name}` is {value}; this server allows at most {cap}.",
+                               "max_tokens_exceeded", name)
 
     def refuse_unsafe_seed(self, seed: int | None) -> None:
         """A `seed` the engine cannot take without crashing (vLLM's CPU engine) is a 400, not an outage."""
