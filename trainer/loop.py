@@ -90,9 +90,10 @@ class TrainRun:
 def release_freed_host_memory() -> None:
     """Large host buffers from mmap, always, so that freeing one returns it to the system. glibc
     raises its mmap threshold to the size of each large block freed; after the first pass the
-    activations come from the heap, which fragments: a GRPO pass of 1,550 tokens on SmolLM2-135M
-    peaked at 3.8 GB, then 6.0 GB by the third (a 20-step run was OOM-killed at 20 GB); with the
-    threshold fixed, 3.7 GB every pass. No-op where glibc is absent."""
+    activations come from the heap, which fragments and is not given back: four GRPO passes of
+    1,550 tokens on SmolLM2-135M peaked at 3.8, 5.1, 5.3, 5.4 GB, holding 4.8 GB between passes (a
+    20-step agent RL run was OOM-killed at 20 GB); with the threshold fixed, 3.6-3.7 GB each, 1.0 GB
+    between (benchmarks/trainer_memory.py). No-op where glibc is absent."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixing it stops the raising)
     except (OSError, AttributeError):
