@@ -15,6 +15,7 @@ from clora.core.http import document_bodies, install_error_handlers
 from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.runtime.api import admin, chat, health, models
+from clora.runtime.api.customers import router as customers_router
 from clora.runtime.api.deps import Engine, Gateway, GatewayConfig
 from clora.runtime.capture import Capture
 from clora.runtime.routing import Router
@@ -32,6 +33,6 @@ def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, 
                                 health_checks or {}, replay_report)
     install_error_handlers(app)
     document_bodies(app)
-    for api in (chat, models, health, admin):
-        app.include_router(api.router)
+    for api_router in (chat.router, models.router, health.router, admin.router, customers_router):
+        app.include_router(api_router)
     return app

@@ -8,9 +8,10 @@ import time
 import typer
 from rich.table import Table
 
-from clora.cli.common import console, err, fail, with_redis
+from clora.cli.common import call_admin, console, err, fail, with_redis
 from clora.core.customers import CustomerStore, InvalidName
 from clora.core.settings import Settings
+from clora.core.state import serve_state
 
 customers_app = typer.Typer(help="Customers and their API keys.", no_args_is_help=True)
 operators_app = typer.Typer(help="Operator keys: send feedback for a set of customers.", no_args_is_help=True)
@@ -20,11 +21,21 @@ def _with_customers(action):
     return asyncio.run(with_redis(Settings(), lambda client: action(CustomerStore(client))))
 
 
+def _through_api(action, why: str):
+    """With `clora serve` running, the admin API does it (audited, and the gateway's key cache
+    sees a revocation at once); None if it is not running (then Redis directly)."""
+    settings = Settings()
+    if serve_state(settings) is None:
+        return None
+    return call_admin(settings, action, why)
+
+
 @customers_app.command("create")
 def customers_create(name: str) -> None:
     """Create a customer and print its API key (shown once; only a hash is stored)."""
     try:
-        key = _with_customers(lambda store: store.create(name))
+        key = _through_api(lambda client: client.create_customer(name), "creating a customer") \
+            or _with_customers(lambda store: store.create(name))
     except InvalidName as exc:
         raise fail(str(exc)) from None
     err.print(f"created customer [bold]{name}[/]; its API key (store it now, it is not shown again):")
@@ -40,7 +51,8 @@ def customers_key(name: str, revoke_old: bool = typer.Option(False, help="Revoke
         return await store.issue_key(name)
 
     try:
-        console.print(_with_customers(action))
+        console.print(_through_api(lambda client: client.issue_key(name, revoke_old), "issuing a key")
+                      or _with_customers(action))
     except KeyError:
         raise fail(f"no customer named {name!r}") from None
 
@@ -59,7 +71,8 @@ def operators_create(name: str, customer: list[str] = typer.Option(..., "--custo
                                                                     help="A customer in scope (repeat).")) -> None:
     """Create an operator key scoped to the given customers (shown once; only a hash is stored)."""
     try:
-        key = _with_customers(lambda store: store.create_operator(name, customer))
+        key = _through_api(lambda client: client.create_operator(name, customer), "creating an operator") \
+            or _with_customers(lambda store: store.create_operator(name, customer))
     except InvalidName as exc:
         raise fail(str(exc)) from None
     err.print(f"created operator [bold]{name}[/] for {', '.join(sorted(set(customer)))}; its key:")

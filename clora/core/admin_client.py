@@ -105,3 +105,24 @@ class RuntimeClient:
         resp = await self.http.get("/admin/load")
         resp.raise_for_status()
         return resp.json()
+
+    # -- customers, keys, operators (not retried: a retry of a create would be a second one) ----
+    async def create_customer(self, name: str) -> str:
+        resp = await self.http.post("/admin/customers", json={"name": name})
+        resp.raise_for_status()
+        return resp.json()["key"]
+
+    async def issue_key(self, customer: str, revoke_existing: bool = False) -> str:
+        resp = await self.http.post(f"/admin/customers/{customer}/keys", json={"revoke_existing": revoke_existing})
+        resp.raise_for_status()
+        return resp.json()["key"]
+
+    async def customers(self) -> list[dict[str, Any]]:
+        resp = await self.http.get("/admin/customers")
+        resp.raise_for_status()
+        return resp.json()["customers"]
+
+    async def create_operator(self, name: str, customers: list[str]) -> str:
+        resp = await self.http.post("/admin/operators", json={"name": name, "customers": customers})
+        resp.raise_for_status()
+        return resp.json()["key"]

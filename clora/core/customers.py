@@ -26,6 +26,7 @@ class Operator(BaseModel):
 
     name: str
     customers: list[str]
+    digest: str | None = None  # of its key (listed operators only: how `revoke_operator` finds it)
 
 
 class InvalidName(ValueError):
@@ -102,8 +103,27 @@ class CustomerStore:
             raise InvalidName(f"operator scope must name existing customers (unknown: {missing})")
         key = OPERATOR_PREFIX + secrets.token_urlsafe(32)
         operator = Operator(name=name, customers=sorted(set(customers)))
+        listed = operator.model_copy(update={"digest": hash_key(key)})
+        if not await self.redis.hsetnx("clora:operators", name, listed.model_dump_json()):
+            raise InvalidName(f"operator {name!r} already exists")
         await self.redis.set(f"clora:operator-key:{hash_key(key)}", operator.model_dump_json())
         return key
+
+    async def operators(self) -> list[Operator]:
+        raw = await self.redis.hgetall("clora:operators")
+        return sorted((Operator.model_validate_json(v) for v in raw.values()), key=lambda o: o.name)
+
+    async def revoke_operator(self, name: str) -> bool:
+        raw = await self.redis.hget("clora:operators", name)
+        if raw is None:
+            return False
+        operator = Operator.model_validate_json(raw)
+        await self.redis.delete(f"clora:operator-key:{operator.digest}")
+        await self.redis.hdel("clora:operators", name)
+        return True
+
+    async def key_count(self, name: str) -> int:
+        return int(await self.redis.scard(f"clora:customer-keys:{name}"))
 
     async def authenticate_operator(self, key: str) -> Operator | None:
         if not key.startswith(OPERATOR_PREFIX):

@@ -52,6 +52,8 @@ async def publish_adapter(scope: AdminOf, body: PublishIn, idempotency_key: Anno
                                                      switch=body.value.switch, idempotency_key=idempotency_key)
     except AdapterRejected as exc:
         raise APIError(422, str(exc), "adapter_rejected") from None
+    await scope.gateway.audit.record("adapter.publish", scope.customer, version=version.name, origin=body.value.origin,
+                                     switch=body.value.switch)
     return {**version.model_dump(), "swap_ms": (time.perf_counter() - started) * 1000}
 
 
@@ -91,6 +93,7 @@ async def set_route(scope: AdminOf, body: RouteIn) -> dict:
     if version is None or version.customer != scope.customer:
         raise model_not_found(body.value.adapter)
     await scope.gateway.router.switch(version)
+    await scope.gateway.audit.record("route.set", scope.customer, version=version.name)
     return version.model_dump()
 
 
@@ -98,6 +101,7 @@ async def set_route(scope: AdminOf, body: RouteIn) -> dict:
 async def clear_route(scope: AdminOf) -> dict:
     """Serve the base model to the customer again."""
     await scope.gateway.router.serve_base(scope.customer)
+    await scope.gateway.audit.record("route.clear", scope.customer)
     return {"customer": scope.customer, "current": None}
 
 
@@ -111,6 +115,7 @@ async def set_pins(scope: AdminOf, body: PinIn) -> dict:
             raise model_not_found(name)
     await registry.pin(scope.customer, body.value.unpin, keep=False)
     await registry.pin(scope.customer, body.value.pin)
+    await scope.gateway.audit.record("pins.set", scope.customer, pin=body.value.pin, unpin=body.value.unpin)
     return {"customer": scope.customer, "pinned": await registry.pinned(scope.customer)}
 
 
@@ -153,6 +158,7 @@ async def set_trainer_config(scope: AdminOf, body: TrainerConfigIn) -> dict:
             raise APIError(422, f"The engine cannot serve this adapter shape: {exc}", "invalid_trainer_config",
                            "targets" if "target" in str(exc) else "rank") from None
     await _configs(scope).set(scope.customer, config)
+    await scope.gateway.audit.record("trainer_config.set", scope.customer, config=config.model_dump())
     return config.model_dump()
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, Request
 from pydantic import BaseModel, Field
 
+from clora.core.audit import AuditLog
 from clora.core.customers import CustomerStore
 from clora.core.health import ComponentHealth
 from clora.core.http import APIError, Body, JsonBody, bearer, unauthorized
@@ -61,9 +62,11 @@ class Gateway:
     # the composition root (the gateway does not import the stages above it).
     replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None
     limits: CustomerLimits = field(init=False)
+    audit: AuditLog = field(init=False)
 
     def __post_init__(self) -> None:
         self.limits = CustomerLimits(self.config.limits)
+        self.audit = AuditLog(self.customers.redis)
 
     def refuse_unsupported(self, chat: ChatRequest) -> None:
         """A customer's request: the max_tokens cap, and only the fields that may reach vLLM."""
@@ -151,6 +154,19 @@ class RouteBody(BaseModel):
     adapter: str
 
 
+class CustomerBody(BaseModel):
+    name: str = Field(min_length=1, max_length=63, description="a-z 0-9 _ -, starting with a letter or digit.")
+
+
+class KeyBody(BaseModel):
+    revoke_existing: bool = Field(default=False, description="Revoke the customer's other keys (a rotation).")
+
+
+class OperatorBody(BaseModel):
+    name: str = Field(min_length=1, max_length=63)
+    customers: list[str] = Field(min_length=1, max_length=10_000, description="Customers whose traces it may rate.")
+
+
 class PinBody(BaseModel):
     pin: list[str] = Field(default_factory=list, description="Versions kept through pruning from now on.")
     unpin: list[str] = Field(default_factory=list, description="Versions pruning may delete again.")
@@ -160,9 +176,15 @@ CHAT_BODY = JsonBody(ChatRequest, _request_limit, object_only=True)
 PUBLISH_BODY = JsonBody(PublishBody, _request_limit)
 ROUTE_BODY = JsonBody(RouteBody, _request_limit)
 PIN_BODY = JsonBody(PinBody, _request_limit)
+CUSTOMER_BODY = JsonBody(CustomerBody, _request_limit)
+KEY_BODY = JsonBody(KeyBody, _request_limit)
+OPERATOR_BODY = JsonBody(OperatorBody, _request_limit)
 TRAINER_CONFIG_BODY = JsonBody(TenantConfig, _request_limit)
 ChatBody = Annotated[Body[ChatRequest], Depends(CHAT_BODY)]
 PublishIn = Annotated[Body[PublishBody], Depends(PUBLISH_BODY)]
 RouteIn = Annotated[Body[RouteBody], Depends(ROUTE_BODY)]
 PinIn = Annotated[Body[PinBody], Depends(PIN_BODY)]
+CustomerIn = Annotated[Body[CustomerBody], Depends(CUSTOMER_BODY)]
+KeyIn = Annotated[Body[KeyBody], Depends(KEY_BODY)]
+OperatorIn = Annotated[Body[OperatorBody], Depends(OPERATOR_BODY)]
 TrainerConfigIn = Annotated[Body[TenantConfig], Depends(TRAINER_CONFIG_BODY)]

@@ -1,0 +1,90 @@
+"""The admin API for customers, their keys and operators, and the audit log of admin actions.
+A key is shown once, in the answer that creates it; Redis keeps only its SHA-256."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from clora.core.customers import InvalidName
+from clora.core.http import APIError
+from clora.runtime.api.deps import (
+    CUSTOMER_BODY,
+    KEY_BODY,
+    OPERATOR_BODY,
+    Admin,
+    AdminOf,
+    CustomerIn,
+    KeyIn,
+    OperatorIn,
+)
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@router.get("/customers")
+async def list_customers(gateway: Admin) -> dict:
+    store = gateway.customers
+    return {"customers": [{**c.model_dump(), "keys": await store.key_count(c.name)} for c in await store.list()]}
+
+
+@router.post("/customers", status_code=201, openapi_extra=CUSTOMER_BODY.openapi)
+async def create_customer(gateway: Admin, body: CustomerIn) -> JSONResponse:
+    """A new customer and its first API key."""
+    try:
+        key = await gateway.customers.create(body.value.name)
+    except InvalidName as exc:
+        status, code = (409, "customer_exists") if "already exists" in str(exc) else (400, "invalid_name")
+        raise APIError(status, str(exc), code, "name") from None
+    await gateway.audit.record("customer.create", body.value.name)
+    return JSONResponse({"name": body.value.name, "key": key}, status_code=201)
+
+
+@router.post("/customers/{customer}/keys", status_code=201, openapi_extra=KEY_BODY.openapi)
+async def issue_key(scope: AdminOf, body: KeyIn) -> JSONResponse:
+    """Another API key; with `revoke_existing` the others stop working at once (a rotation)."""
+    store = scope.gateway.customers
+    revoked = await store.revoke_keys(scope.customer) if body.value.revoke_existing else 0
+    key = await store.issue_key(scope.customer)
+    await scope.gateway.audit.record("customer.key.issue", scope.customer, revoked=revoked)
+    return JSONResponse({"customer": scope.customer, "key": key, "revoked": revoked}, status_code=201)
+
+
+@router.delete("/customers/{customer}/keys")
+async def revoke_keys(scope: AdminOf) -> dict:
+    """Revoke every key of the customer (its agents get 401 from now on)."""
+    revoked = await scope.gateway.customers.revoke_keys(scope.customer)
+    await scope.gateway.audit.record("customer.key.revoke", scope.customer, revoked=revoked)
+    return {"customer": scope.customer, "revoked": revoked}
+
+
+@router.get("/operators")
+async def list_operators(gateway: Admin) -> dict:
+    return {"operators": [o.model_dump(exclude={"digest"}) for o in await gateway.customers.operators()]}
+
+
+@router.post("/operators", status_code=201, openapi_extra=OPERATOR_BODY.openapi)
+async def create_operator(gateway: Admin, body: OperatorIn) -> JSONResponse:
+    """An operator key that may send feedback for the given customers."""
+    try:
+        key = await gateway.customers.create_operator(body.value.name, body.value.customers)
+    except InvalidName as exc:
+        status, code = (409, "operator_exists") if "already exists" in str(exc) else (400, "invalid_operator")
+        raise APIError(status, str(exc), code) from None
+    await gateway.audit.record("operator.create", None, operator=body.value.name, customers=body.value.customers)
+    return JSONResponse({"name": body.value.name, "key": key}, status_code=201)
+
+
+@router.delete("/operators/{name}")
+async def revoke_operator(gateway: Admin, name: str) -> dict:
+    if not await gateway.customers.revoke_operator(name):
+        raise APIError(404, f"Operator `{name}` does not exist.", "operator_not_found")
+    await gateway.audit.record("operator.revoke", None, operator=name)
+    return {"name": name, "revoked": True}
+
+
+@router.get("/audit")
+async def audit_log(gateway: Admin, last: int = Query(50, ge=1, le=1000),
+                    customer: str | None = Query(None, max_length=63)) -> dict:
+    """Admin actions, newest first (optionally about one customer)."""
+    return {"entries": [e.model_dump() for e in await gateway.audit.recent(last, customer)]}
