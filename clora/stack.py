@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from clora.core.settings import Settings
 from clora.core.state import admin_key, trace_secret
 from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
+from clora.evals.gate import EvalHistory
 from clora.evals.job import EvalJob
+from clora.evals.suites import SuiteStore
 from clora.feedback.consumer import IngestConfig, IngestConsumer
 from clora.feedback.outbox_keeper import OutboxKeeper
 from clora.feedback.replay import ReplayBuffer
@@ -136,7 +139,8 @@ class Stack:
         self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis, replay)
         app = create_app(config, customers, router, self.engine, self.capture, traces,
                          configs=TenantConfigStore(self.redis), validate_lora=engine_config.validate_lora,
-                         health_checks={"ingestion": self.ingest.health}, replay_report=replay.report)
+                         health_checks={"ingestion": self.ingest.health}, replay_report=replay.report,
+                         purge_customer=lambda customer: self._purge(customer, replay))
         self.outbox = Outbox(s.outbox_dir, s.feedback_outbox_max_bytes)
         self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions,
                                           outbox=self.outbox)
@@ -157,6 +161,14 @@ class Stack:
         if s.eval_interval_s > 0:
             self.evals = EvalJob.connect(self.redis, self.gateway_url, admin_key(s), s)
             self.evals_task = asyncio.create_task(self.evals.run(self._stopping, s.eval_interval_s), name="evals")
+
+    async def _purge(self, customer: str, replay: ReplayBuffer) -> dict:
+        """What the stages above serving keep of a customer (the admin API's customer delete)."""
+        records = await replay.delete(customer)
+        scores = await EvalHistory(self.redis).delete(customer)
+        await SuiteStore(self.redis).delete(customer)
+        await asyncio.to_thread(shutil.rmtree, self.settings.trainer_dir / customer, True)
+        return {"replay_records": records, "eval_scores": scores}
 
     def _start_trainer(self, model: str) -> ChildProcess:
         """The co-located trainer, in its own process (its compute must not hold the gateway's GIL)."""

@@ -111,6 +111,18 @@ class EvalHistory:
     async def cache_score(self, score: EvalScore) -> None:
         await self.redis.hset("clora:eval:scores", f"{score.adapter}|{score.suite}", score.model_dump_json())
 
+    async def delete(self, customer: str) -> int:
+        """Everything of the customer: decisions, bests, promotion stack, cached scores."""
+        scores = [field async for field, _ in self.redis.hscan_iter("clora:eval:scores", match=f"{customer}*")
+                  if field.decode().split("|")[0].split("/")[0].split(".v")[0] == customer]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in ("history", "decided", "best", "served"):
+                pipe.delete(f"clora:eval:{key}:{customer}")
+            if scores:
+                pipe.hdel("clora:eval:scores", *scores)
+            await pipe.execute()
+        return len(scores)
+
     # -- promotion stack (rollback targets) -----------------------------------------------------------
     async def promotions(self, customer: str) -> int:
         """How many promotions the stack holds (0: the gate never served anything for this customer)."""

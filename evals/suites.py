@@ -52,6 +52,9 @@ class SuiteStore:
     async def set(self, customer: str, suite: EvalSuite) -> None:
         await self.redis.hset(self.KEY, customer, suite.model_dump_json())
 
+    async def delete(self, customer: str) -> None:
+        await self.redis.hdel(self.KEY, customer)
+
     async def get(self, customer: str) -> EvalSuite | None:
         raw = await self.redis.hget(self.KEY, customer)
         return EvalSuite.model_validate_json(raw) if raw else None

@@ -195,6 +195,15 @@ class ReplayBuffer:
         records = await self._load(customer, [m.decode() for m, _ in pairs])
         return records, int(pairs[-1][1])
 
+    async def delete(self, customer: str) -> int:
+        """The customer's buffer, counters, quota and readers' cursors; returns the records dropped."""
+        k = self._keys(customer)
+        size = int(await self.redis.zcard(k["order"]))
+        cursors = [key async for key in self.redis.scan_iter(match=self._cursor_key(customer, "*"))]
+        await self.redis.delete(*k.values(), *cursors)
+        await self.redis.hdel("clora:rb-quota", customer)
+        return size
+
     async def count_newer(self, customer: str, after_seq: int) -> int:
         return int(await self.redis.zcount(self._keys(customer)["order"], f"({after_seq}", "+inf"))
 

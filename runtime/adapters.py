@@ -107,6 +107,22 @@ class AdapterRegistry:
                 await asyncio.to_thread(shutil.rmtree, version.path, True)
         return doomed
 
+    async def delete_customer(self, customer: str) -> list[str]:
+        """Every version of the customer, its route, pins, sequence and files; returns the names."""
+        names = [n.decode() for n in await self.redis.zrange(f"clora:adapter-versions:{customer}", 0, -1)]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel("clora:routes", customer)
+            for key in ("adapter-versions", "adapter-pinned", "adapter-seq"):
+                pipe.delete(f"clora:{key}:{customer}")
+            if names:
+                pipe.srem(PROMOTED, *names)
+                pipe.delete(*[f"clora:adapter:{n}" for n in names])
+            await pipe.execute()
+        for name in names:
+            self._versions.pop(name, None)
+        await asyncio.to_thread(shutil.rmtree, self.adapters_dir / customer, True)
+        return names
+
     async def pin(self, customer: str, names: list[str], keep: bool = True) -> None:
         """Keep (or stop keeping) versions through pruning, whatever their age."""
         if names:

@@ -128,6 +128,23 @@ class Router:
         if previous is not None:
             await self._unload_if_idle(previous)
 
+    async def delete_customer(self, customer: str, drain_s: float = 30.0) -> list[str]:
+        """Unload every version of the customer from the engine (after its requests in flight end,
+        up to `drain_s`) and delete them. Its keys must be revoked first: nothing new arrives."""
+        self.routes.pop(customer, None)
+        versions = await self.registry.versions(customer)
+        deadline = time.monotonic() + drain_s
+        while any(self.inflight.get(v.name) for v in versions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for version in versions:
+            async with self._locked(version.name):
+                if version.name in self.loaded:
+                    self.loaded.discard(version.name)
+                    LOADED.set(len(self.loaded))
+                    await self.engine.unload_adapter(version.name)
+            self.promoted.discard(version.name)
+        return await self.registry.delete_customer(customer)
+
     async def reload_all(self) -> None:
         """After an engine (re)start: nothing is loaded; bring back every current version."""
         self.loaded.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -53,3 +54,40 @@ def test_customers_keys_and_operators_are_managed_through_the_admin_api_and_audi
     recent = admin.get("/admin/audit", params={"last": 10}).json()["entries"]
     assert [e["detail"].get("operator") for e in recent if e["action"].startswith("operator.")][:2] == [operator,
                                                                                                          operator]
+
+
+def test_deleting_a_customer_removes_its_keys_versions_and_data(gateway, engine, stack, admin, make_adapter,
+                                                                 sync_redis):
+    from clora.evals.suites import EvalSuite
+
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    key = admin.post("/admin/customers", json={"name": name}).json()["key"]
+    version = admin.post(f"/admin/customers/{name}/adapters", json={"path": str(make_adapter(seed=11))}).json()
+    assert version["name"] in {m["id"] for m in engine.get("/v1/models").json()["data"]}
+    trace = served_trace(gateway, key)
+    assert post(gateway, key, {"trace_id": trace, "rating": "up"}).status_code == 202
+    assert admin.put(f"/admin/customers/{name}/trainer-config", json={"lr": 0.002}).status_code == 200
+    sync_redis.hset("clora:eval:suites", name, EvalSuite(environment="token-range:0-100").model_dump_json())
+    sync_redis.hset("clora:eval:scores", f"{name}/{version['name']}|abc", "{}")
+    trainer_state = stack.stack.settings.trainer_dir / name
+    trainer_state.mkdir(parents=True)
+    (trainer_state / "checkpoint").write_text("x")
+    deadline = time.monotonic() + 60
+    while admin.get(f"/admin/customers/{name}/replay").json()["stats"]["size"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+    deleted = admin.delete(f"/admin/customers/{name}")
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json() == {"customer": name, "revoked_keys": 1, "versions": [version["name"]],
+                              "replay_records": 1, "eval_scores": 1}
+    assert models(gateway, key) == 401
+    assert admin.get(f"/admin/customers/{name}/adapters").status_code == 404
+    assert version["name"] not in {m["id"] for m in engine.get("/v1/models").json()["data"]}
+    assert not (stack.stack.settings.adapters_dir / name).exists() and not trainer_state.exists()
+    left = [k.decode() for k in sync_redis.scan_iter(match=f"*{name}*")]
+    assert left == [], left  # nothing in Redis names it (captured interactions are keyed by trace)
+    assert sync_redis.hget("clora:eval:suites", name) is None and sync_redis.hget("clora:trainer:config", name) is None
+    assert admin.get("/admin/audit", params={"customer": name, "last": 1}).json()["entries"][0]["action"] == \
+        "customer.delete"
+    assert admin.delete(f"/admin/customers/{name}").status_code == 404

@@ -71,6 +71,11 @@ class CustomerStore:
         self._cache.clear()
         return len(digests)
 
+    async def delete(self, name: str) -> bool:
+        """The customer and its keys (its agents get 401 at once in this process)."""
+        await self.revoke_keys(name)
+        return bool(await self.redis.hdel("clora:customers", name))
+
     async def exists(self, name: str) -> bool:
         return bool(await self.redis.hexists("clora:customers", name))
 

@@ -21,6 +21,9 @@ class TenantConfigStore:
     async def set(self, customer: str, config: TenantConfig) -> None:
         await self.redis.hset(self.KEY, customer, config.model_dump_json())
 
+    async def delete(self, customer: str) -> None:
+        await self.redis.hdel(self.KEY, customer)
+
     async def all(self) -> dict[str, TenantConfig]:
         raw = await self.redis.hgetall(self.KEY)
         return {k.decode(): TenantConfig.model_validate_json(v) for k, v in raw.items()}

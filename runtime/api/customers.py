@@ -58,6 +58,23 @@ async def revoke_keys(scope: AdminOf) -> dict:
     return {"customer": scope.customer, "revoked": revoked}
 
 
+@router.delete("/customers/{customer}")
+async def delete_customer(scope: AdminOf) -> dict:
+    """The customer and its data: keys first (its agents get 401 from now on), then its versions
+    (unloaded from the engine once their requests end, files deleted), route, trainer config,
+    replay buffer, eval history and trainer state. Kafka keeps its records until retention, and
+    captured interactions stay in Redis until their TTL (README)."""
+    gateway = scope.gateway
+    revoked = await gateway.customers.revoke_keys(scope.customer)
+    versions = await gateway.router.delete_customer(scope.customer)
+    if gateway.configs is not None:
+        await gateway.configs.delete(scope.customer)
+    purged = await gateway.purge_customer(scope.customer) if gateway.purge_customer else {}
+    await gateway.customers.delete(scope.customer)
+    await gateway.audit.record("customer.delete", scope.customer, versions=versions, **purged)
+    return {"customer": scope.customer, "revoked_keys": revoked, "versions": versions, **purged}
+
+
 @router.get("/operators")
 async def list_operators(gateway: Admin) -> dict:
     return {"operators": [o.model_dump(exclude={"digest"}) for o in await gateway.customers.operators()]}

@@ -61,6 +61,9 @@ class Gateway:
     # A customer's replay buffer report (counters, newest records): the feedback stage's, set by
     # the composition root (the gateway does not import the stages above it).
     replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None
+    # Deletes what the stages above keep of a customer (replay buffer, evals, trainer state);
+    # returns counts for the answer. Set by the composition root, like `replay_report`.
+    purge_customer: Callable[[str], Awaitable[dict]] | None = None
     limits: CustomerLimits = field(init=False)
     audit: AuditLog = field(init=False)
 
