@@ -111,6 +111,14 @@ class EvalHistory:
     async def cache_score(self, score: EvalScore) -> None:
         await self.redis.hset("clora:eval:scores", f"{score.adapter}|{score.suite}", score.model_dump_json())
 
+    async def prune_scores(self, customer: str, keep: set[str]) -> int:
+        """Cached scores of the customer's versions not in `keep` (pruned from the registry)."""
+        doomed = [field async for field, _ in self.redis.hscan_iter("clora:eval:scores", match=f"{customer}/*")
+                  if field.decode().split("|")[0].split("/", 1)[1] not in keep]
+        if doomed:
+            await self.redis.hdel("clora:eval:scores", *doomed)
+        return len(doomed)
+
     async def delete(self, customer: str) -> int:
         """Everything of the customer: decisions, bests, promotion stack, cached scores."""
         scores = [field async for field, _ in self.redis.hscan_iter("clora:eval:scores", match=f"{customer}*")

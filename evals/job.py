@@ -60,6 +60,7 @@ class EvalJob:
         listed = await self.admin.versions(customer)
         current = listed["current"]
         numbers = {v["name"]: v["version"] for v in listed["versions"]}
+        await self.history.prune_scores(customer, {*numbers, self.base_name})  # versions pruned meanwhile
         floor = numbers.get(current, 0) if current else 0
         newer = sorted((n for n, number in numbers.items() if number > floor), key=numbers.get)
         if not newer or await self.history.decided(customer, newer[-1]):

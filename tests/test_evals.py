@@ -230,3 +230,21 @@ def test_the_base_model_answers_each_question_once_for_every_customer(gateway, r
     scores, asked = run(gateway, redis_url, tmp_path, act)
     assert asked == 6  # one request per question, not one per customer and question
     assert scores[0].answers == scores[1].answers == scores[2].answers and len(scores[0].answers) == 6
+
+
+def test_cached_scores_go_with_their_pruned_versions(gateway, redis_url, make_customer, make_adapter, admin,
+                                                     tmp_path):
+    name, _ = make_customer("prune")
+    v1 = publish(admin, name, make_adapter(seed=1))["name"]
+    suite = EvalSuite(environment="token-range:0-100000", n=2, max_tokens=4)
+
+    async def scored(job: EvalJob) -> list[str]:
+        await job.score(name, suite, v1)
+        await job.score(name, suite, None)
+        await job.history.cache_score(EvalScore(adapter=f"{name}/{name}.v99", suite=suite.fingerprint(), score=1.0,
+                                                n=1, seconds=0, at=0))  # a version pruned since
+        await job.candidate(name)  # each gate round looks at the registry's versions
+        return [f.decode() async for f, _ in job.history.redis.hscan_iter("clora:eval:scores", match=f"{name}/*")]
+
+    kept = run(gateway, redis_url, tmp_path, scored)
+    assert sorted(k.split("|")[0] for k in kept) == sorted([f"{name}/{v1}", f"{name}/base"])
