@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -85,13 +86,31 @@ def serve_webhook(bootstrap: str, redis_url: str, port: int) -> None:
 
     from clora.core.customers import CustomerStore
     from clora.core.http import install_error_handlers
+    from clora.core.outbox import Outbox
+    from clora.core.settings import Settings
+    from clora.feedback.consumer import handled_key
+    from clora.feedback.outbox_keeper import OutboxKeeper
     from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 
-    app = FastAPI()
+    # As in `clora serve`: each event in the outbox (fsync'd) before its 202, confirmed against
+    # what ingestion has stored by the keeper running beside the webhook.
+    outbox = Outbox(Path(tempfile.mkdtemp(prefix="clora-bench-outbox-")))
+    publisher = FeedbackPublisher(bootstrap, TOPICS["CLORA_FEEDBACK_TOPIC"], outbox=outbox)
+    client = aioredis.Redis.from_url(redis_url)
+    keeper = OutboxKeeper(outbox, publisher, client, handled_key(Settings().ingest_group))
+    stop = asyncio.Event()
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.create_task(keeper.run(stop))
+        yield
+        stop.set()
+        await task
+
+    app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)
-    publisher = FeedbackPublisher(bootstrap, TOPICS["CLORA_FEEDBACK_TOPIC"])
     limits = WebhookLimits(events_per_s=1e9, burst=10**9)  # measure the pipeline, not the rate limiter
-    mount_feedback(app, CustomerStore(aioredis.Redis.from_url(redis_url)), TraceSigner(SECRET), publisher, limits)
+    mount_feedback(app, CustomerStore(client), TraceSigner(SECRET), publisher, limits)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

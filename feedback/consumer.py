@@ -63,6 +63,12 @@ class IngestConfig:
     restart_backoff_s: float = 1.0  # first wait before a failed consumer starts again; doubles, up to 30 s
 
 
+def handled_key(group_id: str) -> str:
+    """Feedback event ids the group has handled (stored, waiting or dead-lettered), scored by
+    when: the webhook's outbox confirms against it."""
+    return f"clora:ingest:{{{group_id}}}:handled"
+
+
 class DeadLetter(BaseModel):
     reason: str
     topic: str
@@ -113,9 +119,7 @@ class IngestConsumer:
 
     @property
     def handled_key(self) -> str:
-        """Feedback event ids this group has handled (stored, waiting or dead-lettered), scored by
-        when: the webhook's outbox confirms against it."""
-        return f"clora:ingest:{{{self.config.group_id}}}:handled"
+        return handled_key(self.config.group_id)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def connect(self) -> None:
