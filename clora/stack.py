@@ -41,7 +41,7 @@ from clora.runtime.capture import Capture
 from clora.runtime.engine import EngineManager
 from clora.runtime.engine_config import EngineConfig
 from clora.runtime.gateway import GatewayConfig, create_app
-from clora.runtime.limits import Limits
+from clora.runtime.limits import Limits, LimitStore
 from clora.runtime.routing import Router
 from clora.runtime.spool import Spool
 
@@ -144,6 +144,8 @@ class Stack:
         self.outbox = Outbox(s.outbox_dir, s.feedback_outbox_max_bytes)
         self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions,
                                           outbox=self.outbox)
+        for customer, override in (await LimitStore(self.redis).all()).items():  # customers' own limits
+            app.state.gateway.limits.set_own(customer, override)
         limits = WebhookLimits(s.feedback_max_body_bytes, s.feedback_events_per_s, s.feedback_burst)
         mount_feedback(app, customers, traces, self.feedback, limits)
         port = s.port or free_port(s.host)

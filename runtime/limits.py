@@ -3,7 +3,9 @@
 Checked after authentication, before any work for the request; each refusal is a 429 with
 `Retry-After`. All state is in this process (one gateway per machine); the counters are plain
 dictionaries touched only from the event loop, so a check costs microseconds (the gateway's added
-p50 is measured by benchmarks/gateway_overhead.py). 0 turns a limit off.
+p50 is measured by benchmarks/gateway_overhead.py). 0 turns a limit off. A customer may have its
+own limits (`LimitOverride`, set through the admin API and kept in Redis by `LimitStore`): the
+fields it sets replace the defaults for that customer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
 
 from clora.core.http import APIError
 
@@ -20,6 +25,35 @@ class Limits:
     max_concurrent: int = 64
     requests_per_s: float = 100.0  # sustained; bursts up to 2 s worth
     tokens_per_min: int = 0  # prompt + completion tokens; 0: unlimited
+
+
+class LimitOverride(BaseModel):
+    """A customer's own limits; a field left null keeps the server's default."""
+
+    max_concurrent: int | None = Field(default=None, ge=0)
+    requests_per_s: float | None = Field(default=None, ge=0)
+    tokens_per_min: int | None = Field(default=None, ge=0)
+
+    def over(self, defaults: Limits) -> Limits:
+        return Limits(**{name: getattr(defaults, name) if getattr(self, name) is None else getattr(self, name)
+                         for name in ("max_concurrent", "requests_per_s", "tokens_per_min")})
+
+
+class LimitStore:
+    KEY = "clora:limits"
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+
+    async def all(self) -> dict[str, LimitOverride]:
+        raw = await self.redis.hgetall(self.KEY)
+        return {k.decode(): LimitOverride.model_validate_json(v) for k, v in raw.items()}
+
+    async def set(self, customer: str, override: LimitOverride) -> None:
+        await self.redis.hset(self.KEY, customer, override.model_dump_json())
+
+    async def delete(self, customer: str) -> None:
+        await self.redis.hdel(self.KEY, customer)
 
 
 @dataclass
@@ -36,6 +70,7 @@ class _Bucket:
 class CustomerLimits:
     def __init__(self, limits: Limits):
         self.limits = limits
+        self.own: dict[str, Limits] = {}  # customers with limits of their own
         self.active: dict[str, int] = {}
         self._requests: dict[str, _Bucket] = {}
         self._tokens: dict[str, _Bucket] = {}
@@ -46,8 +81,20 @@ class CustomerLimits:
         self.active[customer] = self.active.get(customer, 0) + 1
         return Slot(self, customer)
 
+    def for_customer(self, customer: str) -> Limits:
+        return self.own.get(customer, self.limits)
+
+    def set_own(self, customer: str, override: LimitOverride | None) -> None:
+        """From now on (its rate buckets start afresh at the new sizes)."""
+        if override is None:
+            self.own.pop(customer, None)
+        else:
+            self.own[customer] = override.over(self.limits)
+        self._requests.pop(customer, None)
+        self._tokens.pop(customer, None)
+
     def check(self, customer: str) -> None:
-        lim = self.limits
+        lim = self.for_customer(customer)
         if lim.max_concurrent and self.active.get(customer, 0) >= lim.max_concurrent:
             raise APIError(429, f"Too many concurrent requests (limit {lim.max_concurrent}); retry when one "
                                 "finishes.", "concurrency_limit_exceeded", headers={"Retry-After": "1"})
@@ -76,8 +123,9 @@ class CustomerLimits:
 
     def spend(self, customer: str, tokens: int) -> None:
         """Tokens an answer used (the bucket may go negative: the next requests wait for it)."""
-        if self.limits.tokens_per_min and tokens:
-            bucket = self._tokens.setdefault(customer, _Bucket(float(self.limits.tokens_per_min)))
+        tokens_per_min = self.for_customer(customer).tokens_per_min
+        if tokens_per_min and tokens:
+            bucket = self._tokens.setdefault(customer, _Bucket(float(tokens_per_min)))
             bucket.level -= tokens
 
 

@@ -3,6 +3,8 @@ A key is shown once, in the answer that creates it; Redis keeps only its SHA-256
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
@@ -11,13 +13,16 @@ from clora.core.http import APIError
 from clora.runtime.api.deps import (
     CUSTOMER_BODY,
     KEY_BODY,
+    LIMITS_BODY,
     OPERATOR_BODY,
     Admin,
     AdminOf,
     CustomerIn,
     KeyIn,
+    LimitsIn,
     OperatorIn,
 )
+from clora.runtime.limits import LimitStore
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -70,9 +75,30 @@ async def delete_customer(scope: AdminOf) -> dict:
     if gateway.configs is not None:
         await gateway.configs.delete(scope.customer)
     purged = await gateway.purge_customer(scope.customer) if gateway.purge_customer else {}
+    await LimitStore(gateway.customers.redis).delete(scope.customer)
+    gateway.limits.set_own(scope.customer, None)
     await gateway.customers.delete(scope.customer)
     await gateway.audit.record("customer.delete", scope.customer, versions=versions, **purged)
     return {"customer": scope.customer, "revoked_keys": revoked, "versions": versions, **purged}
+
+
+@router.get("/customers/{customer}/limits")
+async def get_limits(scope: AdminOf) -> dict:
+    """The limits in force for the customer, and whether they are its own or the defaults."""
+    limits = scope.gateway.limits
+    return {"customer": scope.customer, "own": scope.customer in limits.own,
+            **asdict(limits.for_customer(scope.customer))}
+
+
+@router.put("/customers/{customer}/limits", openapi_extra=LIMITS_BODY.openapi)
+async def set_limits(scope: AdminOf, body: LimitsIn) -> dict:
+    """The customer's own limits (a null field keeps the default); all null: the defaults again."""
+    override = body.value if body.value.model_dump(exclude_none=True) else None
+    store = LimitStore(scope.gateway.customers.redis)
+    await (store.set(scope.customer, override) if override else store.delete(scope.customer))
+    scope.gateway.limits.set_own(scope.customer, override)
+    await scope.gateway.audit.record("limits.set", scope.customer, **body.value.model_dump())
+    return await get_limits(scope)
 
 
 @router.get("/operators")

@@ -19,7 +19,7 @@ from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.runtime.capture import Capture
 from clora.runtime.engine_client import EngineClient
-from clora.runtime.limits import CustomerLimits, Limits
+from clora.runtime.limits import CustomerLimits, LimitOverride, Limits
 from clora.runtime.protocol import ChatRequest, unsupported_fields
 from clora.runtime.routing import Router
 from clora.wire.trainer_config import TenantConfig
@@ -180,6 +180,7 @@ PUBLISH_BODY = JsonBody(PublishBody, _request_limit)
 ROUTE_BODY = JsonBody(RouteBody, _request_limit)
 PIN_BODY = JsonBody(PinBody, _request_limit)
 CUSTOMER_BODY = JsonBody(CustomerBody, _request_limit)
+LIMITS_BODY = JsonBody(LimitOverride, _request_limit)
 KEY_BODY = JsonBody(KeyBody, _request_limit)
 OPERATOR_BODY = JsonBody(OperatorBody, _request_limit)
 TRAINER_CONFIG_BODY = JsonBody(TenantConfig, _request_limit)
@@ -188,6 +189,7 @@ PublishIn = Annotated[Body[PublishBody], Depends(PUBLISH_BODY)]
 RouteIn = Annotated[Body[RouteBody], Depends(ROUTE_BODY)]
 PinIn = Annotated[Body[PinBody], Depends(PIN_BODY)]
 CustomerIn = Annotated[Body[CustomerBody], Depends(CUSTOMER_BODY)]
+LimitsIn = Annotated[Body[LimitOverride], Depends(LIMITS_BODY)]
 KeyIn = Annotated[Body[KeyBody], Depends(KEY_BODY)]
 OperatorIn = Annotated[Body[OperatorBody], Depends(OPERATOR_BODY)]
 TrainerConfigIn = Annotated[Body[TenantConfig], Depends(TRAINER_CONFIG_BODY)]
