@@ -106,6 +106,13 @@ class RelayEpisode:
         self.reward = self.scorer.reward(self.messages, envs.Completion("", self.token_ids))
 
 
+LR = 1.5e-2
+# A reward gain that only learning makes: with the learning rate at 0 the gain of these 16-step
+# curves stays within +-0.02 (sampling noise); learning makes 0.10-0.25 (the pipelined test's,
+# off-policy by one step, is the slowest).
+LEARNED = 0.06
+
+
 def gains(rewards: list[float]) -> float:
     """Mean reward of the last four steps minus the first two's."""
     return statistics.fmean(rewards[-4:]) - statistics.fmean(rewards[:2])
@@ -121,7 +128,7 @@ async def test_two_customers_learn_opposite_targets_over_two_turn_episodes(
     high, _ = make_customer("relay-high")
     register_opposite_targets(trainer.model)
     for name, env in ((low, "relay:+"), (high, "relay:-")):
-        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=1.5e-2, rank=8, alpha=16, group_size=8,
+        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=LR, rank=8, alpha=16, group_size=8,
                                                         prompts_per_step=6, max_new_tokens=8, seed=2))
     rewards: dict[str, list[float]] = {low: [], high: []}
     try:
@@ -134,7 +141,7 @@ async def test_two_customers_learn_opposite_targets_over_two_turn_episodes(
                 assert report.gather_s + report.backward_s <= report.seconds
         for name in (low, high):
             assert len(rewards[name]) == STEPS
-            assert gains(rewards[name]) > 0.12, (name, [round(r, 3) for r in rewards[name]])
+            assert gains(rewards[name]) > LEARNED, (name, [round(r, 3) for r in rewards[name]])
     finally:
         await trainer.io.client.close()
         await redis_client.aclose()
@@ -148,7 +155,7 @@ async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_c
     high, _ = make_customer("high")
     register_opposite_targets(trainer.model)
     for name, env in ((low, "aligned:+"), (high, "aligned:-")):
-        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=1.5e-2, rank=8, alpha=16, group_size=8,
+        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=LR, rank=8, alpha=16, group_size=8,
                                                         prompts_per_step=6, max_new_tokens=12, seed=1))
     rewards: dict[str, list[float]] = {low: [], high: []}
     try:
@@ -159,7 +166,7 @@ async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_c
                 rewards[report.customer].append(report.mean_reward)
         # Both learned their own target, from the samples the server produced with each new version.
         for name in (low, high):
-            assert gains(rewards[name]) > 0.12, (name, [round(r, 3) for r in rewards[name]])
+            assert gains(rewards[name]) > LEARNED, (name, [round(r, 3) for r in rewards[name]])
         versions = await trainer.io.client.versions(low)
         assert versions["current"] == f"{low}.v{STEPS}" and len(versions["versions"]) == STEPS
 
@@ -196,7 +203,7 @@ async def test_pipelined_steps_learn_from_rollouts_sampled_while_the_step_before
     high, _ = make_customer("pipe-high")
     register_opposite_targets(trainer.model)
     for name, env in ((low, "aligned:+"), (high, "aligned:-")):
-        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=1.5e-2, rank=8, alpha=16, group_size=8,
+        await trainer.io.configs.set(name, TenantConfig(environment=env, lr=LR, rank=8, alpha=16, group_size=8,
                                                         prompts_per_step=6, max_new_tokens=12, seed=3))
 
     async def candidates() -> list[Candidate]:
@@ -220,7 +227,7 @@ async def test_pipelined_steps_learn_from_rollouts_sampled_while_the_step_before
         assert overlap > 1.0, overlap
         for name in (low, high):
             rewards = [r.mean_reward for reports in steps for r in reports if r.customer == name]
-            assert gains(rewards) > 0.12, (name, [round(r, 3) for r in rewards])
+            assert gains(rewards) > LEARNED, (name, [round(r, 3) for r in rewards])
         assert (await trainer.io.client.versions(low))["current"] == f"{low}.v{STEPS}"
     finally:
         await trainer.io.client.close()
