@@ -5,6 +5,13 @@ and then `final_answer`; the reward is 1.0 only when `final_answer` carries the 
 dataset can be downloaded here, so problems are generated: each level adds a step (level 1: one
 operation, level 4: four), numbers grow with the level, and every problem carries the expression
 that solves it, so answers are exact by construction.
+
+Level 0 is the documented variant SmolLM2-135M learns at our scale (BENCHMARKS.md, "Agent RL"): a
+level-1 problem whose question also states the expression ("Compute it as 7 + 5."), and whose
+reward additionally requires a correct tool call (a calculator result equal to the answer). At
+level 1 the 135M model mostly invents numbers the problem does not contain, and 10 GRPO steps did
+not move its held-out reward; with the expression stated, what is left to learn is the protocol
+itself: copy the expression into the calculator, report the tool's result.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 
 from clora.agents.envs import Completion, Split, assistant_message, register, split_of
 
-LEVELS = (1, 2, 3, 4)
+LEVELS = (0, 1, 2, 3, 4)  # 0: level 1 with the expression stated (the variant)
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards"]
 
@@ -52,16 +59,18 @@ class Problem:
 
 
 def generate(rng: random.Random, level: int) -> Problem:
-    """One problem with `level` operations; whole, non-negative intermediate results."""
+    """One problem with `level` operations (level 0: one, with the expression stated); whole,
+    non-negative intermediate results."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}")
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    top = 10 * level
+    operations = max(level, 1)
+    top = 10 * operations
     value = rng.randint(2, top)
     expression = str(value)
     sentences = [f"{name} has {value} {item}."]
-    for _ in range(level):
-        kind = rng.choice(["add", "sub", "mul", "div"] if level > 1 else ["add", "sub"])
+    for _ in range(operations):
+        kind = rng.choice(["add", "sub", "mul", "div"] if operations > 1 else ["add", "sub"])
         if kind == "add":
             n = rng.randint(2, top)
             sentences.append(f"{name} gets {n} more.")
@@ -79,7 +88,10 @@ def generate(rng: random.Random, level: int) -> Problem:
             sentences.append(f"{name} ends up with {n} times as many.")
             expression, value = f"({expression} * {n})", value * n
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
-    return Problem(question, expression[1:-1] if expression.startswith("(") else expression, value, level)
+    expression = expression[1:-1] if expression.startswith("(") else expression
+    if level == 0:
+        question += f" Compute it as {expression}."
+    return Problem(question, expression, value, level)
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -156,7 +168,8 @@ def tool_arguments(completion: Completion, tool: str) -> tuple[dict[str, Any] | 
 class ArithmeticEpisode:
     """The report's protocol: turn 1 calls the calculator (its result goes back as a `tool`
     message), turn 2 calls `final_answer`; each request names its turn's tool (`tool_choice`), the
-    model writes the arguments. Reward 1.0 only for the right number after a calculator call."""
+    model writes the arguments. Reward 1.0 only for the right number after a calculator call (at
+    level 0, after a correct one: a calculator result equal to the answer)."""
 
     problem: Problem
     messages: list[dict[str, Any]] = field(default_factory=list)
@@ -184,7 +197,7 @@ class ArithmeticEpisode:
             self.stopped = f"no valid {tool} call"
         elif tool == "final_answer":
             self.final_answer = arguments.get("answer")
-            self.reward = reward(self.problem, self.final_answer) if self.calculator_calls else 0.0
+            self.reward = reward(self.problem, self.final_answer) if self.tool_call_counts() else 0.0
             self.stopped = "completed"
         else:
             expression = str(arguments.get("expression", ""))
@@ -192,6 +205,13 @@ class ArithmeticEpisode:
             self.calculator_calls.append((expression, result))
             self.messages += [assistant_message(completion),
                               {"role": "tool", "tool_call_id": call.get("id", ""), "content": result}]
+
+
+    def tool_call_counts(self) -> bool:
+        """A calculator call was made; at level 0 it must also have been correct."""
+        if self.problem.level == 0:
+            return any(result == str(self.problem.answer) for _, result in self.calculator_calls)
+        return bool(self.calculator_calls)
 
 
 class ArithmeticEnv:

@@ -14,35 +14,23 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from clora.bench.harness import bench_runtime
+from clora.core.state import admin_key
+from clora.demo.report import machine
+from clora.evals.scoring import admin_chat_client, score
+from clora.evals.suites import EvalSuite
+from clora.wire.trainer_config import TenantConfig
+
 REPO = Path(__file__).resolve().parents[1]
-from clora.core.customers import CustomerStore  # noqa: E402
-from clora.core.models import resolve_model  # noqa: E402
-from clora.core.settings import Settings  # noqa: E402
-from clora.core.state import admin_key  # noqa: E402
-from clora.demo.report import machine  # noqa: E402
-from clora.evals.scoring import admin_chat_client, score  # noqa: E402
-from clora.evals.suites import EvalSuite  # noqa: E402
-from clora.stack import Stack  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> dict:
-    base = Settings()
-    model = str(resolve_model(base.model, base.cache_dir))
-    home = Path(tempfile.mkdtemp(prefix="clora-arith-"))
-    settings = base.model_copy(update={"home": home, "model": model, "port": 0, "trainer_enabled": False,
-                                       "eval_interval_s": 0.0})
-    stack = Stack(settings)
-    await stack.start()
-    serving = asyncio.create_task(stack.serve())
-    try:
-        while not stack.server.started:
-            await asyncio.sleep(0.05)
-        await CustomerStore(stack.redis).create("bench")  # scopes the admin endpoint; no adapter: base model
-        client = admin_chat_client(stack.gateway_url, admin_key(settings), "bench")
+    async with bench_runtime({"bench": TenantConfig()}) as runtime:  # no adapter: the base model
+        settings, model = runtime.settings, runtime.model
+        client = admin_chat_client(runtime.stack.gateway_url, admin_key(settings), "bench")
         levels = []
         for level in args.levels:
             suite = EvalSuite(environment=f"arithmetic:{level}", n=args.episodes, max_tokens=48)
@@ -54,9 +42,6 @@ async def main(args: argparse.Namespace) -> dict:
             print(f"level {level}: reward {result.score:.3f} over {result.n} episodes "
                   f"({completed} completed both tool calls), {result.seconds:.1f} s")
         await client.close()
-    finally:
-        await stack.stop()
-        await asyncio.wait([serving], timeout=10)
     return {"benchmark": "arithmetic_step0", "model": model.rsplit("/", 1)[-1], "machine": machine(),
             "command": "python benchmarks/arithmetic_step0.py " + " ".join(sys.argv[1:]), "at": time.time(),
             "seed": EvalSuite(environment="arithmetic:1").seed, "greedy": True, "levels": levels}

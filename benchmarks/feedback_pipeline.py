@@ -89,7 +89,7 @@ def serve_webhook(bootstrap: str, redis_url: str, port: int) -> None:
     from clora.core.outbox import Outbox
     from clora.core.settings import Settings
     from clora.feedback.consumer import handled_key
-    from clora.feedback.outbox_keeper import OutboxKeeper
+    from clora.feedback.outbox_keeper import FeedbackOutboxKeeper
     from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 
     # As in `clora serve`: each event in the outbox (fsync'd) before its 202, confirmed against
@@ -97,7 +97,7 @@ def serve_webhook(bootstrap: str, redis_url: str, port: int) -> None:
     outbox = Outbox(Path(tempfile.mkdtemp(prefix="clora-bench-outbox-")))
     publisher = FeedbackPublisher(bootstrap, TOPICS["CLORA_FEEDBACK_TOPIC"], outbox=outbox)
     client = aioredis.Redis.from_url(redis_url)
-    keeper = OutboxKeeper(outbox, publisher, client, handled_key(Settings().ingest_group))
+    keeper = FeedbackOutboxKeeper(outbox, publisher, client, handled_key(Settings().ingest_group))
     stop = asyncio.Event()
 
     @asynccontextmanager

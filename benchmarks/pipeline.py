@@ -26,14 +26,13 @@ import time
 from contextlib import aclosing
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from agent_rl import agent_runtime  # noqa: E402
+from clora.bench.harness import bench_runtime
+from clora.demo.report import machine
+from clora.trainer.loop import Timeline, Trainer, drive
+from clora.trainer.scheduler import Candidate, Scheduler
+from clora.wire.trainer_config import TenantConfig
 
-from clora.demo.report import machine  # noqa: E402
-from clora.trainer.loop import Timeline, Trainer, drive  # noqa: E402
-from clora.trainer.scheduler import Candidate, Scheduler  # noqa: E402
-from clora.wire.trainer_config import TenantConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODES = {"off": False, "on": True}
 
@@ -80,8 +79,8 @@ async def main(args: argparse.Namespace) -> dict:
     out = {"benchmark": "pipeline", "machine": machine(), "command": "python benchmarks/pipeline.py "
            + " ".join(sys.argv[1:]), "at": time.time(), "config": config.model_dump(), "tenants": args.tenants,
            "modes": {}}
-    async with agent_runtime(configs) as (_stack, settings, _io, trainer):
-        out["model"] = str(settings.model).rsplit("/", 1)[-1]
+    async with bench_runtime(configs) as runtime:
+        out["model"], trainer = runtime.model.rsplit("/", 1)[-1], runtime.trainer
         rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for block in range(args.rounds):
             for mode, pipeline in MODES.items():

@@ -33,11 +33,11 @@ from clora.evals.gate import EvalHistory
 from clora.evals.job import EvalJob
 from clora.evals.suites import SuiteStore
 from clora.feedback.consumer import IngestConfig, IngestConsumer
-from clora.feedback.outbox_keeper import OutboxKeeper
+from clora.feedback.outbox_keeper import FeedbackOutboxKeeper
 from clora.feedback.replay import ReplayBuffer
 from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 from clora.runtime.adapters import AdapterRegistry
-from clora.runtime.capture import Capture
+from clora.runtime.capture import Capture, InteractionOutboxKeeper
 from clora.runtime.engine import EngineManager
 from clora.runtime.engine_config import EngineConfig
 from clora.runtime.gateway import GatewayConfig, create_app
@@ -81,6 +81,7 @@ class Stack:
     feedback: FeedbackPublisher | None = None
     outbox: Outbox | None = None
     keeper_task: asyncio.Task | None = None
+    capture_keeper_task: asyncio.Task | None = None
     ingest: IngestConsumer | None = None
     ingest_task: asyncio.Task | None = None
     redis: aioredis.Redis | None = None
@@ -126,7 +127,8 @@ class Stack:
         self.engine.on_ready = lambda _client: router.reload_all()
         self.capture = Capture(self.kafka_bootstrap, s.interactions_topic, Spool(s.spool_dir, s.spool_max_bytes),
                                queue_size=s.capture_queue_size, partitions=s.topic_partitions,
-                               batch_s=s.capture_batch_s).start()
+                               batch_s=s.capture_batch_s,
+                               outbox=Outbox(s.capture_outbox_dir, s.capture_outbox_max_bytes)).start()
         await self.engine.start()
 
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
@@ -153,9 +155,11 @@ class Stack:
                                                    access_log=False, lifespan="off"))
         self.gateway_url = f"http://{s.host}:{port}"
         self.ingest_task = asyncio.create_task(self.ingest.supervise(), name="ingest")
-        keeper = OutboxKeeper(self.outbox, self.feedback, self.redis, self.ingest.handled_key,
+        keeper = FeedbackOutboxKeeper(self.outbox, self.feedback, self.redis, self.ingest.handled_key,
                               resend_after_s=s.feedback_resend_after_s)
         self.keeper_task = asyncio.create_task(keeper.run(self._stopping), name="outbox-keeper")
+        capture_keeper = InteractionOutboxKeeper(self.capture, self.redis, resend_after_s=s.capture_resend_after_s)
+        self.capture_keeper_task = asyncio.create_task(capture_keeper.run(self._stopping), name="capture-keeper")
         self._write_state()
         if s.trainer_enabled:
             self.trainer = self._start_trainer(model)
@@ -227,12 +231,15 @@ class Stack:
         if self.ingest is not None and self.ingest_task is not None:
             self.ingest.stop()
             await asyncio.wait([self.ingest_task], timeout=30)
-        if self.keeper_task is not None:
-            await asyncio.wait([self.keeper_task], timeout=30)
+        for keeper in (self.keeper_task, self.capture_keeper_task):
+            if keeper is not None:
+                await asyncio.wait([keeper], timeout=30)
         if self.engine is not None:
             await self.engine.stop()
         if self.capture is not None:
             await asyncio.to_thread(self.capture.stop)
+            if self.capture.outbox is not None:
+                await asyncio.to_thread(self.capture.outbox.close)
         if self.feedback is not None:
             await asyncio.to_thread(self.feedback.close)
         if self.outbox is not None:

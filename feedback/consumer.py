@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from clora.core.health import ComponentHealth
 from clora.feedback.replay import ReplayBuffer
 from clora.wire.feedback import FeedbackMessage, FeedbackSignal, join_json
-from clora.wire.interactions import InteractionRecord
+from clora.wire.interactions import InteractionRecord, interaction_key
 from clora.wire.kafka import ensure_topics, reliable_producer
 
 log = logging.getLogger("clora.ingest")
@@ -294,7 +294,7 @@ class IngestConsumer:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for interaction, raw in interactions:
-                pipe.set(f"clora:interaction:{interaction.trace_id}", _pack(interaction, raw),
+                pipe.set(interaction_key(interaction.trace_id), _pack(interaction, raw),
                          ex=self.config.interaction_ttl_s)
                 pipe.lrange(self._waiting(interaction.trace_id), 0, -1)
             results = await pipe.execute()
@@ -309,7 +309,7 @@ class IngestConsumer:
         traces = list(dict.fromkeys(message.event.trace_id for message in feedback))
         async with self.redis.pipeline(transaction=False) as pipe:  # GETs, not MGET: cluster-safe
             for trace in traces:
-                pipe.get(f"clora:interaction:{trace}")
+                pipe.get(interaction_key(trace))
             found = {trace: stored for trace, stored in zip(traces, await pipe.execute()) if stored is not None}
         pairs, missing = [], []
         for message in feedback:

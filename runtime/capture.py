@@ -11,20 +11,36 @@ is dead-lettered with the reason (`Spool.dead`) and never blocks the records beh
 memory queue is full, records go to the spool through a writer thread (one fsync per batch):
 serving never waits on the disk; if that writer falls `overflow_size` records behind too, the
 record is dropped and counted.
+
+Acknowledged is not yet stored: a broker that restarts empty loses what ingestion had not read.
+So each acknowledged record goes to the capture outbox (on disk, one fsync per batch, in this
+thread) until ingestion has stored it (`InteractionOutboxKeeper` finds its Redis key); one still
+missing `resend_after_s` later goes back through the spool.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import queue
 import threading
 import time
 
-from kafka.errors import KafkaError
+import redis.asyncio as aioredis
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from prometheus_client import Counter, Gauge
 
+from clora.core.outbox import Outbox, OutboxFull, OutboxKeeper, OutboxMessage
 from clora.runtime.spool import Spool, SpooledMessage
-from clora.wire.interactions import InteractionRecord
+from clora.wire.interactions import InteractionRecord, interaction_key
 from clora.wire.kafka import ensure_topics, reliable_producer
 
 log = logging.getLogger("clora.capture")
@@ -34,14 +50,20 @@ QUEUE_DEPTH = Gauge("clora_capture_queue_depth", "Records waiting in memory for 
 SPOOL_BYTES = Gauge("clora_capture_spool_bytes", "Bytes waiting in the on-disk spool")
 
 BATCH = 256
+# What the broker says about a record itself: no retry can help it, so it is dead-lettered. Any
+# other error (a producer fenced or wedged after a broker restart: "InitProducerIdResponse
+# UnknownError", non-retriable too) is the connection's: a new producer sends the record again.
+RECORD_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError,
+                 InvalidTimestampError)
 RECONNECT_EVERY_S = 2.0
 
 
 class Capture:
     def __init__(self, bootstrap: str, topic: str, spool: Spool, queue_size: int = 10_000,
                  partitions: int = 4, flush_timeout_s: float = 10.0, batch_s: float = 0.5,
-                 overflow_size: int = 10_000):
+                 overflow_size: int = 10_000, outbox: Outbox | None = None):
         self.bootstrap = bootstrap
+        self.outbox = outbox
         self.topic = topic
         self.partitions = partitions
         self.spool = spool
@@ -165,8 +187,8 @@ class Capture:
         return [m for i, m in enumerate(batch) if i not in done]
 
     def _send_indices(self, batch: list[SpooledMessage]) -> set[int]:
-        """Send and wait for acks; the indices done with: acknowledged, or refused for good
-        (non-retriable: dead-lettered with the reason). Any other failure marks the broker down."""
+        """Send and wait for acks; the indices done with: acknowledged, or refused for good (a
+        record error: dead-lettered with the reason). Any other failure marks the broker down."""
         producer = self._producer
         assert producer is not None
         futures, refused = {}, {}
@@ -175,7 +197,7 @@ class Capture:
                 try:
                     futures[i] = producer.send(message.topic, key=message.key, value=message.value)
                 except KafkaError as exc:
-                    if exc.retriable:
+                    if not isinstance(exc, RECORD_ERRORS):
                         raise
                     refused[i] = exc  # e.g. over the producer's max_request_size: no retry can help
             producer.flush(timeout=self.flush_timeout_s)
@@ -183,15 +205,28 @@ class Capture:
             log.warning("Kafka send failed: %s", exc)
         ok = {i for i, f in futures.items() if f.is_done and f.succeeded()}
         refused |= {i: f.exception for i, f in futures.items()
-                    if f.is_done and f.failed() and not getattr(f.exception, "retriable", True)}
+                    if f.is_done and f.failed() and isinstance(f.exception, RECORD_ERRORS)}
         for i, exc in refused.items():
             self.spool.dead.add(batch[i], f"{type(exc).__name__}: {exc}")
         CAPTURED.labels("sent").inc(len(ok))
         CAPTURED.labels("dead").inc(len(refused))
+        self._keep_until_stored([batch[i] for i in sorted(ok)])
         done = ok | set(refused)
         if len(done) < len(batch):
             self._disconnect()
         return done
+
+    def _keep_until_stored(self, sent: list[SpooledMessage]) -> None:
+        """Acknowledged records into the outbox (a record resent from it is pending already)."""
+        if self.outbox is None or not sent:
+            return
+        now = time.time()
+        try:
+            self.outbox.add_now([OutboxMessage(id=json.loads(m.value)["trace_id"], topic=m.topic, key=m.key.decode(),
+                                               value=m.value.decode(), added_at=now) for m in sent])
+        except OutboxFull as exc:  # ingestion far behind: these stay on the broker only
+            CAPTURED.labels("unkept").inc(len(sent))
+            log.error("capture outbox full (%s): %d records kept by the broker only", exc, len(sent))
 
     def _disconnect(self) -> None:
         producer, self._producer = self._producer, None
@@ -201,3 +236,28 @@ class Capture:
                 producer.close(timeout=0)
             except Exception:  # noqa: BLE001 - best effort on a broken connection
                 pass
+
+
+class InteractionOutboxKeeper(OutboxKeeper):
+    """Confirms captured interactions once ingestion has stored them in Redis; sends again (through
+    the spool, which the capture thread drains) those still missing `resend_after_s` later."""
+
+    name = "capture"
+
+    def __init__(self, capture: Capture, redis: aioredis.Redis, every_s: float = 1.0, resend_after_s: float = 30.0):
+        assert capture.outbox is not None
+        super().__init__(capture.outbox, every_s, resend_after_s)
+        self.capture, self.redis = capture, redis
+
+    async def stored(self, ids: list[str]) -> set[str]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for trace in ids:
+                pipe.exists(interaction_key(trace))
+            found = await pipe.execute()
+        return {trace for trace, n in zip(ids, found) if n}
+
+    async def resend(self, messages: list[OutboxMessage]) -> None:
+        spooled = [SpooledMessage(m.topic, m.key.encode(), m.value.encode()) for m in messages]
+        dropped = await asyncio.to_thread(self.capture.spool.append, spooled)
+        if dropped:
+            log.error("capture spool full: %d interactions not sent again", dropped)

@@ -16,8 +16,13 @@ def test_problems_are_seeded_exact_and_harder_by_level():
         assert problems == [generate(random.Random(seed), level) for seed in range(200)]  # same seed, same problem
         for p in problems:
             assert calculate(p.expression) == p.answer and p.answer >= 0  # the answer is the expression's
-            assert p.expression.count("(") == level - 1  # one operation per level
-            assert p.question.endswith("have now?") and str(p.answer) not in p.question.split(".")[-1]
+            assert p.expression.count("(") == max(level, 1) - 1  # one operation per level (level 0: one)
+            if level == 0:  # the variant states the expression, never the answer
+                question, stated = p.question.split(" Compute it as ")
+                assert stated == f"{p.expression}." and question.endswith("have now?")
+            else:
+                question = p.question
+            assert question.endswith("have now?") and str(p.answer) not in question.split(".")[-1]
         assert len({p.question for p in problems}) > 150
     assert max(generate(random.Random(s), 1).answer for s in range(200)) < \
         max(generate(random.Random(s), 4).answer for s in range(200))
@@ -79,3 +84,17 @@ def test_an_episode_ends_without_reward_on_a_missing_or_broken_call():
     wrong.observe(Completion("", [1], None, call("calculator", '{"expression": "3 * 4"}')))
     wrong.observe(Completion("", [2], None, call("final_answer", '{"answer": 12}')))
     assert wrong.reward == 0.0 and wrong.stopped == "completed" and wrong.calculator_calls == [("3 * 4", "12")]
+
+
+def test_the_stated_variant_rewards_only_a_correct_tool_call():
+    """Level 0 states the expression, so its reward also asks for a calculator result equal to the
+    answer: the right number reported after a wrong calculation earns nothing there (at level 1 it
+    does, as in the report)."""
+    from clora.agents.arithmetic import ArithmeticEpisode, Problem
+    from clora.agents.envs import Completion
+
+    for level, expression, earned in ((0, "3 * 4", 0.0), (0, "3 + 4", 1.0), (1, "3 * 4", 1.0)):
+        episode = ArithmeticEpisode(Problem("Ana has 3 apples. Ana gets 4 more. How many?", "3 + 4", 7, level))
+        episode.observe(Completion("", [1], None, call("calculator", f'{{"expression": "{expression}"}}')))
+        episode.observe(Completion("", [2], None, call("final_answer", '{"answer": 7}')))
+        assert episode.reward == earned, (level, expression)

@@ -16,6 +16,32 @@ def chat(gateway: str, key: str, model: str) -> httpx.Response:
                       json={"model": model, "messages": MESSAGES, "max_tokens": 2})
 
 
+def admin_body(template: str, served: str) -> dict:
+    """A well-formed body for the route, so that a refusal can only come from the caller's key."""
+    tail = template.rsplit("/", 1)[-1]
+    return {"adapters": {"path": "/nonexistent"}, "sample": {"model": "default", "messages": MESSAGES},
+            "completions": {"model": served, "messages": MESSAGES}, "route": {"adapter": served},
+            "pins": {"pin": [served]}, "trainer-config": {"lr": 0.5}, "limits": {"max_concurrent": 1},
+            }.get(tail, {"name": "x"})
+
+
+def admin_routes(stack, victim: str, served: str) -> list[tuple[str, str, dict | None]]:
+    """(method, path, body) for every operation under /admin in the server's OpenAPI document, with
+    the victim (or an operator name) in its path."""
+    routes = []
+    for template, operations in stack.stack.server.config.app.openapi()["paths"].items():
+        if not template.startswith("/admin"):
+            continue
+        path = template.replace("{customer}", victim).replace("{name}", "ops")
+        assert "{" not in path, f"a new path parameter in {template}: give it a value here"
+        for method in operations:
+            body = admin_body(template, served) if method in ("post", "put") else None
+            routes.append((method.upper(), path, body))
+    assert len(routes) >= 20 and ("PUT", f"/admin/customers/{victim}/limits", {"max_concurrent": 1}) in routes
+    assert ("GET", "/admin/audit", None) in routes and ("DELETE", f"/admin/customers/{victim}", None) in routes
+    return routes
+
+
 def same_refusal(resp: httpx.Response, like: httpx.Response, secret: str, stand_in: str) -> None:
     """`resp` (about the victim's data) is indistinguishable from `like` (about data that does not
     exist, named `stand_in` where the attempt named `secret`)."""
@@ -54,19 +80,9 @@ def test_no_customer_or_operator_reaches_another_customers_data(gateway, stack, 
         mixed = post(gateway, key, {"events": [{"trace_id": attacker_trace, "rating": "up"},
                                                {"trace_id": victim_trace, "rating": "down"}]})
         assert mixed.status_code == 404 and victim not in mixed.text
-        # Every admin route, about the victim or about nobody: not allowed, before any lookup.
-        for method, path, body in (
-                ("POST", f"/admin/customers/{victim}/adapters", {"path": str(make_adapter(seed=7))}),
-                ("POST", f"/admin/customers/{victim}/sample", {"model": "default", "messages": MESSAGES}),
-                ("POST", f"/admin/customers/{victim}/v1/chat/completions", {"model": served, "messages": MESSAGES}),
-                ("PUT", f"/admin/customers/{victim}/route", {"adapter": served}),
-                ("DELETE", f"/admin/customers/{victim}/route", None),
-                ("PUT", f"/admin/customers/{victim}/pins", {"pin": [served]}),
-                ("GET", f"/admin/customers/{victim}/adapters", None),
-                ("GET", f"/admin/customers/{victim}/replay", None),
-                ("GET", f"/admin/customers/{victim}/trainer-config", None),
-                ("PUT", f"/admin/customers/{victim}/trainer-config", {"lr": 0.5}),
-                ("GET", "/admin/load", None)):
+        # Every admin route the server documents, about the victim or about nobody: not allowed,
+        # before any lookup (a new route is in this list the moment it exists).
+        for method, path, body in admin_routes(stack, victim, served):
             resp = httpx.request(method, f"{gateway}{path}", json=body, timeout=60,
                                  headers={"Authorization": f"Bearer {key}"})
             nobody = httpx.request(method, f"{gateway}{path.replace(victim, 'nobody-at-all')}", json=body,

@@ -17,7 +17,7 @@ from clora.trainer.adapter_store import TenantState
 from clora.trainer.batching import sequence_logprobs, shared_prefix_logprobs
 from clora.trainer.data import Group, TenantData, Turn
 from clora.trainer.lora import LoRASpec, Segment, bind, inject, new_weights
-from clora.trainer.losses import group_advantages, ppo_clip_loss, ratio_free_loss
+from clora.trainer.losses import group_advantages, policy_gradient_loss, ppo_clip_loss
 from clora.trainer.step import GROUP_PASS_FACTOR, backward, onpolicy_rows
 from clora.wire.interactions import Sampler
 from clora.wire.trainer_config import TenantConfig
@@ -137,7 +137,7 @@ def test_episode_gradients_are_each_turns_loss_with_its_episodes_advantage(base,
         with bind(layers, [Segment(0, 1, weights)]):
             logp = sequence_logprobs(model, [prompt], [completion], [sampler]).logprobs
         adv = advantage.expand(len(completion))
-        loss = ratio_free_loss(logp, adv) if sampler.constrained else ppo_clip_loss(logp, torch.tensor(old), adv, 0.2)
+        loss = policy_gradient_loss(logp, adv) if sampler.constrained else ppo_clip_loss(logp, torch.tensor(old), adv, 0.2)
         (loss * len(completion) / total).backward()
     expected = grads(weights)
 

@@ -159,21 +159,28 @@ async def _true(value: bool) -> bool:
     return value
 
 
+def own_broker(tmp_path):
+    """A broker of this test's own (it will be restarted empty), and topics on it."""
+    from clora.core.processes import free_port
+    from clora.core.services import start_broker
+
+    port = free_port()
+    config = topics(uuid.uuid4().hex[:8])
+    config.bootstrap = f"127.0.0.1:{port}"
+    return start_broker(tmp_path / "b1", port=port), port, config
+
+
 async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_buffer_once(redis_url, tmp_path):
     """202 means kept: the webhook's publisher writes the outbox before the broker's ack; the broker
     then restarts empty before ingestion read the feedback; the keeper sends it again once ingestion
     has not stored it within resend_after_s, and confirms it once stored."""
     from clora.core.outbox import Outbox
-    from clora.core.processes import free_port
     from clora.core.services import start_broker
-    from clora.feedback.outbox_keeper import OutboxKeeper
+    from clora.feedback.outbox_keeper import FeedbackOutboxKeeper
     from clora.feedback.webhook import FeedbackPublisher
 
-    port = free_port()
-    bootstrap = f"127.0.0.1:{port}"
-    broker = start_broker(tmp_path / "b1", port=port)
-    config = topics(uuid.uuid4().hex[:8])
-    config.bootstrap = bootstrap
+    broker, port, config = own_broker(tmp_path)
+    bootstrap = config.bootstrap
     client = aioredis.Redis.from_url(redis_url)
     replay = ReplayBuffer(client)
     customer = f"obx-{uuid.uuid4().hex[:6]}"
@@ -204,7 +211,7 @@ async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_bu
     broker.stop()
     await publisher.reset()
     broker = start_broker(tmp_path / "b2", port=port)
-    keeper = OutboxKeeper(outbox, publisher, client, IngestConsumer(config, client, replay).handled_key,
+    keeper = FeedbackOutboxKeeper(outbox, publisher, client, IngestConsumer(config, client, replay).handled_key,
                           resend_after_s=2.0)
     consumer = IngestConsumer(config, client, replay)
     task = asyncio.create_task(consumer.supervise())
@@ -225,5 +232,53 @@ async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_bu
         await task
         publisher.close()
         outbox.close()
+        broker.stop()
+        await client.aclose()
+
+
+async def test_interactions_captured_before_the_broker_restarts_empty_are_ingested(redis_url, tmp_path):
+    """Acknowledged is not stored: capture keeps each acknowledged interaction in its outbox until
+    ingestion has it in Redis; the broker restarts empty before ingestion ran, and the keeper sends
+    them again (through the spool) until all are stored, then the outbox is empty."""
+    from clora.core.outbox import Outbox
+    from clora.core.services import start_broker
+    from clora.runtime.capture import Capture, InteractionOutboxKeeper
+    from clora.runtime.spool import Spool
+    from clora.wire.interactions import interaction_key
+
+    broker, port, config = own_broker(tmp_path)
+    bootstrap = config.bootstrap
+    client = aioredis.Redis.from_url(redis_url)
+    customer = f"cob-{uuid.uuid4().hex[:6]}"
+    served = [interaction(i, customer) for i in range(5)]
+    capture = Capture(bootstrap, config.interactions_topic, Spool(tmp_path / "spool", 1 << 20), batch_s=0.05,
+                      outbox=Outbox(tmp_path / "capture-outbox")).start()
+    keeper = InteractionOutboxKeeper(capture, client, resend_after_s=2.0)
+    consumer = None
+    try:
+        for record in served:
+            capture.submit(record)
+        deadline = time.monotonic() + 60
+        while len(capture.outbox) < 5:  # all acknowledged by the first broker
+            assert time.monotonic() < deadline, "capture never sent"
+            await asyncio.sleep(0.1)
+        broker.stop()
+        broker = start_broker(tmp_path / "b2", port=port)
+        consumer = IngestConsumer(config, client, ReplayBuffer(client))
+        task = asyncio.create_task(consumer.supervise())
+        resent, deadline = 0, time.monotonic() + 120
+        while len(capture.outbox):
+            assert time.monotonic() < deadline, f"{len(capture.outbox)} interactions never stored"
+            resent += (await keeper.tick())[1]
+            await asyncio.sleep(0.5)
+        assert all([await client.exists(interaction_key(r.trace_id)) for r in served])
+        assert resent >= 5  # each lost with the first broker
+        assert (await keeper.tick()) == (0, 0)
+    finally:
+        if consumer is not None:
+            consumer.stop()
+            await task
+        capture.stop()
+        capture.outbox.close()
         broker.stop()
         await client.aclose()

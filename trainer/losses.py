@@ -42,6 +42,16 @@ def off_policy_loss(logp_N: torch.Tensor, behaviour_logp_N: torch.Tensor, advant
     return -(weights * advantages_N * finite_or_zero(logp_N)).mean()
 
 
+def policy_gradient_loss(logp_N: torch.Tensor, advantages_N: torch.Tensor) -> torch.Tensor:
+    """REINFORCE, -A log p per token: for GRPO groups the trainer cannot take a ratio for
+    (grammar-constrained tool calls). On-policy with one update per batch it is PPO's gradient
+    (ratio 1). Its group-normalised advantages sum to zero, so a token every episode of a group
+    shares (the call's JSON scaffolding, a number all of them copied right) gets no net push;
+    the unlikelihood of `ratio_free_loss` would push such a near-certain token down by
+    p / (1 - p) times more than the likelihood side pushes it up, and training collapses."""
+    return -(advantages_N * logp_N).mean()
+
+
 def ratio_free_loss(logp_N: torch.Tensor, advantages_N: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
     """For answers whose sampling the trainer cannot reproduce (greedy, grammar-constrained,
     penalised): no importance ratio. Positive advantage: advantage-weighted likelihood (SFT on the

@@ -7,7 +7,8 @@ records took each path, and the logprob gap. AdamW, checkpoint and publish are t
 `K` samples of one group, `S` sequences (records) of one tenant.
 
   - on-policy: GRPO groups of every tenant in shared-prefix passes (each prompt run once for its
-    K completions, several groups and tenants per pass), PPO-clip against the logprobs vLLM sampled with,
+    K completions, several groups and tenants per pass), PPO-clip against the logprobs vLLM sampled with
+    (REINFORCE where sampling was grammar-constrained: `policy_gradient_loss`),
     the trainer's logprobs under the same sampler processing (temperature, top-k, top-p: see
     sampling.py); optional KL to the base model on the unprocessed distributions;
   - rated production answers, advantage = reward - the tenant's running mean of rewards (so
@@ -50,6 +51,7 @@ from clora.trainer.losses import (
     group_advantages,
     kl_to_reference,
     off_policy_loss,
+    policy_gradient_loss,
     ppo_clip_loss,
     ratio_free_loss,
     sequence_sums,
@@ -241,7 +243,7 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
                 loss = loss + ppo_clip_loss(logp_N[ratio], old_logp_N[ratio], advantages_R[rows_N[ratio]],
                                             config.clip) * (ratio.sum() / mine.sum())
             if free.any():
-                loss = loss + ratio_free_loss(logp_N[free], advantages_R[rows_N[free]]) * (free.sum() / mine.sum())
+                loss = loss + policy_gradient_loss(logp_N[free], advantages_R[rows_N[free]]) * (free.sum() / mine.sum())
             if config.kl_coef:
                 loss = loss + config.kl_coef * kl_to_reference(result.raw_logprobs[mine], ref_logp_N[mine])
             loss = loss * (mine.sum() / totals[t])

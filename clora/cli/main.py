@@ -15,6 +15,7 @@ if spawned_for_engine():  # a process vLLM spawned from `clora serve`: before an
 import typer  # noqa: E402
 
 from clora.cli.adapters import adapters_app  # noqa: E402
+from clora.cli.bench import bench_app  # noqa: E402
 from clora.cli.customers import customers_app, operators_app  # noqa: E402
 from clora.cli.dead_letters import dead_app  # noqa: E402
 from clora.cli.demo import demo  # noqa: E402
@@ -36,6 +37,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(eval_app, name="eval")
 app.add_typer(trainer_config_app, name="trainer-config")
 app.add_typer(dead_app, name="dead-letters")
+app.add_typer(bench_app, name="bench")
 
 if __name__ == "__main__":
     app()

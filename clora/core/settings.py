@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     capture_batch_s: float = Field(default=0.5, ge=0, description="Records go to Kafka in batches at most this "
                                    "often: one broker round trip per batch, not per record.")
     spool_max_bytes: int = Field(default=1 << 30, description="On-disk spool bound.")
+    capture_outbox_max_bytes: int = Field(default=256 << 20, gt=0, description="Captured interactions the broker "
+                                          "acknowledged but ingestion has not stored yet, kept on disk to send again.")
+    capture_resend_after_s: float = Field(default=30.0, gt=0, description="A captured interaction ingestion has "
+                                          "not stored this long after sending is sent to the broker again.")
 
     # Feedback webhook.
     feedback_topic: str = "clora.feedback"
@@ -146,6 +150,10 @@ class Settings(BaseSettings):
     @property
     def outbox_dir(self) -> Path:
         return self.home / "outbox"
+
+    @property
+    def capture_outbox_dir(self) -> Path:
+        return self.home / "capture-outbox"
 
     @property
     def runs_dir(self) -> Path:

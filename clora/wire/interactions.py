@@ -14,6 +14,13 @@ from pydantic import BaseModel, Field
 
 SCHEMA_VERSION = 2  # 2: `sampler` (the effective sampling parameters) and processed logprobs
 
+
+
+def interaction_key(trace_id: str) -> str:
+    """Where ingestion stores an interaction in Redis (the capture outbox's proof it arrived)."""
+    return f"clora:interaction:{trace_id}"
+
+
 # Below this temperature vLLM samples greedily.
 GREEDY_BELOW = 1e-5
 

@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package (`clora bench ...`): they start their own runtimes."""

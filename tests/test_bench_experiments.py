@@ -1,0 +1,53 @@
+"""`clora bench experiments` end to end, the quick sweep CI runs: the real command (its own
+runtimes: a cold one per serial experiment, one warm one), the tiny model, N in {1, 2}."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clora.bench.experiments import shared_batches
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_running_lora_metric_tells_which_tenants_shared_a_batch():
+    metrics = "\n".join([
+        'vllm:lora_requests_info{max_lora="8",running_lora_adapters="",waiting_lora_adapters=""} 1.0',
+        'vllm:lora_requests_info{max_lora="8",running_lora_adapters="n2-0.v2",waiting_lora_adapters=""} 2.0',
+        'vllm:lora_requests_info{max_lora="8",running_lora_adapters="n2-1.v2,n2-0.v2,x.v1",waiting_lora_adapters=""} 3.0'])
+    assert shared_batches(metrics, ["n2-0", "n2-1"]) == 2
+    assert shared_batches(metrics, ["n2-0", "n2-9"]) == 1 and shared_batches(metrics, ["n4-0"]) == 0
+
+
+def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batches(tmp_path: Path):
+    # Three steps: step 3's rollouts, sampled while step 2 computes, are the first under the
+    # tenants' own adapters (steps 1 and 2 sample the base model), so the batches can mix adapters.
+    out = tmp_path / "results" / "sweep.json"
+    env = {**os.environ, "CLORA_HOME": str(tmp_path / "home")}
+    done = subprocess.run([str(Path(sys.executable).parent / "clora"), "bench", "experiments", "--model", "tiny",
+                           "--ns", "2,1", "--steps", "3", "--tasks", "1", "--group", "4", "--serial-runs", "1",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000 and "| N |" in out.with_suffix(".md").read_text()
+    assert (result["model"], result["steps"], result["group_size"], result["serial_measured_runs"]) == \
+        ("tiny-llama-2x256", 3, 4, 1)
+    one, two = result["rows"]
+    assert [one["n"], two["n"]] == [1, 2]
+    for row in (one, two):
+        assert 0 < row["concurrent_s"] and 0 < row["warm_serial_s"] < row["serial_s"]  # a cold start costs
+        assert row["throughput_ratio"] == pytest.approx(row["serial_s"] / row["concurrent_s"], rel=0.01)
+        assert row["warm_throughput_ratio"] == pytest.approx(row["warm_serial_s"] / row["concurrent_s"], rel=0.01)
+        assert len(row["reward_per_step"]) == 3 and len(row["serial_reward_per_step"]) == 3
+        assert row["first_experiment_s"] <= row["mean_experiment_s"] <= row["concurrent_s"]
+        assert 0 < row["mean_engine_busy"] <= 1 and 0 < row["mean_trainer_busy"] <= 1
+    assert one["step_time_ratio"] == 1.0 and two["step_time_ratio"] > 0
+    assert two["serial_s"] == pytest.approx(2 * one["serial_s"], rel=0.01)  # N x the measured singles
+    assert two["shared_batch_tenants"] == 2, "the two experiments' rollouts never shared an engine batch"
+    assert len(result["concurrent_rewards"]["2"]) == 2
