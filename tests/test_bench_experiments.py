@@ -32,6 +32,7 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     env = {**os.environ, "CLORA_HOME": str(tmp_path / "home")}
     done = subprocess.run([str(Path(sys.executable).parent / "clora"), "bench", "experiments", "--model", "tiny",
                            "--ns", "2,1", "--steps", "3", "--tasks", "1", "--group", "4", "--serial-runs", "1",
+                           "--freshness-ns", "1", "--freshness-s", "15", "--freshness-interval-s", "3",
                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -51,3 +52,7 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     assert two["serial_s"] == pytest.approx(2 * one["serial_s"], rel=0.01)  # N x the measured singles
     assert two["shared_batch_tenants"] == 2, "the two experiments' rollouts never shared an engine batch"
     assert len(result["concurrent_rewards"]["2"]) == 2
+    # Freshness with one feedback-only customer: a lone correction trains within max_record_wait_s (5 s).
+    fresh = result["freshness"]["1"]
+    assert fresh["events"] >= 1 and 0 < one["freshness_p50_s"] <= one["freshness_p99_s"] < 60
+    assert two["freshness_p50_s"] is None  # not measured at N=2

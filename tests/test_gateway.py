@@ -385,3 +385,15 @@ def test_a_customer_given_its_own_limit_is_held_to_it_and_others_keep_the_defaul
     assert admin.put(f"/admin/customers/{name}/limits", json={}).json()["own"] is False  # the defaults again
     assert admin.get(f"/admin/customers/{name}/limits").json()["max_concurrent"] == 64
     assert admin.put(f"/admin/customers/{name}/limits", json={"max_concurrent": -1}).status_code == 400
+
+
+def test_an_engine_failing_a_request_is_a_503_the_client_retries():
+    """A request in flight when the engine dies (the soak: vLLM's app answering 500 while it is torn
+    down) is the designed 503 with `Retry-After`, as for a request arriving during the restart; a
+    4xx from the engine stays the caller's error."""
+    from clora.runtime.api.upstream import upstream_error
+
+    failed = upstream_error(500, json.dumps({"error": {"message": "'State' object has no attribute 'server'"}}))
+    assert (failed.status, failed.code, failed.headers) == (503, "engine_error", {"Retry-After": "5"})
+    refused = upstream_error(400, json.dumps({"error": {"message": "bad"}}))
+    assert refused.status == 400 and not refused.headers

@@ -147,15 +147,17 @@ def reward_gap_sd(serial: list[tuple[float, float]], concurrent: list[tuple[floa
 
 def row(n: int, runs: list[Experiment], cold: list[Experiment], cold_s: list[float], warm: list[Experiment],
         baseline_step_s: float | None, shared: int) -> dict:
-    serial_s, warm_serial_s = statistics.fmean(cold_s) * n, statistics.fmean(e.seconds for e in warm) * n
-    concurrent_s = max(e.seconds for e in runs)
+    # Rounded first, so that the file's ratios are its own columns' (serial_s / concurrent_s).
+    serial_s = round(statistics.fmean(cold_s) * n, 2)
+    warm_serial_s = round(statistics.fmean(e.seconds for e in warm) * n, 2)
+    concurrent_s = round(max(e.seconds for e in runs), 2)
     steps = [s for e in runs for s in e.steps]
     mean_step_s = statistics.fmean(s["cycle_s"] for s in steps)
     concurrent_curve, serial_curve = per_step(runs), per_step(cold + warm)
     return {
-        "n": n, "serial_s": round(serial_s, 1), "warm_serial_s": round(warm_serial_s, 1),
-        "concurrent_s": round(concurrent_s, 1), "first_experiment_s": round(min(e.seconds for e in runs), 1),
-        "mean_experiment_s": round(statistics.fmean(e.seconds for e in runs), 1),
+        "n": n, "serial_s": serial_s, "warm_serial_s": warm_serial_s, "concurrent_s": concurrent_s,
+        "first_experiment_s": round(min(e.seconds for e in runs), 2),
+        "mean_experiment_s": round(statistics.fmean(e.seconds for e in runs), 2),
         "throughput_ratio": round(serial_s / concurrent_s, 3), "warm_throughput_ratio": round(warm_serial_s / concurrent_s, 3),
         "mean_step_s": round(mean_step_s, 2),
         **{f"mean_{k}": round(statistics.fmean(s[k] for s in steps), 3)

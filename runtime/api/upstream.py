@@ -56,8 +56,8 @@ def upstream_error(status: int, text: str) -> APIError:
         message = orjson.loads(text)["error"]["message"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         message = text[:500] or "engine error"
-    if status >= 500:
-        return APIError(503, f"Engine error: {message}", "engine_error")
+    if status >= 500:  # the engine failing (dying, restarting: seen in the soak) is transient to the caller
+        return APIError(503, f"Engine error: {message}", "engine_error", headers={"Retry-After": "5"})
     return APIError(status, message, "invalid_request")
 
 
