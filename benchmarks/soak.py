@@ -136,25 +136,22 @@ class Soak:
 
     # -- faults -----------------------------------------------------------------------------------
     def processes(self) -> dict[str, list[psutil.Process]]:
-        me = psutil.Process()
-        found: dict[str, list[psutil.Process]] = collections.defaultdict(list)
-        for child in me.children(recursive=True):
+        """This soak's processes by kind, found from their pids (never by name: a test process may
+        run another stack's vLLM beside this one)."""
+        def tree(pid: int | None) -> list[psutil.Process]:
             try:
-                name = child.name()
+                root = psutil.Process(pid) if pid else None
+                return [root, *root.children(recursive=True)] if root else []
             except psutil.Error:
-                continue
-            kind = ("engine" if name.startswith("VLLM") else "trainer" if child.pid == self.stack.trainer.pid
-                    else "broker" if "tansu" in name else "redis" if "valkey" in name else None)
-            if kind:
-                found[kind].append(child)
-        found["serve"] = [me]
-        return found
+                return []
+        engine = [p for pid in self.stack.engine.engine_core_pids() for p in tree(pid)]
+        return {"serve": [psutil.Process()], "engine": engine, "trainer": tree(self.stack.trainer.pid),
+                "broker": tree(self.broker.process.pid), "redis": tree(self.redis_service.process.pid)}
 
     async def inject(self, kind: str) -> None:
         if kind == "engine":
-            core = [p for p in self.processes()["engine"] if p.name() == "VLLM::EngineCore"]
-            for p in core:
-                p.send_signal(signal.SIGKILL)
+            for pid in self.stack.engine.engine_core_pids():
+                os.kill(pid, signal.SIGKILL)
         elif kind == "trainer":
             if self.stack.trainer.pid is None or not self.stack.trainer.alive():
                 return  # still being restarted from the last kill: no fault this time
