@@ -1,13 +1,13 @@
-"""One customer flooding the gateway vs another's latency: does a per-customer limit keep it fair?
+"""One customer flooding the gateway vs another's latency: is the engine shared fairly?
 
 Starts `clora serve` (SmolLM2-135M-Instruct unless CLORA_MODEL is set; trainer off) once per
-setting of CLORA_CUSTOMER_MAX_CONCURRENT and measures the quiet customer's latency (one request at
-a time, 16-token answers) alone, then while the flooding customer keeps `--flood` requests of
-64 tokens in flight (its 429s counted, retried after a short pause as a client would). The claim:
-with the per-customer limit the quiet customer's p50 stays within 2x of its unloaded p50.
-Writes benchmarks/results/fairness.json.
+setting (CLORA_CUSTOMER_MAX_CONCURRENT / CLORA_FAIR_SHARE_REQUESTS) and measures the quiet
+customer's latency (one request at a time, 16-token answers) alone, then while the flooding
+customer keeps `--flood` requests of 64 tokens in flight (its 429s counted, retried after a short
+pause as a client would; its answers counted). The claim: at the default settings the quiet
+customer's p50 stays within 2x of its unloaded p50. Writes benchmarks/results/fairness.json.
 
-    .venv/bin/python benchmarks/fairness.py [--flood 32] [--limits 64,4]
+    .venv/bin/python benchmarks/fairness.py [--flood 32] [--settings 64/0,64/8]
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ async def flood(url: str, key: str, workers: int, stop: asyncio.Event) -> dict:
     return counts
 
 
-async def measure(limit: int, workers: int, seconds: float) -> dict:
+async def measure(limit: int, fair_share: int, workers: int, seconds: float) -> dict:
     home = Path(tempfile.mkdtemp(prefix="clora-fair-"))
     (home / "cache").symlink_to((REPO / ".clora" / "cache").resolve(), target_is_directory=True)
     proc, state, env = start_serve(home, {"CLORA_CUSTOMER_MAX_CONCURRENT": str(limit),
+                                          "CLORA_FAIR_SHARE_REQUESTS": str(fair_share),
                                           "CLORA_CUSTOMER_REQUESTS_PER_S": "0"})
     try:
         url = state["gateway_url"]
@@ -79,7 +80,7 @@ async def measure(limit: int, workers: int, seconds: float) -> dict:
         proc.send_signal(signal.SIGINT)
         proc.wait(120)
     p50_alone, p50_loaded = pct(alone, 0.5), pct(loaded, 0.5)
-    return {"max_concurrent": limit, "flood_workers": workers, "quiet_p50_alone_ms": round(p50_alone, 1),
+    return {"max_concurrent": limit, "fair_share_requests": fair_share, "flood_workers": workers, "quiet_p50_alone_ms": round(p50_alone, 1),
             "quiet_p50_flooded_ms": round(p50_loaded, 1), "quiet_p99_flooded_ms": round(pct(loaded, 0.99), 1),
             "ratio": round(p50_loaded / p50_alone, 2), "quiet_requests": [len(alone), len(loaded)],
             "flood_answers": counts}
@@ -87,8 +88,8 @@ async def measure(limit: int, workers: int, seconds: float) -> dict:
 
 async def main(args: argparse.Namespace) -> dict:
     rows = []
-    for limit in args.limits:
-        rows.append(await measure(limit, args.flood, args.seconds))
+    for limit, fair_share in args.settings:
+        rows.append(await measure(limit, fair_share, args.flood, args.seconds))
         print(json.dumps(rows[-1]), flush=True)
     return {"benchmark": "fairness", "machine": machine(), "at": time.time(),
             "command": "python benchmarks/fairness.py " + " ".join(sys.argv[1:]), "rows": rows}
@@ -97,8 +98,9 @@ async def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=32, help="the flooding customer's requests in flight")
-    parser.add_argument("--limits", type=lambda s: [int(x) for x in s.split(",")], default=[64, 4],
-                        help="CLORA_CUSTOMER_MAX_CONCURRENT settings to measure")
+    parser.add_argument("--settings", type=lambda s: [tuple(int(x) for x in p.split("/")) for p in s.split(",")],
+                        default=[(64, 0), (64, 8)], help="CLORA_CUSTOMER_MAX_CONCURRENT/CLORA_FAIR_SHARE_REQUESTS "
+                        "pairs to measure (default: fair share off, then the defaults)")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fairness.json")
     cli = parser.parse_args()

@@ -135,7 +135,8 @@ class Stack:
                                max_request_bytes=s.max_request_bytes, admin_key=admin_key(s),
                                upstream_timeout_s=s.upstream_timeout_s, max_tokens_cap=s.max_tokens_cap or None,
                                limits=Limits(s.customer_max_concurrent, s.customer_requests_per_s,
-                                             s.customer_tokens_per_min))
+                                             s.customer_tokens_per_min),
+                               fair_share_requests=s.fair_share_requests)
         traces = TraceSigner(trace_secret(s))
         replay = ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share)
         self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis, replay)

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
 from clora.core.http import APIError
+from clora.runtime.fair_share import FairShare
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,20 @@ class _Bucket:
 
 
 class CustomerLimits:
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, fair_share_requests: int = 0):
         self.limits = limits
+        self.fair = FairShare(fair_share_requests)  # admitted requests still wait for their share of the engine
         self.own: dict[str, Limits] = {}  # customers with limits of their own
         self.active: dict[str, int] = {}
         self._requests: dict[str, _Bucket] = {}
         self._tokens: dict[str, _Bucket] = {}
 
     def admit(self, customer: str) -> Slot:
-        """`check`, then hold a concurrency slot until the slot is released (a stream's at its end)."""
+        """`check`, then hold a concurrency slot until the slot is released (a stream's at its end);
+        the slot enters the engine's fair share at once when it may (else `Slot.wait_turn`)."""
         self.check(customer)
         self.active[customer] = self.active.get(customer, 0) + 1
-        return Slot(self, customer)
+        return Slot(self, customer, self.fair.try_enter(customer))
 
     def for_customer(self, customer: str) -> Limits:
         return self.own.get(customer, self.limits)
@@ -130,17 +133,27 @@ class CustomerLimits:
 
 
 class Slot:
-    """One admitted request's concurrency slot: released once, by `done`, or when dropped (a
-    stream whose body was never iterated: the client left before the first chunk)."""
+    """One admitted request's concurrency slot and its place in the engine's fair share: released
+    once, by `done`, or when dropped (a stream whose body was never iterated: the client left
+    before the first chunk)."""
 
-    def __init__(self, limits: CustomerLimits, customer: str):
+    def __init__(self, limits: CustomerLimits, customer: str, entered: bool):
         self.limits, self.customer, self.released = limits, customer, False
+        self.entered = entered  # holds a place among the requests in the engine
+
+    async def wait_turn(self) -> None:
+        """Until the customer's share of the engine lets this request in (at once, usually)."""
+        if not self.entered:
+            await self.limits.fair.wait_turn(self.customer)
+            self.entered = True
 
     def done(self, tokens: int = 0) -> None:
         if not self.released:
             self.released = True
             self.limits._release(self.customer)
             self.limits.spend(self.customer, tokens)
+            if self.entered:
+                self.limits.fair.leave(self.customer)
 
     def __del__(self) -> None:
         self.done()

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
                                            "request rate (bursts of 2 s worth); beyond it a 429 (0: no limit).")
     customer_tokens_per_min: int = Field(default=0, ge=0, description="A customer's prompt + completion tokens "
                                          "per minute; beyond it a 429 until refilled (0: no limit).")
+    fair_share_requests: int = Field(default=8, ge=0, description=(
+        "Chat requests in the engine that competing customers share equally: while another customer is "
+        "active, a customer's requests beyond its share wait (no 429) until one of its own ends; a customer "
+        "alone may use up to its concurrency limit (0: off)."))
     max_tokens_cap: int = Field(default=4096, ge=0, description="Largest `max_tokens` / `max_completion_tokens` a "
                                 "customer may ask for; more is a 400 (0: no cap).")
 
@@ -97,8 +101,8 @@ class Settings(BaseSettings):
     # Ingestion and replay buffers.
     dead_letter_topic: str = "clora.feedback.dead"
     ingest_group: str = Field(default="clora-ingest", description="Kafka consumer group of the ingestion.")
-    ingest_fetch_wait_s: float = Field(default=0.5, gt=0, description="The broker holds a fetch this long to "
-                                       "fill a batch (returns early at 1 MiB): fewer wake-ups per record.")
+    ingest_fetch_wait_s: float = Field(default=0.25, gt=0, description="The broker holds a fetch this long to "
+                                       "fill a batch (returns early at 64 KiB): fewer wake-ups per record.")
     ingest_max_poll_records: int = Field(default=500, gt=0, description="Records the ingestion handles per batch.")
     ingest_max_lag: int = Field(default=10_000, ge=0, description="Messages the ingestion may be behind before "
                                 "/healthz reports it degraded (still a 200: serving is unaffected).")

@@ -79,6 +79,7 @@ async def respond(gateway: Gateway, request: Request, customer: str, slot: Slot,
     upstream["top_logprobs"] = chat.top_logprobs if chat.logprobs and chat.top_logprobs else 0
     record = recorder(gateway, customer, version, chat, raw, trace_id, arrived)
 
+    await slot.wait_turn()  # the customer's share of the engine, when others compete for it
     stack = AsyncExitStack()
     try:
         resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream,

@@ -41,6 +41,7 @@ class GatewayConfig:
     admin_key: str | None = None
     upstream_timeout_s: float | None = 600.0  # the engine's answer must start within this (else 504)
     limits: Limits = field(default_factory=Limits)  # per customer (runtime/limits.py)
+    fair_share_requests: int = 8  # engine requests shared by competing customers (runtime/fair_share.py)
     max_tokens_cap: int | None = 4096  # a larger max_tokens / max_completion_tokens is a 400
 
 
@@ -68,7 +69,7 @@ class Gateway:
     audit: AuditLog = field(init=False)
 
     def __post_init__(self) -> None:
-        self.limits = CustomerLimits(self.config.limits)
+        self.limits = CustomerLimits(self.config.limits, self.config.fair_share_requests)
         self.audit = AuditLog(self.customers.redis)
 
     def refuse_unsupported(self, chat: ChatRequest) -> None:

@@ -32,11 +32,12 @@ async def send_upstream(stack: AsyncExitStack, router: Router, client: EngineCli
             raise APIError(503, f"Model `{version.name if version else None}` cannot be loaded now; the operator "
                                 "has been told.", "adapter_unavailable") from None
         try:
-            resp = await asyncio.wait_for(client.chat(body), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: no task of its own per request
+                resp = await client.chat(body)
         except EngineUnavailable as exc:
             raise APIError(503, f"The engine is restarting; retry shortly ({exc}).", "engine_unavailable",
                            headers={"Retry-After": "5"}) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APIError(504, f"The engine did not answer within {timeout_s:g} s; the request was aborted.",
                            "upstream_timeout") from None
         stack.callback(resp.release)
