@@ -3,14 +3,15 @@
 A per-customer concurrency limit only caps a customer; it does not stop one customer's 32 requests
 from filling the engine's batch while another customer's single request decodes in it (on two CPU
 cores that made the quiet customer's answers 3.7x slower). What a quiet customer waits on is the
-batch its tokens decode in, so while customers compete, each may have only an equal share of
-`budget` requests in the engine; requests beyond a customer's share wait here (not a 429) and are
+batch its tokens decode in, so while a customer uses no more than its share of `budget` requests
+in the engine, the others may not go beyond theirs: their requests wait here (not a 429) and are
 let in, customers with the fewest in the engine first, as others leave.
 
-Work-conserving: a customer alone may use the engine up to its own concurrency limit (the share
-applies only while another customer is *competing*: has a request in the engine or waiting, or
-had one within `window_s`: a client sending one request after another is idle between them for a
-moment), and while fewer than `budget` requests are in the engine anyone enters. State is per
+Work-conserving: a customer alone may use the engine up to its own concurrency limit (shares
+count only customers *competing*: with a request in the engine or waiting, or one within
+`window_s`: a client sending one request after another is idle between them for a moment); while
+fewer than `budget` requests are in the engine anyone enters; and customers that all want more
+than a share are not held back (no one is protected by it). State is per
 gateway process and touched only from its event loop; a request that enters at once costs a few
 dictionary operations (no await).
 """
@@ -79,7 +80,12 @@ class FairShare:
         if not self.budget or self.total < self.budget:
             return True
         share = self.share(now)
-        return share is None or self.in_engine.get(customer, 0) < share
+        if share is None or self.in_engine.get(customer, 0) < share:
+            return True
+        # Over its share: held back only for a competing customer that uses no more than its own
+        # (customers that all ask for more than a share keep the engine's batch as full as they
+        # like: holding them to `budget` would cost throughput and protect no one).
+        return not any(self.in_engine.get(other, 0) <= share for other in self._last_seen if other != customer)
 
     def _competing(self, now: float) -> int:
         horizon = now - self.window_s

@@ -39,25 +39,37 @@ async def test_while_another_competes_a_flood_waits_down_to_its_share_and_the_qu
     assert share.in_engine == {"flood": 3, "quiet": 1} and share.total == 4
 
 
-async def test_waiters_enter_fewest_in_the_engine_first_and_in_order_within_a_customer():
+async def test_waiters_enter_fewest_in_the_engine_first():
     share = FairShare(budget=2, window_s=60)
     fill(share, "a", 2)  # alone
-    assert share.try_enter("b")  # under its share (1)
+    assert share.try_enter("b") and share.try_enter("c")  # each under its share (1)
     order: list[str] = []
 
     async def wait(customer: str, tag: str) -> None:
         await share.wait_turn(customer)
         order.append(tag)
 
-    for customer, tag in (("a", "a1"), ("a", "a2"), ("b", "b2")):
+    for customer, tag in (("b", "b2"), ("a", "a3")):  # b queued first
         assert not share.try_enter(customer)
         asyncio.create_task(wait(customer, tag))
     await asyncio.sleep(0)
-    for leaving in ("a", "a", "b", "a1"):  # a: 2 -> 0 in the engine, then b 1 -> 0, then a1 ends
-        share.leave(leaving[0])
+    for leaving in ("c", "a", "a"):  # one place frees when a is at 0: a, with the fewest, takes it
+        share.leave(leaving)
         await asyncio.sleep(0)
-    assert order == ["a1", "b2", "a2"]
-    assert share.waiting == {} and share.in_engine == {"a": 1, "b": 1} and share.total == 2
+    assert order == ["a3"]
+    share.leave("a")  # a3 ends
+    await asyncio.sleep(0)
+    assert order == ["a3", "b2"] and share.waiting == {} and share.in_engine == {"b": 2}
+
+
+async def test_customers_that_all_want_more_than_a_share_are_not_held_back_but_a_light_one_holds_them():
+    share = FairShare(budget=4, window_s=60)
+    for customer in ("a", "b", "c"):
+        fill(share, customer, 4)  # each over its share, none using less: the batch stays full
+    assert share.total == 12
+    assert share.try_enter("quiet")  # a light customer enters at once
+    for customer in ("a", "b", "c"):
+        assert not share.try_enter(customer)  # and from now the heavy ones wait
 
 
 async def test_a_cancelled_waiter_leaves_no_place_behind():

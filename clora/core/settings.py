@@ -46,9 +46,9 @@ class Settings(BaseSettings):
     customer_tokens_per_min: int = Field(default=0, ge=0, description="A customer's prompt + completion tokens "
                                          "per minute; beyond it a 429 until refilled (0: no limit).")
     fair_share_requests: int = Field(default=8, ge=0, description=(
-        "Chat requests in the engine that competing customers share equally: while another customer is "
-        "active, a customer's requests beyond its share wait (no 429) until one of its own ends; a customer "
-        "alone may use up to its concurrency limit (0: off)."))
+        "Chat requests in the engine that competing customers share equally: while a customer uses no more "
+        "than its share, the others' requests beyond theirs wait (no 429); a customer alone, or customers "
+        "that all want more than a share, use up to their concurrency limits (0: off)."))
     max_tokens_cap: int = Field(default=4096, ge=0, description="Largest `max_tokens` / `max_completion_tokens` a "
                                 "customer may ask for; more is a 400 (0: no cap).")
 
