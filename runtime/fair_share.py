@@ -11,7 +11,8 @@ Work-conserving: a customer alone may use the engine up to its own concurrency l
 count only customers *competing*: with a request in the engine or waiting, or one within
 `window_s`: a client sending one request after another is idle between them for a moment); while
 fewer than `budget` requests are in the engine anyone enters; and customers that all want more
-than a share are not held back (no one is protected by it). State is per
+than a share are not held back (no one is protected by it). Customers' chat requests only: the
+trainer's rollouts and eval sampling (the admin API) are scheduled by the trainer and eval jobs. State is per
 gateway process and touched only from its event loop; a request that enters at once costs a few
 dictionary operations (no await).
 """
