@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +81,13 @@ async def added_latency(engine: str, gateway: str, key: str, pairs: int) -> dict
     """Interleaved 1-token requests: the difference is what the gateway itself adds (capture on,
     which also asks vLLM for token ids and logprobs). Pairs alternate which path goes first, so a
     slow drift of the machine falls on both; besides the difference of the two p50s, the median of
-    the per-pair differences is reported (less sensitive to the machine's noise)."""
+    the per-pair differences is reported (less sensitive to the machine's noise), each with a 95%
+    bootstrap interval over the pairs: one request takes ~160 ms and varies by several ms, so a
+    difference of ~2 ms needs about a thousand pairs to be told apart from the noise."""
     direct, through = [], []
     paths = ((engine, "base", {}, direct), (gateway, "default", {"Authorization": f"Bearer {key}"}, through))
     async with httpx.AsyncClient(timeout=60) as client:
-        for i in range(pairs + 5):
+        for i in track(range(pairs + 5), description="pairs", console=console, transient=True):
             for url, model, headers, sink in (paths if i % 2 else paths[::-1]):
                 started = time.perf_counter()
                 resp = await client.post(f"{url}/v1/chat/completions", headers=headers, json={
@@ -93,8 +97,22 @@ async def added_latency(engine: str, gateway: str, key: str, pairs: int) -> dict
                     sink.append((time.perf_counter() - started) * 1000)
     return {"pairs": pairs, "direct_p50_ms": pct(direct, 0.5), "gateway_p50_ms": pct(through, 0.5),
             "added_p50_ms": pct(through, 0.5) - pct(direct, 0.5),
+            "added_p50_ci95_ms": bootstrap_ci(direct, through, lambda d, t: pct(t, 0.5) - pct(d, 0.5)),
             "added_p99_ms": pct(through, 0.99) - pct(direct, 0.99),
-            "added_paired_median_ms": statistics.median(t - d for t, d in zip(through, direct))}
+            "added_paired_median_ms": statistics.median(t - d for t, d in zip(through, direct)),
+            "added_paired_median_ci95_ms": bootstrap_ci(
+                direct, through, lambda d, t: statistics.median(b - a for a, b in zip(d, t)))}
+
+
+def bootstrap_ci(direct: list[float], through: list[float], statistic, resamples: int = 2000) -> list[float]:
+    """95% interval of `statistic(direct, through)`, resampling whole pairs (seeded: reproducible)."""
+    rng = random.Random(0)
+    n = len(direct)
+    values = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        values.append(statistic([direct[i] for i in picks], [through[i] for i in picks]))
+    return [round(pct(values, 0.025), 2), round(pct(values, 0.975), 2)]
 
 
 def make_adapters(model_dir: str, count: int, out: Path) -> list[Path]:
@@ -189,7 +207,7 @@ def create_customer(env: dict, name: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-async def added_latency_only(pairs: int = 300) -> dict:
+async def added_latency_only(pairs: int = 1000) -> dict:
     home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     (home / "cache").symlink_to((REPO / ".clora" / "cache").resolve(), target_is_directory=True)
     proc, state, env = start_serve(home)
@@ -234,7 +252,7 @@ async def main(quick: bool) -> dict:
                 "failed_requests": d1["failures"] + d2["failures"] + g1["failures"] + g2["failures"],
             })
         console.print("added latency: interleaved 1-token requests")
-        added = await added_latency(engine, gateway, key, pairs=40 if quick else 300)
+        added = await added_latency(engine, gateway, key, pairs=40 if quick else 1000)
 
         console.print("hot-swap under load")
         steady = [create_customer(env, f"steady{i}") for i in range(3)]

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from clora.core.health import ComponentHealth
 from clora.feedback.replay import ReplayBuffer
-from clora.wire.feedback import FeedbackMessage, FeedbackSignal, join_json
+from clora.wire.feedback import FeedbackMessage, FeedbackSignal, join_json, parse_feedback_value
 from clora.wire.interactions import InteractionRecord, interaction_key
 from clora.wire.kafka import ensure_topics, reliable_producer
 
@@ -42,9 +42,10 @@ log = logging.getLogger("clora.ingest")
 INGESTED = Counter("clora_ingest_messages_total", "Messages handled by the ingestion consumer", ["topic", "outcome"])
 LAG = Gauge("clora_ingest_lag", "Messages behind the partition's high watermark", ["topic", "partition"])
 RESTARTS = Counter("clora_ingest_restarts_total", "Times the ingestion consumer failed and was started again")
-# A fetch returns once this much is waiting (~230 feedback messages): under load batches fill in
+# A fetch returns once this much is waiting (~230 events' worth of feedback): under load batches fill in
 # tens of ms; 1 MiB held each fetch for the whole `fetch_wait_s` at a few thousand events/s.
 FETCH_MIN_BYTES = 64 << 10
+JOIN_CHUNK = 1000  # feedback events matched and pushed per Redis round trip
 UP = Gauge("clora_ingest_up", "1 while the ingestion consumer runs, 0 while it is down or restarting")
 
 
@@ -67,8 +68,9 @@ class IngestConfig:
 
 
 def handled_key(group_id: str) -> str:
-    """Feedback event ids the group has handled (stored, waiting or dead-lettered), scored by
-    when: the webhook's outbox confirms against it."""
+    """Ids of the feedback messages the group has handled (every event stored, waiting or
+    dead-lettered): a post's id, a lone event's event_id; scored by when. The webhook's outbox
+    confirms against it."""
     return f"clora:ingest:{{{group_id}}}:handled"
 
 
@@ -256,24 +258,29 @@ class IngestConsumer:
         feedback in the same batch finds them; then the joins; waiting copies go last."""
         interactions: list[tuple[InteractionRecord, bytes]] = []
         feedback: list[FeedbackMessage] = []
+        handled: list[str] = []  # the feedback messages' ids, for the webhook's outbox
         for tp, offset, value in messages:
             try:
                 if tp.topic == self.config.interactions_topic:
                     interactions.append((self._parse_interaction(value), value))
                 else:
-                    feedback.append(self._parse_feedback(value))
+                    message_id, events = parse_feedback_value(value)
+                    feedback += events
+                    handled.append(message_id)
             except (ValidationError, ValueError) as exc:
                 INGESTED.labels(tp.topic, "dead").inc()
                 self._dead_letter(f"malformed: {str(exc).splitlines()[0][:300]}", tp.topic, tp.partition, offset, value)
         released = await self._store_interactions(interactions)
-        await self._join([*released, *await self._match(feedback)])
+        await self._join(released)
+        for start in range(0, len(feedback), JOIN_CHUNK):  # a poll of posts can hold thousands of events
+            await self._join(await self._match(feedback[start:start + JOIN_CHUNK]))
         if released or feedback:  # only now: a crash before this point redelivers, and the pushes are idempotent
             async with self.redis.pipeline(transaction=False) as pipe:
                 for trace in {message.event.trace_id for _, message in released}:
                     pipe.delete(self._waiting(trace))
                     pipe.zrem(self._deadlines, trace)
-                if feedback:
-                    pipe.zadd(self.handled_key, {message.event.event_id: time.time() for message in feedback})
+                if handled:
+                    pipe.zadd(self.handled_key, dict.fromkeys(handled, time.time()))
                 await pipe.execute()
 
     @staticmethod
@@ -282,13 +289,6 @@ class IngestConsumer:
         if not interaction.choices:
             raise ValueError("interaction has no choices")
         return interaction
-
-    @staticmethod
-    def _parse_feedback(value: bytes) -> FeedbackMessage:
-        message = FeedbackMessage.model_validate_json(value)
-        if not message.event.event_id:
-            raise ValueError("feedback without event_id")
-        return message
 
     async def _store_interactions(self, interactions: list[tuple[InteractionRecord, bytes]]
                                   ) -> list[tuple[bytes, FeedbackMessage]]:

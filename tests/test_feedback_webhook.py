@@ -13,7 +13,7 @@ from clora.core.customers import CustomerStore
 from clora.core.http import APIError
 from clora.core.processes import free_port
 from clora.feedback.webhook import FeedbackPublisher
-from clora.wire.feedback import FeedbackMessage
+from clora.wire.feedback import FeedbackMessage, FeedbackPost
 from tests.helpers import read_topic
 from tests.test_gateway import MESSAGES, client_for
 
@@ -27,8 +27,9 @@ def served_trace(gateway: str, key: str) -> str:
 
 
 def feedback_messages(broker: str, event_ids: set[str], timeout_s: float = 30) -> dict[str, FeedbackMessage]:
-    return read_topic(broker, TOPIC, FeedbackMessage.model_validate_json, lambda m: m.event.event_id, event_ids,
-                      timeout_s)
+    """event id -> the event as ingestion reads it off the topic (one post per request and customer)."""
+    return read_topic(broker, TOPIC, lambda v: FeedbackPost.model_validate_json(v).messages(),
+                      lambda m: m.event.event_id, event_ids, timeout_s, many=True)
 
 
 def post(gateway: str, key: str | None, body) -> httpx.Response:
@@ -137,3 +138,22 @@ def test_the_admin_replay_report_shows_what_reached_the_buffer(gateway, make_cus
     assert admin.get("/admin/customers/nobody-here/replay").status_code == 404
     assert httpx.get(f"{gateway}/admin/customers/{name}/replay", headers={"Authorization": f"Bearer {key}"}
                      ).status_code == 401
+
+
+def test_a_requests_events_go_out_as_one_post_per_customer_each_under_the_size_limit():
+    from clora.feedback.webhook import MAX_POST_BYTES, posts_of
+    from clora.wire.feedback import FeedbackEvent, parse_feedback_value
+
+    small = [("a", FeedbackEvent(trace_id=f"t{i}", rating="up", event_id=f"a{i}")) for i in range(3)]
+    other = [("b", FeedbackEvent(trace_id="t9", reward=0.5, event_id="b0"))]
+    big = [("c", FeedbackEvent(trace_id=f"t{i}", comment="x" * 4000, event_id=f"c{i}")) for i in range(150)]
+    posts = posts_of([small[0], *other, *small[1:], *big], "customer", 1.0)
+    by_customer: dict[str, list[str]] = {}
+    for post, value in posts:
+        assert len(value) <= MAX_POST_BYTES and value == post.model_dump_json()
+        message_id, messages = parse_feedback_value(value.encode())
+        assert message_id == post.id and {m.customer for m in messages} == {post.customer}
+        by_customer.setdefault(post.customer, []).extend(m.event.event_id for m in messages)
+    assert [p.customer for p, _ in posts[:2]] == ["a", "b"] and len(posts) > 3  # c's 600 KB split
+    assert by_customer == {"a": ["a0", "a1", "a2"], "b": ["b0"], "c": [f"c{i}" for i in range(150)]}
+    assert len({p.id for p, _ in posts}) == len(posts)

@@ -13,7 +13,7 @@ from kafka import KafkaProducer
 
 from clora.feedback.consumer import DeadLetter, IngestConfig, IngestConsumer
 from clora.feedback.replay import ReplayBuffer
-from clora.wire.feedback import FeedbackEvent, FeedbackMessage
+from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost
 from tests.helpers import read_topic
 from tests.test_capture import record as interaction
 
@@ -49,13 +49,20 @@ async def test_joins_waits_deduplicates_and_dead_letters(broker, redis_url):
     dup = feedback(on_time.trace_id, customer, reward=0.5)
     orphan = feedback("chatcmpl-never-served", customer)
     wrong_owner = feedback(on_time.trace_id, customer + "x")
+    posted = interaction(3, customer)  # rated by one post of two events, as the webhook sends them
+    post = FeedbackPost(id="post-" + uuid.uuid4().hex, customer=customer, submitted_by="customer",
+                        received_at=time.time(), events=[
+                            FeedbackEvent(trace_id=posted.trace_id, event_id=uuid.uuid4().hex, reward=-0.5),
+                            FeedbackEvent(trace_id=posted.trace_id, event_id=uuid.uuid4().hex, rating="up")])
 
     def send(topic: str, payload: bytes, key: str = customer) -> None:
         producer.send(topic, key=key.encode(), value=payload)
 
     send(config.feedback_topic, joined_first.model_dump_json().encode())
     send(config.interactions_topic, on_time.model_dump_json().encode())
+    send(config.interactions_topic, posted.model_dump_json().encode())
     send(config.feedback_topic, dup.model_dump_json().encode())
+    send(config.feedback_topic, post.model_dump_json().encode())
     send(config.feedback_topic, dup.model_dump_json().encode())  # redelivery / double send
     send(config.feedback_topic, orphan.model_dump_json().encode())
     send(config.feedback_topic, wrong_owner.model_dump_json().encode())
@@ -66,16 +73,21 @@ async def test_joins_waits_deduplicates_and_dead_letters(broker, redis_url):
     consumer = IngestConsumer(config, client, replay)
     task = asyncio.create_task(consumer.run())
     try:
-        await wait_for(lambda: _size_is(replay, customer, 1))
+        await wait_for(lambda: _size_is(replay, customer, 3))
         first_seen = time.monotonic()
         await asyncio.sleep(1.0)
-        assert (await replay.stats(customer)).size == 1  # early's feedback waits for its interaction
+        assert (await replay.stats(customer)).size == 3  # early's feedback waits for its interaction
 
         send(config.interactions_topic, early.model_dump_json().encode())
         producer.flush()
-        await wait_for(lambda: _size_is(replay, customer, 2))
+        await wait_for(lambda: _size_is(replay, customer, 4))
         records = {r.event_id: r for r in await replay.sample(customer, 10)}
-        assert set(records) == {joined_first.event.event_id, dup.event.event_id}
+        assert set(records) == {joined_first.event.event_id, dup.event.event_id, *(e.event_id for e in post.events)}
+        assert [records[e.event_id].reward for e in post.events] == [-0.5, 1.0]
+        assert all(records[e.event_id].completion_token_ids == posted.choices[0].token_ids for e in post.events)
+        # Handled (what the webhook's outbox confirms against): a post by its id, a lone event by its own.
+        handled = await client.zmscore(consumer.handled_key, [post.id, dup.event.event_id, post.events[0].event_id])
+        assert handled[0] is not None and handled[1] is not None and handled[2] is None
         fixed = records[joined_first.event.event_id]
         assert fixed.kind == "correction" and fixed.completion_token_ids == early.choices[0].token_ids
         assert fixed.behaviour_logprobs == early.choices[0].logprobs
@@ -177,7 +189,7 @@ async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_bu
     from clora.core.outbox import Outbox
     from clora.core.services import start_broker
     from clora.feedback.outbox_keeper import FeedbackOutboxKeeper
-    from clora.feedback.webhook import FeedbackPublisher
+    from clora.feedback.webhook import FeedbackPublisher, posts_of
 
     broker, port, config = own_broker(tmp_path)
     bootstrap = config.bootstrap
@@ -205,9 +217,9 @@ async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_bu
     outbox = Outbox(tmp_path / "outbox")
     publisher = FeedbackPublisher(bootstrap, config.feedback_topic, outbox=outbox)
     accepted = [feedback(r.trace_id, customer) for r in served]
-    await publisher.publish(accepted[:3])
-    await publisher.publish(accepted[3:])
-    assert len(outbox) == 5
+    await publisher.publish(posts_of([(customer, m.event) for m in accepted[:3]], "customer", time.time()))
+    await publisher.publish(posts_of([(customer, m.event) for m in accepted[3:]], "customer", time.time()))
+    assert len(outbox) == 2  # one post per request
     broker.stop()
     await publisher.reset()
     broker = start_broker(tmp_path / "b2", port=port)
@@ -224,7 +236,7 @@ async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_bu
             await asyncio.sleep(0.5)
         records = await replay.sample(customer, 20)
         assert sorted(r.event_id for r in records) == sorted(m.event.event_id for m in accepted)
-        assert resent >= 5  # each lost once at least (more while the new consumer joins its group)
+        assert resent >= 2  # each post lost once at least (more while the new consumer joins its group)
         print(f"outbox drained in {time.monotonic() - deadline + 90:.1f} s, {resent} resends")
         assert (await keeper.tick()) == (0, 0)  # nothing left to confirm or send
     finally:

@@ -19,7 +19,7 @@ from clora.core.settings import Settings
 from clora.core.state import serve_state
 from clora.feedback.consumer import DeadLetter as FeedbackDeadLetter
 from clora.runtime.spool import DeadLetters
-from clora.wire.feedback import FeedbackMessage
+from clora.wire.feedback import feedback_customer
 from clora.wire.kafka import reliable_producer
 
 dead_app = typer.Typer(help="Inspect and re-drive what could not be delivered.", no_args_is_help=True)
@@ -130,6 +130,6 @@ def _redrive_feedback(settings: Settings, producer) -> int:
 def _customer_of(value: bytes) -> bytes | None:
     """The partition key the webhook gave the message (its customer), if it parses."""
     try:
-        return FeedbackMessage.model_validate_json(value).customer.encode()
+        return feedback_customer(value).encode()
     except ValueError:
         return None

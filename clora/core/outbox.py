@@ -65,6 +65,7 @@ class Outbox:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[OutboxMessage, _Segment, int]] = {}  # id -> (message, segment, bytes)
+        self._pending_bytes = 0  # their sum: summing per add was O(pending) under load
         self.last_sent: dict[str, float] = {}  # id -> when it was last handed to the broker
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
@@ -89,6 +90,7 @@ class Outbox:
                 if message.id not in done and message.id not in self._pending:
                     segment.ids.add(message.id)
                     self._pending[message.id] = (message, segment, len(line))
+                    self._pending_bytes += len(line)
                     self.last_sent[message.id] = now
             self._segments.append(segment)
         self._delete_finished(include_active=True)
@@ -102,8 +104,7 @@ class Outbox:
             self._segments.remove(segment)
 
     def pending_bytes(self) -> int:
-        with self._lock:
-            return sum(size for _, _, size in self._pending.values())
+        return self._pending_bytes
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -147,7 +148,7 @@ class Outbox:
         results: list[set[str] | Exception] = []
         lines: list[bytes] = []
         with self._lock:
-            room = self.max_bytes - sum(size for _, _, size in self._pending.values())
+            room = self.max_bytes - self._pending_bytes
             segment = self._segment_for_writing()
             for batch in batches:
                 new = [m for m in dict((m.id, m) for m in batch).values() if m.id not in self._pending]
@@ -160,6 +161,7 @@ class Outbox:
                 room -= size
                 for message, line in zip(new, encoded):
                     self._pending[message.id] = (message, segment, len(line))
+                    self._pending_bytes += len(line)
                     self.last_sent[message.id] = message.added_at
                     segment.ids.add(message.id)
                 lines += encoded
@@ -198,7 +200,7 @@ class Outbox:
                     os.fsync(f.fileno())
                 for id_ in confirmed:
                     segment.ids.discard(id_)
-                    del self._pending[id_]
+                    self._pending_bytes -= self._pending.pop(id_)[2]
                     self.last_sent.pop(id_, None)
             self._delete_finished()
             return sum(len(c) for c in by_segment.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clora.wire.interactions import InteractionRecord
 
@@ -118,9 +118,50 @@ class FeedbackBatch(BaseModel):
 
 
 class FeedbackMessage(BaseModel):
-    """What the webhook puts on the feedback topic (keyed by customer)."""
+    """One event of one customer with who submitted it: what ingestion joins, what waits in Redis
+    for its interaction and what a dead letter holds. On the feedback topic as the events of a
+    `FeedbackPost`; a message of this shape alone (a re-driven dead letter) is read as well."""
 
     event: FeedbackEvent
     customer: str
     submitted_by: str = Field(description="`customer`, or `operator:<name>`.")
     received_at: float
+
+
+class FeedbackPost(BaseModel):
+    """What the webhook puts on the feedback topic (keyed by customer): the events one request
+    submitted for one customer, as one message. One message per event cost kafka-python tens of
+    microseconds on each side, more than the rest of an event's path through the webhook."""
+
+    id: str = Field(description="Unique per message: the outbox's id, confirmed once ingestion handled it.")
+    customer: str
+    submitted_by: str = Field(description="`customer`, or `operator:<name>`.")
+    received_at: float
+    events: list[FeedbackEvent] = Field(min_length=1)
+
+    def messages(self) -> list[FeedbackMessage]:
+        return [FeedbackMessage(event=event, customer=self.customer, submitted_by=self.submitted_by,
+                                received_at=self.received_at) for event in self.events]
+
+
+def parse_feedback_value(value: bytes) -> tuple[str, list[FeedbackMessage]]:
+    """A feedback topic message: (the id ingestion marks handled, its events). Raises ValueError.
+    A post is tried first (what the webhook sends; a union validator cost 1.7x as much)."""
+    try:
+        post = FeedbackPost.model_validate_json(value)
+    except ValidationError as not_a_post:
+        try:
+            lone = FeedbackMessage.model_validate_json(value)
+        except ValidationError:
+            raise not_a_post from None
+        if not lone.event.event_id:
+            raise ValueError("feedback without event_id") from None
+        return lone.event.event_id, [lone]
+    if not all(event.event_id for event in post.events):
+        raise ValueError("feedback without event_id")
+    return post.id, post.messages()
+
+
+def feedback_customer(value: bytes) -> str:
+    """The customer (the partition key) of a feedback topic message. Raises ValueError."""
+    return parse_feedback_value(value)[1][0].customer
