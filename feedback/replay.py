@@ -47,31 +47,42 @@ local function victim()
 end
 local results = {}
 local meta = cjson.decode(ARGV[5])
+-- Per call, not per record: the sequence numbers (one INCRBY; a duplicate leaves a gap), the
+-- buffer's size (counted here) and the stats (written once at the end).
+local base = redis.call('INCRBY', KEYS[6], #meta) - #meta
+local size = redis.call('ZCARD', KEYS[2])
+local pushed, duplicates, evicted_total, kinds = 0, 0, 0, {}
 for j = 1, #meta do
   local id, rank, kind = meta[j][1], meta[j][2], meta[j][3]
   if redis.call('ZADD', KEYS[4], 'NX', now, id) == 0 then
-    redis.call('HINCRBY', KEYS[5], 'duplicates', 1)
+    duplicates = duplicates + 1
     results[#results + 1] = -1
   else
-    local seq = redis.call('INCR', KEYS[6])
+    local seq = base + j
     redis.call('HSET', KEYS[1], id, ARGV[5 + j])
     redis.call('ZADD', KEYS[2], seq, id)
     redis.call('ZADD', KEYS[3], rank * 1e12 + seq, id)
-    redis.call('HINCRBY', KEYS[5], 'pushed', 1)
-    redis.call('HINCRBY', KEYS[5], 'kind:' .. kind, 1)
+    pushed = pushed + 1
+    kinds[kind] = (kinds[kind] or 0) + 1
+    size = size + 1
     local evicted = 0
-    while redis.call('ZCARD', KEYS[2]) > capacity do
+    while size > capacity do
       local victim = victim()
       redis.call('ZREM', KEYS[3], victim)
       redis.call('ZREM', KEYS[2], victim)
       redis.call('HDEL', KEYS[1], victim)
       redis.call('HDEL', KEYS[1] .. ':consumed', victim)
-      redis.call('HINCRBY', KEYS[5], 'evicted', 1)
+      size = size - 1
       evicted = evicted + 1
     end
+    evicted_total = evicted_total + evicted
     results[#results + 1] = evicted
   end
 end
+if duplicates > 0 then redis.call('HINCRBY', KEYS[5], 'duplicates', duplicates) end
+if pushed > 0 then redis.call('HINCRBY', KEYS[5], 'pushed', pushed) end
+if evicted_total > 0 then redis.call('HINCRBY', KEYS[5], 'evicted', evicted_total) end
+for kind, n in pairs(kinds) do redis.call('HINCRBY', KEYS[5], 'kind:' .. kind, n) end
 return results
 """
 
