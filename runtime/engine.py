@@ -4,7 +4,8 @@ vLLM's OpenAI server is two parts: a frontend (HTTP, chat templates, tokenising,
 the OpenAI JSON) and an engine core process that schedules and runs the model. We run the
 frontend inside the gateway's process and call its ASGI app directly, without a socket: the
 gateway -> vLLM HTTP hop cost ~0.7 ms of the ~2.9 ms the gateway used to add per request (2
-cores). The engine core stays a child process, as in `vllm serve`; when it dies the frontend is
+cores); chat requests go straight to the app's chat handler (`chat_call`), as its route would
+call it, errors mapped as its exception handlers map them. The engine core stays a child process, as in `vllm serve`; when it dies the frontend is
 rebuilt. We use vLLM's own app building blocks and its OpenAI routes, so requests behave exactly as
 against `vllm serve` with the same arguments. Nothing else reaches the app: no port is open. Only
 in diagnosis mode (`CLORA_ENGINE_DIAGNOSIS_HTTP`) is it also served as is on a loopback port
@@ -30,7 +31,7 @@ from typing import Any
 import uvicorn
 
 from clora.core.processes import ServiceStartError, free_port, tail_line
-from clora.runtime.engine_client import EngineClient
+from clora.runtime.engine_client import ChatAnswer, ChatCall, EngineClient
 from clora.runtime.engine_config import HOST, EngineConfig
 
 log = logging.getLogger("clora.engine")
@@ -83,7 +84,7 @@ class EngineManager:
         self._stack = AsyncExitStack()
         try:
             self.engine, app = await self._build(self._stack)
-            self.client.app = app
+            self.client.app, self.client.chat_call = app, chat_call(app)
             if not await self.client.healthy():
                 raise RuntimeError("the engine is not healthy after start")
             await self._warm_up()
@@ -156,11 +157,11 @@ class EngineManager:
         try:
             await resp.read()
         finally:
-            resp.release()
+            await resp.aclose()
 
     async def _teardown(self) -> None:
         """Stop the loopback server and the engine; the client answers EngineUnavailable from now on."""
-        self.client.app = None
+        self.client.app = self.client.chat_call = None
         engine, stack, self._stack, self.engine = self.engine, self._stack, None, None
         if stack is not None:
             try:
@@ -201,6 +202,38 @@ class EngineManager:
                 pass
         self.ready.clear()
         await self._teardown()
+
+
+def chat_call(app: Any) -> ChatCall:
+    """vLLM's chat handler called as its `/v1/chat/completions` route calls it, without the app
+    around it: no routing, middleware, JSON encoding of the answer and parsing it back. Errors
+    become the status and body the app's exception handlers would answer."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    serving = app.state.openai_serving_chat
+
+    async def call(body: dict) -> ChatAnswer:
+        try:
+            result = await serving.create_chat_completion(ChatCompletionRequest.model_validate(body), None)
+        except ValidationError as exc:  # the route's body validation (a 400, as its handler answers)
+            result = create_error_response(f"invalid request: {exc.errors(include_url=False, include_input=False)}")
+        except Exception as exc:  # noqa: BLE001 - the app's exception handlers: every error is an answer
+            result = create_error_response(exc)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # vLLM aborted the request and answered "Client disconnected", swallowing the
+            # cancellation (a timeout's, the client's): it goes on to whoever cancelled.
+            raise asyncio.CancelledError
+        if isinstance(result, ErrorResponse):
+            return ChatAnswer(result.error.code, body=result.model_dump_json().encode())
+        if isinstance(result, ChatCompletionResponse):
+            return ChatAnswer(200, payload=result.model_dump())
+        return ChatAnswer(200, stream=result)
+
+    return call
 
 
 class _Server(uvicorn.Server):

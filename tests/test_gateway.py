@@ -291,6 +291,24 @@ def test_an_engine_slower_than_the_upstream_timeout_is_a_504_and_aborted_there(g
     assert engine_running(engine) == 0
 
 
+def test_a_stream_the_client_leaves_is_aborted_in_the_engine(gateway, engine, make_customer):
+    _, key = make_customer()
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", f"{gateway}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "default", "messages": MESSAGES, "max_tokens": 960, "ignore_eos": True,
+                                 "stream": True}) as resp:
+            events = 0
+            for line in resp.iter_lines():
+                events += line.startswith("data: {")
+                if events == 3:
+                    assert engine_running(engine) == 1
+                    break  # hangs up with 957 tokens still to come
+    deadline = time.monotonic() + 2
+    while engine_running(engine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine_running(engine) == 0
+
+
 @contextmanager
 def customer_limits(stack, limits):
     """The running gateway's per-customer limits replaced for the block."""

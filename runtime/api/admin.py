@@ -9,7 +9,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 
@@ -80,7 +79,7 @@ async def sample(scope: AdminOf, body: ChatBody) -> JSONResponse:
     async with AsyncExitStack() as stack:
         resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream,
                                    gateway.config.upstream_timeout_s)
-        payload = orjson.loads(await resp.read())
+        payload = await resp.json()
     return JSONResponse({**payload, "adapter": version.name if version else None})
 
 

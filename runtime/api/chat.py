@@ -90,7 +90,7 @@ async def respond(gateway: Gateway, request: Request, customer: str, slot: Slot,
     headers = {TRACE_HEADER: trace_id}
     if not chat.stream:
         try:
-            payload = orjson.loads(await resp.read())
+            payload = await resp.json()
         finally:
             await stack.aclose()
 

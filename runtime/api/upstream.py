@@ -40,7 +40,7 @@ async def send_upstream(stack: AsyncExitStack, router: Router, client: EngineCli
         except TimeoutError:
             raise APIError(504, f"The engine did not answer within {timeout_s:g} s; the request was aborted.",
                            "upstream_timeout") from None
-        stack.callback(resp.release)
+        stack.push_async_callback(resp.aclose)
         if resp.status == 200:
             return resp
         text = await resp.text()
