@@ -25,7 +25,7 @@ from clora.core.http import APIError, JsonBody, bearer, unauthorized
 from clora.core.outbox import Outbox, OutboxFull, OutboxMessage
 from clora.core.traces import TraceSigner
 from clora.wire.feedback import FeedbackBatch, FeedbackEvent, FeedbackPost
-from clora.wire.kafka import ensure_topics, reliable_producer
+from clora.wire.kafka import discard_producer, ensure_topics, reliable_producer
 
 FEEDBACK = Counter("clora_feedback_events_total", "Feedback events by outcome", ["outcome"])
 # A request's events for one customer go out as one message, split past this size: well under
@@ -98,9 +98,11 @@ class FeedbackPublisher:
             raise KafkaTimeoutError(f"no acknowledgement within {self.timeout_s:g} s") from None
 
     async def reset(self) -> None:
+        """Drop the producer after a failure (the next send connects anew); never raises: the
+        caller is answering 503 and must not become a 500."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            await asyncio.to_thread(producer.close, 0)
+            await asyncio.to_thread(discard_producer, producer)
 
     async def publish(self, posts: list[tuple[FeedbackPost, str]]) -> None:
         """Each (post, its JSON) kept and acknowledged, or APIError 503 (nothing kept)."""

@@ -41,7 +41,7 @@ from prometheus_client import Counter, Gauge
 from clora.core.outbox import Outbox, OutboxFull, OutboxKeeper, OutboxMessage
 from clora.runtime.spool import Spool, SpooledMessage
 from clora.wire.interactions import InteractionRecord, interaction_key
-from clora.wire.kafka import ensure_topics, reliable_producer
+from clora.wire.kafka import discard_producer, ensure_topics, reliable_producer
 
 log = logging.getLogger("clora.capture")
 
@@ -232,10 +232,7 @@ class Capture:
         producer, self._producer = self._producer, None
         self._next_connect = time.monotonic() + RECONNECT_EVERY_S
         if producer is not None:
-            try:
-                producer.close(timeout=0)
-            except Exception:  # noqa: BLE001 - best effort on a broken connection
-                pass
+            discard_producer(producer)
 
 
 class InteractionOutboxKeeper(OutboxKeeper):

@@ -121,6 +121,32 @@ async def test_broker_down_is_a_503_not_a_lost_event():
     assert info.value.status == 503 and "Retry-After" in info.value.headers
 
 
+async def test_a_broker_dying_with_posts_in_flight_is_a_503_and_leaves_no_sender_behind(tmp_path):
+    """The soak's one undesigned 5xx: the broker SIGKILLed while a post waited for its
+    acknowledgement; dropping the producer raised (kafka-python flushes before closing and gives
+    up while records are pending) and the webhook answered 500."""
+    from clora.core.services import start_broker
+    from clora.wire.feedback import FeedbackEvent
+
+    broker = start_broker(tmp_path / "broker", port=free_port())
+    publisher = FeedbackPublisher(broker.url, TOPIC, timeout_s=1)
+
+    def one_post(n: int) -> list[tuple[FeedbackPost, str]]:
+        post = FeedbackPost(id=f"p{n}", customer="acme", submitted_by="customer", received_at=time.time(),
+                            events=[FeedbackEvent(trace_id="t", rating="up", event_id=f"e{n}")])
+        return [(post, post.model_dump_json())]
+
+    try:
+        await publisher.publish(one_post(1))  # connected, metadata known: the next send is only buffered
+        producer = publisher._producer
+    finally:
+        broker.stop()
+    with pytest.raises(APIError) as info:
+        await asyncio.wait_for(publisher.publish(one_post(2)), timeout=30)
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "5"
+    assert publisher._producer is None and not producer._sender.is_alive()
+
+
 def test_the_admin_replay_report_shows_what_reached_the_buffer(gateway, make_customer, admin):
     name, key = make_customer()
     trace = served_trace(gateway, key)
@@ -151,9 +177,9 @@ def test_a_requests_events_go_out_as_one_post_per_customer_each_under_the_size_l
     by_customer: dict[str, list[str]] = {}
     for post, value in posts:
         assert len(value) <= MAX_POST_BYTES and value == post.model_dump_json()
-        message_id, messages = parse_feedback_value(value.encode())
-        assert message_id == post.id and {m.customer for m in messages} == {post.customer}
-        by_customer.setdefault(post.customer, []).extend(m.event.event_id for m in messages)
+        parsed = parse_feedback_value(value.encode())
+        assert parsed.id == post.id and parsed.customer == post.customer
+        by_customer.setdefault(post.customer, []).extend(event.event_id for event in parsed.events)
     assert [p.customer for p, _ in posts[:2]] == ["a", "b"] and len(posts) > 3  # c's 600 KB split
     assert by_customer == {"a": ["a0", "a1", "a2"], "b": ["b0"], "c": [f"c{i}" for i in range(150)]}
     assert len({p.id for p, _ in posts}) == len(posts)
