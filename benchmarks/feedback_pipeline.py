@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 from clora.core.processes import ChildProcess, free_port  # noqa: E402
 from clora.core.services import start_broker, start_redis  # noqa: E402
 from clora.core.traces import TraceSigner  # noqa: E402
-from clora.wire.feedback import FeedbackEvent, FeedbackMessage, TrainingRecord, join_json  # noqa: E402
+from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, TrainingRecord, joined_record  # noqa: E402
 from clora.wire.interactions import CapturedChoice, CapturedRequest, InteractionRecord  # noqa: E402
 from clora.wire.kafka import ensure_topics, reliable_producer  # noqa: E402
 
@@ -246,10 +246,9 @@ async def run(args: argparse.Namespace) -> dict:
         message_bytes = len(FeedbackMessage(event=FeedbackEvent(**feedback_event(sample.trace_id, rng)),
                                             customer=customers[0], submitted_by="customer",
                                             received_at=time.time()).model_dump_json())
-        from clora.feedback.consumer import feedback_signal
-        value_bytes = len(join_json(feedback_signal(FeedbackMessage(
-            event=FeedbackEvent(**feedback_event(sample.trace_id, rng)), customer=customers[0],
-            submitted_by="customer", received_at=time.time())), sample.model_dump_json().encode()))
+        post = FeedbackPost(id="size", customer=customers[0], submitted_by="customer", received_at=time.time(),
+                            events=[FeedbackEvent(**feedback_event(sample.trace_id, rng))])
+        value_bytes = len(joined_record(post.events[0], post, sample.model_dump_json().encode(), time.time()).json)
 
         console.print(f"[bold]1. raw ceiling[/]: {args.events} messages of {message_bytes} B, "
                       f"Redis values of {value_bytes} B")

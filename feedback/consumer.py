@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from clora.core.health import ComponentHealth
 from clora.feedback.replay import ReplayBuffer
-from clora.wire.feedback import FeedbackMessage, FeedbackSignal, join_json, parse_feedback_value
+from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, joined_record, parse_feedback_value
 from clora.wire.interactions import InteractionRecord, interaction_key
 from clora.wire.kafka import ensure_topics, reliable_producer
 
@@ -46,6 +46,7 @@ RESTARTS = Counter("clora_ingest_restarts_total", "Times the ingestion consumer 
 # tens of ms; 1 MiB held each fetch for the whole `fetch_wait_s` at a few thousand events/s.
 FETCH_MIN_BYTES = 64 << 10
 JOIN_CHUNK = 1000  # feedback events matched and pushed per Redis round trip
+Pending = tuple[FeedbackEvent, FeedbackPost]  # a feedback event and the post it came in
 UP = Gauge("clora_ingest_up", "1 while the ingestion consumer runs, 0 while it is down or restarting")
 
 
@@ -80,14 +81,6 @@ class DeadLetter(BaseModel):
     partition: int
     offset: int
     value_b64: str
-
-
-def feedback_signal(message: FeedbackMessage) -> FeedbackSignal:
-    event = message.event
-    return FeedbackSignal(event_id=event.event_id or "", customer=message.customer, trace_id=event.trace_id,
-                          kind=event.kind(), source=event.source, reward=event.scalar_reward(),
-                          correction=event.correction, comment=event.comment, created_at=message.received_at,
-                          ingested_at=time.time())
 
 
 # Stored interactions are `<customer>\n<record JSON as captured>`: the join checks the owner and
@@ -255,33 +248,53 @@ class IngestConsumer:
     # -- handling -----------------------------------------------------------------------------
     async def handle_batch(self, messages: list[tuple[TopicPartition, int, bytes]]) -> None:
         """All Redis writes of one polled batch in a few round trips: interactions first, so that
-        feedback in the same batch finds them; then the joins; waiting copies go last."""
+        feedback in the same batch finds them; then the joins; waiting copies go last.
+
+        Feedback goes in chunks of ~JOIN_CHUNK events: parse, match (one MGET), then the chunk's
+        join and push run as a task while the next chunk is parsed, so Redis executes one chunk's
+        pushes while this process prepares the next (each side waited on the other before)."""
         interactions: list[tuple[InteractionRecord, bytes]] = []
-        feedback: list[FeedbackMessage] = []
-        handled: list[str] = []  # the feedback messages' ids, for the webhook's outbox
+        feedback: list[tuple[TopicPartition, int, bytes]] = []
         for tp, offset, value in messages:
+            if tp.topic != self.config.interactions_topic:
+                feedback.append((tp, offset, value))
+                continue
             try:
-                if tp.topic == self.config.interactions_topic:
-                    interactions.append((self._parse_interaction(value), value))
-                else:
-                    message_id, events = parse_feedback_value(value)
-                    feedback += events
-                    handled.append(message_id)
+                interactions.append((self._parse_interaction(value), value))
             except (ValidationError, ValueError) as exc:
-                INGESTED.labels(tp.topic, "dead").inc()
-                self._dead_letter(f"malformed: {str(exc).splitlines()[0][:300]}", tp.topic, tp.partition, offset, value)
+                self._malformed(exc, tp, offset, value)
         released = await self._store_interactions(interactions)
-        await self._join(released)
-        for start in range(0, len(feedback), JOIN_CHUNK):  # a poll of posts can hold thousands of events
-            await self._join(await self._match(feedback[start:start + JOIN_CHUNK]))
-        if released or feedback:  # only now: a crash before this point redelivers, and the pushes are idempotent
+        handled: list[str] = []  # the feedback messages' ids, for the webhook's outbox
+        joins = [asyncio.create_task(self._join(released))] if released else []
+        try:
+            chunk: list[Pending] = []
+            for i, (tp, offset, value) in enumerate(feedback):
+                try:
+                    post = parse_feedback_value(value)
+                except (ValidationError, ValueError) as exc:
+                    self._malformed(exc, tp, offset, value)
+                else:
+                    chunk += [(event, post) for event in post.events]
+                    handled.append(post.id)
+                if chunk and (len(chunk) >= JOIN_CHUNK or i == len(feedback) - 1):
+                    joins.append(asyncio.create_task(self._join(await self._match(chunk))))
+                    chunk = []
+        finally:  # every push finished (or failed) before anything is marked handled
+            failures = [r for r in await asyncio.gather(*joins, return_exceptions=True) if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+        if released or handled:  # only now: a crash before this point redelivers, and the pushes are idempotent
             async with self.redis.pipeline(transaction=False) as pipe:
-                for trace in {message.event.trace_id for _, message in released}:
+                for trace in {event.trace_id for _, (event, _) in released}:
                     pipe.delete(self._waiting(trace))
                     pipe.zrem(self._deadlines, trace)
                 if handled:
                     pipe.zadd(self.handled_key, dict.fromkeys(handled, time.time()))
                 await pipe.execute()
+
+    def _malformed(self, exc: Exception, tp: TopicPartition, offset: int, value: bytes) -> None:
+        INGESTED.labels(tp.topic, "dead").inc()
+        self._dead_letter(f"malformed: {str(exc).splitlines()[0][:300]}", tp.topic, tp.partition, offset, value)
 
     @staticmethod
     def _parse_interaction(value: bytes) -> InteractionRecord:
@@ -291,7 +304,7 @@ class IngestConsumer:
         return interaction
 
     async def _store_interactions(self, interactions: list[tuple[InteractionRecord, bytes]]
-                                  ) -> list[tuple[bytes, FeedbackMessage]]:
+                                  ) -> list[tuple[bytes, Pending]]:
         """Keep each interaction (TTL) and return the feedback that was waiting for it."""
         if not interactions:
             return []
@@ -302,49 +315,52 @@ class IngestConsumer:
                 pipe.lrange(self._waiting(interaction.trace_id), 0, -1)
             results = await pipe.execute()
         INGESTED.labels(self.config.interactions_topic, "stored").inc(len(interactions))
-        return [(_pack(interaction, raw), FeedbackMessage.model_validate_json(waiting_raw))
-                for (interaction, raw), waiting in zip(interactions, results[1::2]) for waiting_raw in waiting]
+        released = []
+        for (interaction, raw), waiting in zip(interactions, results[1::2]):
+            for waiting_raw in waiting:
+                message = FeedbackMessage.model_validate_json(waiting_raw)
+                released.append((_pack(interaction, raw), (message.event, FeedbackPost.of(message))))
+        return released
 
-    async def _match(self, feedback: list[FeedbackMessage]) -> list[tuple[bytes, FeedbackMessage]]:
+    async def _match(self, feedback: list[Pending]) -> list[tuple[bytes, Pending]]:
         """Pair feedback with stored interactions; the rest waits (bounded) for its interaction."""
         if not feedback:
             return []
-        traces = list(dict.fromkeys(message.event.trace_id for message in feedback))
+        traces = list(dict.fromkeys(event.trace_id for event, _ in feedback))
         # One MGET: a pipelined GET per trace cost a third of ingestion's CPU (each command packed
         # and its reply parsed on its own). The keys hash to different slots: a single Redis node
         # only, which is what clora runs (a Redis Cluster client would need MGET per slot).
         stored = await self.redis.mget([interaction_key(trace) for trace in traces])
         found = {trace: value for trace, value in zip(traces, stored) if value is not None}
         pairs, missing = [], []
-        for message in feedback:
-            stored = found.get(message.event.trace_id)
+        for pending in feedback:
+            stored = found.get(pending[0].trace_id)
             if stored is None:
-                missing.append(message)
+                missing.append(pending)
             else:
-                pairs.append((stored, message))
+                pairs.append((stored, pending))
         if missing:
             deadline = time.time() + self.config.max_wait_s
             async with self.redis.pipeline(transaction=False) as pipe:
-                for message in missing:
-                    trace = message.event.trace_id
-                    pipe.rpush(self._waiting(trace), message.model_dump_json())
+                for event, post in missing:
+                    trace = event.trace_id
+                    pipe.rpush(self._waiting(trace), post.message(event).model_dump_json())
                     pipe.expire(self._waiting(trace), int(self.config.max_wait_s * 2) + 60)
                     pipe.zadd(self._deadlines, {trace: deadline}, nx=True)
                 await pipe.execute()
             INGESTED.labels(self.config.feedback_topic, "waiting").inc(len(missing))
         return pairs
 
-    async def _join(self, pairs: list[tuple[bytes, FeedbackMessage]]) -> None:
-        records = []
-        for stored, message in pairs:
+    async def _join(self, pairs: list[tuple[bytes, Pending]]) -> None:
+        records, now = [], time.time()
+        for stored, (event, post) in pairs:
             owner, raw = _unpack(stored)
-            if owner != message.customer:
+            if owner != post.customer:
                 INGESTED.labels(self.config.feedback_topic, "dead").inc()
                 self._dead_letter("customer mismatch between feedback and interaction", self.config.feedback_topic,
-                                  -1, -1, message.model_dump_json().encode())
+                                  -1, -1, post.message(event).model_dump_json().encode())
             else:
-                signal = feedback_signal(message)
-                records.append((signal, join_json(signal, raw)))
+                records.append(joined_record(event, post, raw, now))
         pushed = await self.replay.push_serialized(records)
         INGESTED.labels(self.config.feedback_topic, "joined").inc(sum(pushed))
         INGESTED.labels(self.config.feedback_topic, "duplicate").inc(len(pushed) - sum(pushed))

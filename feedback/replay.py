@@ -19,7 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from clora.wire.feedback import FeedbackSignal, Kind, TrainingRecord
+from clora.wire.feedback import Kind, SerializedRecord, TrainingRecord
 
 Policy = Literal["recent", "uniform", "prioritized"]
 KIND_RANK: dict[Kind, int] = {"comment": 0, "rating": 1, "reward": 2, "correction": 3}
@@ -148,17 +148,17 @@ class ReplayBuffer:
         return (await self.push_many([record]))[0]
 
     async def push_many(self, records: list[TrainingRecord]) -> list[bool]:
-        return await self.push_serialized([(r, r.model_dump_json().encode()) for r in records])
+        return await self.push_serialized([SerializedRecord(r.customer, r.event_id, r.kind, r.model_dump_json().encode())
+                                           for r in records])
 
-    async def push_serialized(self, records: list[tuple[FeedbackSignal, bytes]]) -> list[bool]:
-        """Push a batch of (record's feedback half, whole record's JSON): one script call per
-        customer, one round trip in all. Each record is applied once (False: its event id was
-        already applied, a redelivery)."""
+    async def push_serialized(self, records: list[SerializedRecord]) -> list[bool]:
+        """Push a batch of records as JSON: one script call per customer, one round trip in all.
+        Each record is applied once (False: its event id was already applied, a redelivery)."""
         if not records:
             return []
         by_customer: dict[str, list[int]] = {}
-        for i, (signal, _) in enumerate(records):
-            by_customer.setdefault(signal.customer, []).append(i)
+        for i, record in enumerate(records):
+            by_customer.setdefault(record.customer, []).append(i)
         customers = list(by_customer)
         quotas = dict(zip(customers, await self.redis.hmget("clora:rb-quota", customers)))
         now = time.time()
@@ -166,9 +166,9 @@ class ReplayBuffer:
             for customer, indices in by_customer.items():
                 k = self._keys(customer)
                 capacity = int(quotas[customer] or self.default_capacity)
-                meta = [[records[i][0].event_id, KIND_RANK[records[i][0].kind], records[i][0].kind] for i in indices]
+                meta = [[records[i].event_id, KIND_RANK[records[i].kind], records[i].kind] for i in indices]
                 args = [capacity, now, SEEN_TTL_S, int(capacity * self.min_share), orjson.dumps(meta),
-                        *(records[i][1] for i in indices)]
+                        *(records[i].json for i in indices)]
                 await self._push(keys=[k["records"], k["order"], k["evict"], k["seen"], k["stats"], k["seq"]],
                                  args=args, client=pipe)
             replies = await pipe.execute()

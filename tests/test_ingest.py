@@ -13,7 +13,7 @@ from kafka import KafkaProducer
 
 from clora.feedback.consumer import DeadLetter, IngestConfig, IngestConsumer
 from clora.feedback.replay import ReplayBuffer
-from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost
+from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, TrainingRecord, joined_record
 from tests.helpers import read_topic
 from tests.test_capture import record as interaction
 
@@ -294,3 +294,50 @@ async def test_interactions_captured_before_the_broker_restarts_empty_are_ingest
         capture.outbox.close()
         broker.stop()
         await client.aclose()
+
+
+def test_a_joined_record_is_the_training_record_of_its_event_and_interaction():
+    served = interaction(7, "acme")
+    post = FeedbackPost(id="p1", customer="acme", submitted_by="operator:ops", received_at=1234.5, events=[
+        FeedbackEvent(trace_id=served.trace_id, event_id="e1", rating="down", comment="too long", source="operator"),
+        FeedbackEvent(trace_id=served.trace_id, event_id="e2",
+                      correction={"role": "assistant", "content": "Short."}, reward=0.25)])
+    for event in post.events:
+        joined = joined_record(event, post, served.model_dump_json().encode(), 2000.0)
+        record = TrainingRecord.model_validate_json(joined.json)
+        expected = TrainingRecord(
+            event_id=event.event_id, customer="acme", trace_id=served.trace_id, kind=event.kind(),
+            source=event.source, reward=event.scalar_reward(), correction=event.correction, comment=event.comment,
+            created_at=1234.5, ingested_at=2000.0, interaction=served)
+        assert record == expected
+        assert (joined.customer, joined.event_id, joined.kind) == ("acme", event.event_id, event.kind())
+
+
+async def test_a_batch_of_several_join_chunks_reaches_the_buffer_whole_and_is_marked_handled(redis_url):
+    """Chunks are pushed while the next is prepared: every event of every chunk arrives, and the
+    posts are marked handled only after all of their pushes."""
+    from kafka import TopicPartition
+
+    from clora.feedback.consumer import JOIN_CHUNK
+
+    config = topics(uuid.uuid4().hex[:8])
+    client = aioredis.Redis.from_url(redis_url)
+    replay = ReplayBuffer(client)
+    customer = f"ing-{uuid.uuid4().hex[:6]}"
+    await replay.set_quota(customer, 10_000)
+    consumer = IngestConsumer(config, client, replay)
+    served = [interaction(i, customer) for i in range(50)]
+    posts = [FeedbackPost(id=f"post-{p}-{uuid.uuid4().hex}", customer=customer, submitted_by="customer",
+                          received_at=time.time(), events=[
+                              FeedbackEvent(trace_id=served[(p * 7 + e) % 50].trace_id, event_id=uuid.uuid4().hex,
+                                            reward=0.1) for e in range(100)]) for p in range(26)]
+    feedback_tp, interactions_tp = TopicPartition(config.feedback_topic, 0), TopicPartition(config.interactions_topic, 0)
+    batch = [(interactions_tp, i, r.model_dump_json().encode()) for i, r in enumerate(served)]
+    batch += [(feedback_tp, i, post.model_dump_json().encode()) for i, post in enumerate(posts)]
+    assert 2600 > 2 * JOIN_CHUNK
+    await consumer.handle_batch(batch)
+    assert (await replay.stats(customer)).size == 2600
+    assert all(s is not None for s in await client.zmscore(consumer.handled_key, [p.id for p in posts]))
+    stored = {key.decode() for key in await client.hkeys(f"clora:rb:{{{customer}}}:records")}
+    assert stored == {event.event_id for post in posts for event in post.events}
+    await client.aclose()
