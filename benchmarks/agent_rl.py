@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from clora.bench.harness import bench_runtime
+from clora.bench.harness import bench_runtime, inline_trainer
 from clora.core.state import admin_key
 from clora.demo.report import machine
 from clora.evals.scoring import admin_chat_client, score
@@ -60,8 +60,8 @@ async def main(args: argparse.Namespace) -> dict:
                           group_size=args.group, prompts_per_step=args.tasks, max_new_tokens=48,
                           temperature=args.temperature, seed=args.seed)
     curve, evals = [], []
-    async with bench_runtime({CUSTOMER: config}) as runtime:
-        stack, settings, trainer, model = runtime.stack, runtime.settings, runtime.trainer, runtime.model
+    async with bench_runtime({CUSTOMER: config}) as runtime, inline_trainer(runtime) as trainer:
+        stack, settings, model = runtime.stack, runtime.settings, runtime.model
         client = admin_chat_client(stack.gateway_url, admin_key(settings), CUSTOMER)
         evals.append({"step": 0, **await evaluate(client, args.level, args.episodes, settings.served_base_name)})
         print(f"step 0: held-out reward {evals[-1]['reward']:.3f}", flush=True)

@@ -26,7 +26,7 @@ import time
 from contextlib import aclosing
 from pathlib import Path
 
-from clora.bench.harness import bench_runtime
+from clora.bench.harness import bench_runtime, inline_trainer
 from clora.demo.report import machine
 from clora.trainer.loop import Timeline, Trainer, drive
 from clora.trainer.scheduler import Candidate, Scheduler
@@ -79,8 +79,8 @@ async def main(args: argparse.Namespace) -> dict:
     out = {"benchmark": "pipeline", "machine": machine(), "command": "python benchmarks/pipeline.py "
            + " ".join(sys.argv[1:]), "at": time.time(), "config": config.model_dump(), "tenants": args.tenants,
            "modes": {}}
-    async with bench_runtime(configs) as runtime:
-        out["model"], trainer = runtime.model.rsplit("/", 1)[-1], runtime.trainer
+    async with bench_runtime(configs) as runtime, inline_trainer(runtime) as trainer:
+        out["model"] = runtime.model.rsplit("/", 1)[-1]
         rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for block in range(args.rounds):
             for mode, pipeline in MODES.items():

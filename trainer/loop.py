@@ -25,7 +25,7 @@ import signal
 import statistics
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator
@@ -331,17 +331,25 @@ def observe(report: StepReport) -> None:
         GAP.labels(report.customer, "max").set(gap.max)
 
 
-async def main(run: TrainRun) -> None:
-    """Until SIGINT or SIGTERM."""
-    # The model, once; then the connections: Redis (replay buffer, configs, customers), the gateway.
+@asynccontextmanager
+async def connect(run: TrainRun) -> AsyncIterator[Trainer]:
+    """The model, loaded once, and the trainer's connections: Redis (replay buffer, configs,
+    customers) and the gateway; closed on exit."""
     model, layers, tokenizer = await asyncio.to_thread(load_model, run.model_dir, run.device)
     redis = aioredis.Redis.from_url(run.redis_url)
     runtime = RuntimeClient(run.gateway_url, run.admin_key)
     store = AdapterStore(run.trainer_dir, run.device, run.keep_checkpoints)
     io = TrainerIO(store, runtime, ReplayBuffer(redis, run.replay_capacity), TenantConfigStore(redis),
                    CustomerStore(redis), tokenizer, base_model=str(run.model_dir), served_base=run.served_base)
-    trainer = Trainer(model, layers, store, io, run.pass_tokens)
-    scheduler = Scheduler(run.max_tenants)
+    try:
+        yield Trainer(model, layers, store, io, run.pass_tokens)
+    finally:
+        await runtime.close()
+        await redis.aclose()
+
+
+async def main(run: TrainRun) -> None:
+    """Until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -350,17 +358,15 @@ async def main(run: TrainRun) -> None:
             start_http_server(run.metrics_port, addr="127.0.0.1")
         except OSError as exc:  # metrics are worth a warning, not the trainer
             log.warning("trainer metrics not served on port %d: %s", run.metrics_port, exc)
-    log.info("trainer up on %s (gateway %s)", run.device, run.gateway_url)
-    try:
-        await io.recover_all()  # checkpoints a previous run wrote but did not get to publish
+    async with connect(run) as trainer:
+        log.info("trainer up on %s (gateway %s)", run.device, run.gateway_url)
+        await trainer.io.recover_all()  # checkpoints a previous run wrote but did not get to publish
 
         async def candidates() -> list[Candidate]:  # serving first: no training while it is saturated
-            load = await runtime.load()
+            load = await trainer.io.client.load()
             busy = load["requests_in_flight"] > run.max_inflight or not load["engine_ready"]
-            return [] if busy else await io.candidates()
+            return [] if busy else await trainer.io.candidates()
 
-        async for _ in drive(trainer, scheduler, candidates, stop, pipeline=run.pipeline, idle_s=run.idle_s):
+        async for _ in drive(trainer, Scheduler(run.max_tenants), candidates, stop, pipeline=run.pipeline,
+                             idle_s=run.idle_s):
             pass
-    finally:
-        await runtime.close()
-        await redis.aclose()

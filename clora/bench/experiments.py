@@ -4,11 +4,16 @@ An *experiment* is one tenant's RL run of `steps` steps from a fresh adapter on 
 environment (`arithmetic:0` by default: see clora/agents/arithmetic.py). Three ways to run N of them:
 
 - **concurrent**: N experiments at once on one warm runtime, driven by `clora train`'s own loop
-  (`trainer.loop.drive`, pipelined): every tenant's rollouts share the engine's decode batches and
-  their groups share the trainer's passes;
-- **cold serial**: one after another, each in a fresh runtime (engine start, model load, warm-up),
-  as a single-tenant framework runs them;
-- **warm serial**: one after another on the already-warm runtime.
+  (`trainer.loop.drive`, pipelined) in a trainer process of its own, as `clora serve` runs it
+  (`harness.TrainerProcess`): every tenant's rollouts share the engine's decode batches and their
+  groups share the trainer's passes;
+- **cold serial**: one after another, each in a fresh runtime (engine start, trainer process
+  start and model load, warm-up), each step sampling then training (synchronous, on-policy), as a
+  single-tenant framework runs them (the report's baseline: one-at-a-time synchronous runs);
+- **warm serial**: the same, one after another on the already-warm runtime.
+
+So the ratios count what multiplexing *and* the rollout/train pipeline win (the issue's
+definition); the N=1 concurrent row is one tenant pipelined: the pipeline's share alone.
 
 The serial baselines are built from `serial_runs` measured single experiments of each kind (seeds
 0..serial_runs-1) times N, which the output says (`serial_measured_runs`); every concurrent run is
@@ -42,9 +47,9 @@ from typing import Callable
 import httpx
 from pydantic import BaseModel, Field
 
-from clora.bench.harness import BenchRuntime, bench_runtime
+from clora.bench.harness import BenchRuntime, TrainerProcess, bench_runtime, trainer_process
 from clora.demo.report import machine
-from clora.trainer.loop import StepReport, Timeline, drive
+from clora.trainer.loop import StepReport, Timeline, Trainer, drive
 from clora.trainer.scheduler import Candidate, Scheduler
 from clora.wire.trainer_config import TenantConfig
 
@@ -88,10 +93,10 @@ def step_times(report: StepReport) -> dict:
             "engine_busy": report.engine_busy, "trainer_busy": report.trainer_busy}
 
 
-async def run_experiments(runtime: BenchRuntime, customers: list[str], seeds: list[int], steps: int,
-                          advance: Callable[[int], None]) -> list[Experiment]:
-    """`customers` (created, configured, fresh) run `steps` steps each, all at once."""
-    trainer = runtime.trainer
+async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop: asyncio.Event,
+                          customers: list[str], seeds: list[int], steps: int, pipeline: bool = True) -> list[Experiment]:
+    """`customers` (created, configured, fresh) run `steps` steps each, all at once (a job of the
+    trainer process); `pipeline`: the next step's rollouts sampled while a step computes."""
     trainer.timeline = Timeline()
     started = time.perf_counter()
     runs = {c: Experiment(c, seed, started) for c, seed in zip(customers, seeds)}
@@ -101,7 +106,8 @@ async def run_experiments(runtime: BenchRuntime, customers: list[str], seeds: li
         return [Candidate(c, 1.0, samples=len(e.rewards) < steps - 1) for c, e in runs.items() if len(e.rewards) < steps]
 
     fruitless = 0
-    async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, asyncio.Event(), idle_s=0.1)) as driven:
+    async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, stop, pipeline=pipeline,
+                              idle_s=0.1)) as driven:
         async for reports in driven:
             fruitless = 0 if reports else fruitless + 1
             if fruitless == 3:  # a step with nothing to train on, or failing: it would never finish
@@ -178,10 +184,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def freshness(runtime: BenchRuntime, customers: list[str], options: SweepOptions) -> dict:
+async def train_until_stopped(trainer: Trainer, advance: Callable[[int], None], stop: asyncio.Event,
+                              customers: list[str]) -> None:
+    """`clora train`'s loop with its own candidates, for `customers` only (a job of the trainer process)."""
+    async def candidates() -> list[Candidate]:
+        return [c for c in await trainer.io.candidates() if c.customer in customers]
+
+    async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, stop, idle_s=0.2)) as driven:
+        async for _ in driven:
+            pass
+
+
+async def freshness(runtime: BenchRuntime, trainer: TrainerProcess, customers: list[str], options: SweepOptions) -> dict:
     """Feedback from `customers` for `options.freshness_s`, trained by `clora train`'s loop: each
     event's seconds from its 202 to the replay buffer's first version that trained on it."""
-    stop, sent_all, rng = asyncio.Event(), asyncio.Event(), random.Random(0)
+    sent_all, rng = asyncio.Event(), random.Random(0)
     accepted: dict[tuple[str, str], float] = {}
     fresh: dict[tuple[str, str], float] = {}
 
@@ -204,20 +221,11 @@ async def freshness(runtime: BenchRuntime, customers: list[str], options: SweepO
     async def watch() -> None:
         while not sent_all.is_set() or len(fresh) < len(accepted):
             for event in [e for e in accepted if e not in fresh]:
-                if await runtime.io.replay.consumed_by(*event):
+                if await runtime.replay.consumed_by(*event):
                     fresh[event] = time.monotonic() - accepted[event]
             await asyncio.sleep(0.25)
 
-    async def candidates() -> list[Candidate]:  # `clora train`'s, for these customers only
-        return [c for c in await runtime.io.candidates() if c.customer in customers]
-
-    async def train() -> None:
-        async with aclosing(drive(runtime.trainer, Scheduler(len(customers)), candidates, stop,
-                                  idle_s=0.2)) as driven:
-            async for _ in driven:
-                pass
-
-    trainer, watcher = asyncio.create_task(train()), asyncio.create_task(watch())
+    training, watcher = asyncio.create_task(trainer.run(train_until_stopped, customers)), asyncio.create_task(watch())
     try:
         async with httpx.AsyncClient(base_url=runtime.stack.gateway_url, timeout=60) as http:
             await asyncio.gather(*[customer_feedback(http, c) for c in customers])
@@ -225,8 +233,8 @@ async def freshness(runtime: BenchRuntime, customers: list[str], options: SweepO
         await asyncio.wait_for(watcher, timeout=600)
     finally:
         watcher.cancel()
-        stop.set()
-        await trainer
+        trainer.stop()
+        await training
     seconds = list(fresh.values())
     if not seconds:
         raise RuntimeError(f"no feedback event was sent in {options.freshness_s} s: raise --freshness-s")
@@ -242,25 +250,26 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
     for seed in range(k):
         status(f"cold serial experiment {seed + 1}/{k}: a fresh runtime")
         began = time.perf_counter()
-        async with bench_runtime({f"cold-{seed}": options.tenant(seed)}, options.model, **capacity) as runtime:
-            cold += await run_experiments(runtime, [f"cold-{seed}"], [seed], steps, progress)
+        async with bench_runtime({f"cold-{seed}": options.tenant(seed)}, options.model, **capacity) as runtime, \
+                trainer_process(runtime) as trainer:
+            cold += await trainer.run(run_experiments, [f"cold-{seed}"], [seed], steps, False, progress=progress)
         cold_s.append(time.perf_counter() - began)
     tenants = {f"warm-{seed}": options.tenant(seed) for seed in range(k)}
     tenants |= {f"n{n}-{i}": options.tenant(i) for n in options.ns for i in range(n)}
     tenants["warm-up"] = options.tenant(k)
     tenants |= {f"fb{n}-{i}": TenantConfig(lr=options.lr, rank=16, alpha=32) for n in options.freshness_ns for i in range(n)}
     rows, curves = [], {}
-    async with bench_runtime(tenants, options.model, **capacity) as runtime:
+    async with bench_runtime(tenants, options.model, **capacity) as runtime, trainer_process(runtime) as trainer:
         status("warming up the runtime (one untimed step)")
-        await run_experiments(runtime, ["warm-up"], [k], 1, lambda _: None)
+        await trainer.run(run_experiments, ["warm-up"], [k], 1)
         warm = []
         for seed in range(k):
             status(f"warm serial experiment {seed + 1}/{k}")
-            warm += await run_experiments(runtime, [f"warm-{seed}"], [seed], steps, progress)
+            warm += await trainer.run(run_experiments, [f"warm-{seed}"], [seed], steps, False, progress=progress)
         for n in options.ns:
             status(f"{n} concurrent experiments")
             names = [f"n{n}-{i}" for i in range(n)]
-            runs = await run_experiments(runtime, names, list(range(n)), steps, progress)
+            runs = await trainer.run(run_experiments, names, list(range(n)), steps, progress=progress)
             async with httpx.AsyncClient() as http:
                 metrics = (await http.get(f"{runtime.stack.gateway_url}/metrics", timeout=30)).text
             rows.append(row(n, runs, cold, cold_s, warm, rows[0]["mean_step_s"] if rows else None,
@@ -269,7 +278,7 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
         fresh = {}
         for n in options.freshness_ns:
             status(f"freshness: {n} feedback-only customers, {options.freshness_s:.0f} s")
-            fresh[n] = await freshness(runtime, [f"fb{n}-{i}" for i in range(n)], options)
+            fresh[n] = await freshness(runtime, trainer, [f"fb{n}-{i}" for i in range(n)], options)
         model = runtime.model.rsplit("/", 1)[-1]
     for r in rows:
         if r["n"] in fresh:

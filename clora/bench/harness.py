@@ -1,19 +1,28 @@
 """A runtime for RL benchmarks: `clora serve`'s stack (embedded Kafka and Redis, vLLM on one core;
-its own trainer and periodic evals off) and a trainer wired as `clora train` wires it, in this
-process, on the other core (one torch thread)."""
+its own trainer and periodic evals off) and a trainer wired as `clora train` wires it, on the other
+core (one torch thread): in a process of its own (`TrainerProcess`, as `clora serve` runs it), or
+in this process (`inline_trainer`, for benchmarks that call a step directly).
+
+Why a process of its own: a training pass in the serving process (gateway, vLLM's front end and
+their threads) ran 13-17 s where the same pass took 8-11 s alone (SmolLM2-135M, 8 x 160 tokens,
+one thread; /tmp measurements of issue 19): its allocations and page faults contend with the
+serving threads' in one address space."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing as mp
 import tempfile
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Concatenate, ParamSpec, TypeVar
 
 import torch
 
-from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
 from clora.core.models import build_random_llama, ensure_tokenizer, resolve_model
 from clora.core.settings import Settings
@@ -21,25 +30,33 @@ from clora.core.state import admin_key
 from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.stack import Stack
-from clora.trainer.adapter_store import AdapterStore
-from clora.trainer.data import TrainerIO
-from clora.trainer.loop import Trainer, load_model
+from clora.trainer.loop import Trainer, TrainRun, connect
 from clora.wire.trainer_config import TenantConfig
 
 TINY = "tiny"  # a random-initialised 2-layer Llama with SmolLM2's tokenizer: mechanics in seconds
+P = ParamSpec("P")
+R = TypeVar("R")
+# A job the trainer process runs: job(trainer, progress, stop, *args); `progress(n)` advances the
+# caller's progress bar, `stop` is set when the caller asks the job to end.
+Job = Callable[Concatenate[Trainer, Callable[[int], None], asyncio.Event, P], Awaitable[R]]
 
 
 @dataclass
 class BenchRuntime:
     stack: Stack
     settings: Settings
-    io: TrainerIO
-    trainer: Trainer
+    replay: ReplayBuffer
     keys: dict[str, str]  # each customer's API key
 
     @property
     def model(self) -> str:
         return str(self.settings.model)
+
+    def train_run(self) -> TrainRun:
+        """What `clora train` would run with against this runtime."""
+        return TrainRun.from_settings(self.settings, gateway_url=self.stack.gateway_url,
+                                      redis_url=self.stack.redis_url, model_dir=self.model,
+                                      admin_key=admin_key(self.settings))
 
 
 def model_path(model: str | None, cache_dir: Path) -> str:
@@ -54,7 +71,6 @@ async def bench_runtime(customers: dict[str, TenantConfig], model: str | None = 
                         **settings_update: Any) -> AsyncIterator[BenchRuntime]:
     """The runtime with `customers` created and configured, in a fresh home (deleted by nobody:
     its logs stay for a look after a run)."""
-    torch.set_num_threads(1)  # the trainer's core; vLLM's engine has the other
     base = Settings()
     home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     settings = base.model_copy(update={"home": home, "model": model_path(model or base.model, base.cache_dir),
@@ -71,15 +87,93 @@ async def bench_runtime(customers: dict[str, TenantConfig], model: str | None = 
         for name, config in customers.items():
             keys[name] = await customer_store.create(name)
             await configs.set(name, config)
-        torch_model, layers, tokenizer = await asyncio.to_thread(load_model, Path(settings.model), "cpu")
-        runtime = RuntimeClient(stack.gateway_url, admin_key(settings))
-        io = TrainerIO(AdapterStore(home / "trainer"), runtime, ReplayBuffer(stack.redis), configs, customer_store,
-                       tokenizer, base_model=str(settings.model), served_base=settings.served_base_name)
-        try:
-            yield BenchRuntime(stack, settings, io, Trainer(torch_model, layers, io.store, io,
-                                                            settings.trainer_pass_tokens or 512), keys)
-        finally:
-            await runtime.close()
+        yield BenchRuntime(stack, settings, ReplayBuffer(stack.redis), keys)
     finally:
         await stack.stop()
         await asyncio.wait([serving], timeout=10)
+
+
+@asynccontextmanager
+async def inline_trainer(runtime: BenchRuntime) -> AsyncIterator[Trainer]:
+    """`clora train`'s trainer in this process (its compute in a thread: see the module's note)."""
+    torch.set_num_threads(1)  # the trainer's core; vLLM's engine has the other
+    async with connect(runtime.train_run()) as trainer:
+        yield trainer
+
+
+# -- the trainer process -----------------------------------------------------------------------
+_worker: dict[str, Any] = {}  # in the trainer process: its event loop, trainer, progress queue, stop event
+
+
+def _start_worker(run: TrainRun, progress: Any, stop: Any, log_path: str) -> None:
+    logging.basicConfig(filename=log_path, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    loop = asyncio.new_event_loop()
+    connection = connect(run)
+    _worker.update(loop=loop, connection=connection, trainer=loop.run_until_complete(connection.__aenter__()),
+                   progress=progress, stop=stop)
+
+
+async def _with_stop(job: Job, args: tuple) -> Any:
+    stop, flag = asyncio.Event(), _worker["stop"]
+
+    async def watch() -> None:  # the caller's stop (a process-shared flag) as this loop's event
+        while not flag.is_set():
+            await asyncio.sleep(0.1)
+        stop.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await job(_worker["trainer"], _worker["progress"].put, stop, *args)
+    finally:
+        watcher.cancel()
+
+
+def _run_job(job: Job, args: tuple) -> Any:
+    return _worker["loop"].run_until_complete(_with_stop(job, args))
+
+
+class TrainerProcess:
+    """`clora train`'s trainer (the model loaded once) in a spawned process, running jobs one at a
+    time: `await trainer.run(job, *args, progress=...)`, where `job` is a module-level coroutine
+    function `job(trainer, progress, stop, *args)` and its result comes back pickled. Its log is
+    `trainer.log` in the runtime's run directory."""
+
+    def __init__(self, runtime: BenchRuntime):
+        context = mp.get_context("spawn")
+        self.log_path = runtime.stack.run_dir / "trainer.log"
+        self._progress, self._stop = context.Queue(), context.Event()
+        self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker,
+                                         initargs=(runtime.train_run(), self._progress, self._stop, str(self.log_path)))
+        self._advance: Callable[[int], None] = lambda _n: None
+        self._reader = threading.Thread(target=self._read_progress, daemon=True)
+        self._reader.start()
+
+    def _read_progress(self) -> None:
+        while (n := self._progress.get()) is not None:
+            self._advance(n)
+
+    async def run(self, job: Job, *args: Any, progress: Callable[[int], None] = lambda _n: None) -> Any:
+        self._advance = progress
+        self._stop.clear()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, _run_job, job, args)
+
+    def stop(self) -> None:
+        """Ask the running job to end (its `stop` event is set)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._progress.put(None)
+        self._reader.join(timeout=5)
+
+
+@asynccontextmanager
+async def trainer_process(runtime: BenchRuntime) -> AsyncIterator[TrainerProcess]:
+    trainer = TrainerProcess(runtime)
+    try:
+        yield trainer
+    finally:
+        trainer.stop()
+        await asyncio.to_thread(trainer.close)
