@@ -39,6 +39,7 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     assert out.with_suffix(".png").stat().st_size > 10_000 and "| N |" in out.with_suffix(".md").read_text()
     assert (result["model"], result["steps"], result["group_size"], result["serial_measured_runs"]) == \
         ("tiny-llama-2x256", 3, 4, 1)
+    assert result["dtype"] == {"engine": "float32", "trainer": "float32"}  # the trainer follows the engine
     one, two = result["rows"]
     assert [one["n"], two["n"]] == [1, 2]
     for row in (one, two):

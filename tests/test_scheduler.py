@@ -48,11 +48,9 @@ def test_peek_says_who_the_next_pick_chooses_and_changes_nothing():
         assert scheduler.pick(offered) == predicted
 
 
-async def test_the_pipelined_loop_samples_ahead_only_tenants_with_rollouts_and_uses_only_those_it_picks(monkeypatch):
-    """Rollouts are sampled ahead for the predicted next pick's sampling tenants (a feedback-only
-    tenant has nothing to sample, and its records are read by its own step); a tenant sampled
-    ahead but not picked gets its rollouts dropped, one picked but not sampled ahead samples in
-    its step."""
+def fake_steps(monkeypatch) -> tuple[list[list[str]], list[tuple[list[str], list[str]]]]:
+    """The loop's step and sampling ahead replaced by recorders: which tenants were sampled ahead,
+    and per step, its tenants and those whose rollouts it was given."""
     ahead: list[list[str]] = []
     steps: list[tuple[list[str], list[str]]] = []
 
@@ -66,6 +64,15 @@ async def test_the_pipelined_loop_samples_ahead_only_tenants_with_rollouts_and_u
 
     monkeypatch.setattr(loop, "sample_ahead", sample_ahead)
     monkeypatch.setattr(loop, "step", step)
+    return ahead, steps
+
+
+async def test_the_pipelined_loop_samples_ahead_only_tenants_with_rollouts_and_uses_only_those_it_picks(monkeypatch):
+    """Rollouts are sampled ahead for the predicted next pick's sampling tenants (a feedback-only
+    tenant has nothing to sample, and its records are read by its own step); a tenant sampled
+    ahead but not picked gets its rollouts dropped, one picked but not sampled ahead samples in
+    its step."""
+    ahead, steps = fake_steps(monkeypatch)
     offers = iter([
         [Candidate("env", 1.0, samples=True), Candidate("feedback", 1.0)],
         [Candidate("env", 1.0, samples=True), Candidate("feedback", 1.0)],
@@ -94,6 +101,29 @@ async def test_the_pipelined_loop_samples_ahead_only_tenants_with_rollouts_and_u
     async for _ in loop.drive(None, Scheduler(), candidates, stop, pipeline=False):
         stop.set()
     assert ahead == []
+
+
+async def test_tenants_that_sample_take_turns_in_halves_so_none_samples_a_version_behind(monkeypatch):
+    """Four tenants with rollouts: each step takes half of them, and the rollouts sampled while it
+    computes are the other half's, the ones the next step picks (none in two steps in a row). A
+    feedback-only tenant counts in the halves, and without two samplers there is no cap."""
+    ahead, steps = fake_steps(monkeypatch)
+    offered = [Candidate(name, 1.0, samples=True) for name in "abcd"]
+
+    async def candidates():
+        return offered
+
+    stop = asyncio.Event()
+    async for _ in loop.drive(None, Scheduler(max_tenants=8), candidates, stop, idle_s=0.01):
+        if len(steps) == 4:
+            stop.set()
+    assert [(sorted(c), r) for c, r in steps] == [(["a", "b"], []), (["c", "d"], ["c", "d"]), (["a", "b"], ["a", "b"]),
+                                                  (["c", "d"], ["c", "d"])]
+    assert [sorted(a) for a in ahead[:3]] == [["c", "d"], ["a", "b"], ["c", "d"]]
+
+    assert loop.halves(offered + [Candidate("feedback", 1.0)]) == 3
+    assert loop.halves([Candidate("a", 1.0, samples=True), Candidate("feedback", 1.0)]) is None
+    assert Scheduler(max_tenants=1).pick(offered, limit=2) == ["a"]  # max_tenants still holds
 
 
 def test_a_failing_tenant_is_backed_off_exponentially_and_others_go_on():

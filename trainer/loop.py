@@ -4,9 +4,11 @@
   drive: wait while serving is busy, let the scheduler pick tenants, run one step for them (a
         step that fails is retried tenant by tenant; a tenant that fails alone is backed off, and
         the others' steps land). Pipelined (the default), the rollouts of the tenants the next
-        pick would choose are sampled by the engine while the trainer computes the current step:
-        a tenant in both is sampled by its previous version and trained as off-policy by one
-        step (step.py).
+        pick would choose are sampled by the engine while the trainer computes the current step.
+        Tenants that sample take turns in halves, so those rollouts come from their newest
+        versions (on-policy, as the C-LoRA report's tenants take turns on the trainer); a tenant
+        in both picks (one alone) is sampled by its previous version and trained as off-policy by
+        one step (step.py).
   step: sample each tenant's rollouts unless sampled ahead, gather its data (data.py), copy its
         state onto the device, backward of every loss (step.py); then per tenant: skip it if its
         logprob gap says the trainer does not see what the server sampled, else AdamW, copy back,
@@ -64,6 +66,7 @@ class TrainRun:
     admin_key: str
     model_dir: Path
     device: str  # cpu, cuda, cuda:N
+    dtype: str  # of the base model: float32, bfloat16
     pass_tokens: int  # tokens per batched pass
     trainer_dir: Path  # tenants' states and checkpoints
     keep_checkpoints: int  # per tenant
@@ -80,7 +83,9 @@ class TrainRun:
                       admin_key: str) -> TrainRun:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
             if settings.trainer_device == "auto" else torch.device(settings.trainer_device)
-        return cls(gateway_url, redis_url, admin_key, Path(model_dir), str(device),
+        dtype = settings.trainer_dtype if settings.trainer_dtype != "auto" else \
+            "bfloat16" if device.type == "cuda" else settings.dtype
+        return cls(gateway_url, redis_url, admin_key, Path(model_dir), str(device), dtype,
                    settings.trainer_pass_tokens or (65536 if device.type == "cuda" else 512),
                    settings.trainer_dir, settings.trainer_keep_checkpoints, settings.replay_capacity,
                    settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight,
@@ -100,14 +105,14 @@ def release_freed_host_memory() -> None:
         pass
 
 
-def load_model(model_dir: Path, device: str) -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
-    """The base model, loaded once and frozen, with every target projection LoRA-wrapped."""
+def load_model(model_dir: Path, device: str, dtype: str = "float32") -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
+    """The base model, loaded once and frozen, in `dtype`, with every target projection LoRA-wrapped
+    (adapters stay float32: the LoRA matmuls cast them; logprobs are float32 whatever the dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     release_freed_host_memory()
 
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     return model, inject(model), AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -257,12 +262,13 @@ async def drive(trainer: Trainer, scheduler: Scheduler, candidates: Callable[[],
     (none: wait `idle_s`). Pipelined, when a step starts the tenants the next pick would choose
     that sample rollouts get them sampled while it computes (one step ahead, no more); the next
     step uses those of the tenants it does pick (a prediction that missed costs engine time, and
-    records are never read ahead)."""
+    records are never read ahead). Tenants that sample take turns in halves (`halves`)."""
     ahead: asyncio.Task[dict[str, Rollouts]] | None = None
     try:
         while not stop.is_set():
             offered = await candidates()
-            chosen = scheduler.pick(offered)
+            limit = halves(offered) if pipeline else None
+            chosen = scheduler.pick(offered, limit)
             rollouts = {}
             if ahead is not None:
                 rollouts = {c: r for c, r in (await ahead).items() if c in chosen}
@@ -275,12 +281,19 @@ async def drive(trainer: Trainer, scheduler: Scheduler, candidates: Callable[[],
                 trainer.timeline.cut()  # idle time is no step's
                 continue
             samples = {c.customer for c in offered if c.samples}
-            if pipeline and (following := [c for c in scheduler.peek(offered) if c in samples]):
+            if pipeline and (following := [c for c in scheduler.peek(offered, limit) if c in samples]):
                 ahead = asyncio.create_task(sample_ahead(trainer, following))
             yield await train(trainer, scheduler, chosen, rollouts)
     finally:
         if ahead is not None:
             ahead.cancel()
+
+
+def halves(offered: list[Candidate]) -> int | None:
+    """A step's cap when two or more candidates sample rollouts: half of them (rounded up), so that
+    one half's rollouts are sampled while the other half trains and no tenant is in two steps in
+    a row (its rollouts never a version behind). None: no cap."""
+    return (len(offered) + 1) // 2 if sum(c.samples for c in offered) >= 2 else None
 
 
 async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str],
@@ -335,7 +348,7 @@ def observe(report: StepReport) -> None:
 async def connect(run: TrainRun) -> AsyncIterator[Trainer]:
     """The model, loaded once, and the trainer's connections: Redis (replay buffer, configs,
     customers) and the gateway; closed on exit."""
-    model, layers, tokenizer = await asyncio.to_thread(load_model, run.model_dir, run.device)
+    model, layers, tokenizer = await asyncio.to_thread(load_model, run.model_dir, run.device, run.dtype)
     redis = aioredis.Redis.from_url(run.redis_url)
     runtime = RuntimeClient(run.gateway_url, run.admin_key)
     store = AdapterStore(run.trainer_dir, run.device, run.keep_checkpoints)
@@ -359,7 +372,7 @@ async def main(run: TrainRun) -> None:
         except OSError as exc:  # metrics are worth a warning, not the trainer
             log.warning("trainer metrics not served on port %d: %s", run.metrics_port, exc)
     async with connect(run) as trainer:
-        log.info("trainer up on %s (gateway %s)", run.device, run.gateway_url)
+        log.info("trainer up on %s, %s (gateway %s)", run.device, run.dtype, run.gateway_url)
         await trainer.io.recover_all()  # checkpoints a previous run wrote but did not get to publish
 
         async def candidates() -> list[Candidate]:  # serving first: no training while it is saturated

@@ -35,17 +35,18 @@ class Scheduler:
         self.failures: dict[str, int] = defaultdict(int)
         self.backoff_until: dict[str, float] = {}
 
-    def pick(self, candidates: list[Candidate]) -> list[str]:
+    def pick(self, candidates: list[Candidate], limit: int | None = None) -> list[str]:
+        """Up to `max_tenants` (and `limit`) tenants for the next step."""
         credit = self._credit(candidates)
         self.credit.update(credit)
-        chosen = self._ranked(credit)
+        chosen = self._ranked(credit, limit)
         for customer in chosen:
             self.credit[customer] = 0.0
         return chosen
 
-    def peek(self, candidates: list[Candidate]) -> list[str]:
+    def peek(self, candidates: list[Candidate], limit: int | None = None) -> list[str]:
         """Who `pick` would choose from these candidates; nothing changes."""
-        return self._ranked(self._credit(candidates))
+        return self._ranked(self._credit(candidates), limit)
 
     def _credit(self, candidates: list[Candidate]) -> dict[str, float]:
         """The credit of each ready candidate after this round."""
@@ -54,8 +55,9 @@ class Scheduler:
         # A backlog counts, but only so much.
         return {c.customer: self.credit[c.customer] + c.priority * min(c.work, 4.0) for c in ready}
 
-    def _ranked(self, credit: dict[str, float]) -> list[str]:
-        return sorted(credit, key=lambda customer: (-credit[customer], customer))[:self.max_tenants]
+    def _ranked(self, credit: dict[str, float], limit: int | None = None) -> list[str]:
+        return sorted(credit, key=lambda customer: (-credit[customer], customer))[:min(self.max_tenants,
+                                                                                      limit or self.max_tenants)]
 
     def failed(self, customer: str) -> float:
         """Back the tenant off; returns for how long."""

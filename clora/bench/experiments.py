@@ -19,8 +19,10 @@ The serial baselines are built from `serial_runs` measured single experiments of
 0..serial_runs-1) times N, which the output says (`serial_measured_runs`); every concurrent run is
 measured (seeds 0..N-1, so experiment i draws the same problems in every mode). Experiment times:
 First, Mean and Final (when the first, the average and the last experiment of the N finished;
-Final is `concurrent_s`). Rewards are each step's sampled reward (step k's rollouts come from the
-version after k-1 updates; `reward_first` is the base model's).
+Final is `concurrent_s`). Rewards are each step's sampled reward: step k's rollouts come from the
+version after k-1 updates (`reward_first` is the base model's), serial and concurrent alike: the
+concurrent tenants take turns in halves, one half's rollouts sampled while the other half trains
+(`trainer.loop.halves`); only N=1's pipelined tenant samples a version behind (from step 2 on).
 
 **Freshness** (on the warm runtime, last): N feedback-only customers each send an operator
 correction of a served answer every `freshness_interval_s` on average (Poisson) for
@@ -102,8 +104,11 @@ async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop
     runs = {c: Experiment(c, seed, started) for c, seed in zip(customers, seeds)}
 
     async def candidates() -> list[Candidate]:
-        # A tenant in its last step needs nothing sampled ahead.
-        return [Candidate(c, 1.0, samples=len(e.rewards) < steps - 1) for c, e in runs.items() if len(e.rewards) < steps]
+        # Rollouts sampled ahead are for a tenant's next step: with others, tenants take turns
+        # (trainer.loop.halves) and every step left needs them; alone, it is in every step and
+        # its last needs none.
+        last = 1 if len(customers) == 1 else 0
+        return [Candidate(c, 1.0, samples=len(e.rewards) < steps - last) for c, e in runs.items() if len(e.rewards) < steps]
 
     fruitless = 0
     async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, stop, pipeline=pipeline,
@@ -280,13 +285,14 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
             status(f"freshness: {n} feedback-only customers, {options.freshness_s:.0f} s")
             fresh[n] = await freshness(runtime, trainer, [f"fb{n}-{i}" for i in range(n)], options)
         model = runtime.model.rsplit("/", 1)[-1]
+        dtypes = {"engine": runtime.settings.dtype, "trainer": runtime.train_run().dtype}
     for r in rows:
         if r["n"] in fresh:
             r["freshness_p50_s"], r["freshness_p99_s"] = fresh[r["n"]]["p50_s"], fresh[r["n"]]["p99_s"]
     return {"benchmark": "experiment_throughput", "model": model, "environment": options.environment,
             "steps": steps, "group_size": options.group, "tasks": options.tasks, "serial_measured_runs": k,
             "serial_note": f"serial_s and warm_serial_s = N x the mean of {k} measured single experiments of each kind",
-            "machine": machine(), "command": "clora " + " ".join(sys.argv[1:]), "at": time.time(),
+            "dtype": dtypes, "machine": machine(), "command": "clora " + " ".join(sys.argv[1:]), "at": time.time(),
             "options": options.model_dump(), "rows": rows,
             "serial_runs": {"cold_s": [round(s, 1) for s in cold_s], "warm_s": [round(e.seconds, 1) for e in warm],
                             "cold_rewards": [e.rewards for e in cold], "warm_rewards": [e.rewards for e in warm]},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -118,10 +119,14 @@ class Settings(BaseSettings):
     gateway_url: str | None = Field(default=None, description="Gateway for `clora train`; default: serve.json.")
     trainer_device: str = Field(default="auto", description="cpu, cuda, cuda:N; auto = cuda if present.")
     trainer_pass_tokens: int | None = Field(default=None, description="Tokens per batched pass (auto: 512 CPU, 65536 GPU).")
+    trainer_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="The trainer's base-model dtype; auto: bfloat16 on CUDA, else the engine's "
+        "(CLORA_DTYPE), so the trainer's logprobs are computed as the server's are.")
     trainer_max_tenants: int = Field(default=8, description="Tenants trained together in one step.")
     trainer_pipeline: bool = Field(default=True, description="Sample the next step's rollouts while the trainer "
-                                   "computes the current step (a tenant in both learns from them as off-policy by one "
-                                   "version).")
+                                   "computes the current step; tenants with rollouts take turns in halves, so theirs "
+                                   "come from their newest versions (a tenant alone, in every step, learns from them "
+                                   "as off-policy by one version).")
     trainer_idle_s: float = Field(default=5.0, description="Pause when no tenant has anything to learn.")
     trainer_max_inflight: int = Field(default=64, description="Serving requests in flight above which training waits.")
     trainer_keep_checkpoints: int = Field(default=5, description="Trainer state checkpoints kept per customer.")
