@@ -106,7 +106,8 @@ async def test_the_pipelined_loop_samples_ahead_only_tenants_with_rollouts_and_u
 async def test_tenants_that_sample_take_turns_in_halves_so_none_samples_a_version_behind(monkeypatch):
     """Four tenants with rollouts: each step takes half of them, and the rollouts sampled while it
     computes are the other half's, the ones the next step picks (none in two steps in a row). A
-    feedback-only tenant counts in the halves, and without two samplers there is no cap."""
+    feedback-only tenant counts in the halves; with fewer than four samplers there is no cap (a
+    half of one would sample alone, sharing no decode batch)."""
     ahead, steps = fake_steps(monkeypatch)
     offered = [Candidate(name, 1.0, samples=True) for name in "abcd"]
 
@@ -122,7 +123,7 @@ async def test_tenants_that_sample_take_turns_in_halves_so_none_samples_a_versio
     assert [sorted(a) for a in ahead[:3]] == [["c", "d"], ["a", "b"], ["c", "d"]]
 
     assert loop.halves(offered + [Candidate("feedback", 1.0)]) == 3
-    assert loop.halves([Candidate("a", 1.0, samples=True), Candidate("feedback", 1.0)]) is None
+    assert loop.halves([Candidate(name, 1.0, samples=True) for name in "abc"]) is None  # halves would sample alone
     assert Scheduler(max_tenants=1).pick(offered, limit=2) == ["a"]  # max_tenants still holds
 
 

@@ -5,10 +5,10 @@
         step that fails is retried tenant by tenant; a tenant that fails alone is backed off, and
         the others' steps land). Pipelined (the default), the rollouts of the tenants the next
         pick would choose are sampled by the engine while the trainer computes the current step.
-        Tenants that sample take turns in halves, so those rollouts come from their newest
-        versions (on-policy, as the C-LoRA report's tenants take turns on the trainer); a tenant
-        in both picks (one alone) is sampled by its previous version and trained as off-policy by
-        one step (step.py).
+        Four or more tenants that sample take turns in halves, so those rollouts come from their
+        newest versions (on-policy, as the C-LoRA report's tenants take turns on the trainer); a
+        tenant in both picks (fewer tenants) is sampled by its previous version and trained as
+        off-policy by one step (step.py).
   step: sample each tenant's rollouts unless sampled ahead, gather its data (data.py), copy its
         state onto the device, backward of every loss (step.py); then per tenant: skip it if its
         logprob gap says the trainer does not see what the server sampled, else AdamW, copy back,
@@ -290,10 +290,12 @@ async def drive(trainer: Trainer, scheduler: Scheduler, candidates: Callable[[],
 
 
 def halves(offered: list[Candidate]) -> int | None:
-    """A step's cap when two or more candidates sample rollouts: half of them (rounded up), so that
-    one half's rollouts are sampled while the other half trains and no tenant is in two steps in
-    a row (its rollouts never a version behind). None: no cap."""
-    return (len(offered) + 1) // 2 if sum(c.samples for c in offered) >= 2 else None
+    """A step's cap when four or more candidates sample rollouts: half of them (rounded up), so
+    that one half's rollouts are sampled while the other half trains and no tenant is in two steps
+    in a row (its rollouts never a version behind). Fewer: no cap (None), so that their rollouts
+    still share the engine's decode batches (a half of one tenant would sample alone); each is
+    then in every step and samples a version behind."""
+    return (len(offered) + 1) // 2 if sum(c.samples for c in offered) >= 4 else None
 
 
 async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str],

@@ -20,9 +20,10 @@ The serial baselines are built from `serial_runs` measured single experiments of
 measured (seeds 0..N-1, so experiment i draws the same problems in every mode). Experiment times:
 First, Mean and Final (when the first, the average and the last experiment of the N finished;
 Final is `concurrent_s`). Rewards are each step's sampled reward: step k's rollouts come from the
-version after k-1 updates (`reward_first` is the base model's), serial and concurrent alike: the
-concurrent tenants take turns in halves, one half's rollouts sampled while the other half trains
-(`trainer.loop.halves`); only N=1's pipelined tenant samples a version behind (from step 2 on).
+version after k-1 updates (`reward_first` is the base model's), serial and concurrent alike:
+at N >= 4 the concurrent tenants take turns in halves, one half's rollouts sampled while the other
+half trains (`trainer.loop.halves`); at N = 1 and 2 they are in every step and sample a version
+behind (from step 2 on).
 
 **Freshness** (on the warm runtime, last): N feedback-only customers each send an operator
 correction of a served answer every `freshness_interval_s` on average (Poisson) for
@@ -104,10 +105,10 @@ async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop
     runs = {c: Experiment(c, seed, started) for c, seed in zip(customers, seeds)}
 
     async def candidates() -> list[Candidate]:
-        # Rollouts sampled ahead are for a tenant's next step: with others, tenants take turns
-        # (trainer.loop.halves) and every step left needs them; alone, it is in every step and
-        # its last needs none.
-        last = 1 if len(customers) == 1 else 0
+        # Rollouts sampled ahead are for a tenant's next step: four or more take turns
+        # (trainer.loop.halves) and every step left needs them; fewer are in every step and
+        # their last needs none.
+        last = 0 if len(customers) >= 4 else 1
         return [Candidate(c, 1.0, samples=len(e.rewards) < steps - last) for c, e in runs.items() if len(e.rewards) < steps]
 
     fruitless = 0
