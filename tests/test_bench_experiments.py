@@ -40,6 +40,12 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     assert (result["model"], result["steps"], result["group_size"], result["serial_measured_runs"]) == \
         ("tiny-llama-2x256", 3, 4, 1)
     assert result["dtype"] == {"engine": "float32", "trainer": "float32"}  # the trainer follows the engine
+    logs = [Path(p) for p in result["logs"]]  # each runtime's run directory: one per cold run, one warm
+    assert len(logs) == 2 and all((p / "trainer.log").stat().st_size > 0 for p in logs)
+    assert all([p.name for p in log.parent.parent.iterdir()] == ["runs"] for log in logs)  # the GBs go
+    settings, args = result["command"].split(" clora bench experiments ")  # what a re-run needs, settings too
+    assert f"CLORA_HOME={tmp_path / 'home'}" in settings.split() and args.startswith("--model tiny --ns 2,1 ")
+    assert "CLORA_ENGINE_LOG" not in settings  # the runtime's own plumbing, not a setting to re-run with
     one, two = result["rows"]
     assert [one["n"], two["n"]] == [1, 2]
     for row in (one, two):

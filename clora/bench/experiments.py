@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 import statistics
@@ -157,6 +158,12 @@ def reward_gap_sd(serial: list[tuple[float, float]], concurrent: list[tuple[floa
     return max((s - c) / max(sd, 1e-3) for (s, sd), (c, _) in zip(serial, concurrent))
 
 
+def command() -> str:
+    """The command line as run, with the CLORA_ settings it ran under (a re-run needs them)."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("CLORA_")]
+    return " ".join([*env, "clora", *sys.argv[1:]])
+
+
 def row(n: int, runs: list[Experiment], cold: list[Experiment], cold_s: list[float], warm: list[Experiment],
         baseline_step_s: float | None, shared: int) -> dict:
     # Rounded first, so that the file's ratios are its own columns' (serial_s / concurrent_s).
@@ -251,13 +258,15 @@ async def freshness(runtime: BenchRuntime, trainer: TrainerProcess, customers: l
 async def sweep(options: SweepOptions, progress: Callable[[int], None], status: Callable[[str], None]) -> dict:
     """Cold singles, then one warm runtime for the warm singles and every N concurrently."""
     steps, k = options.steps, options.serial_runs
+    ran_as = command()  # before the runtime sets its own CLORA_ variables for its engine process
     capacity = {"max_loras": max(max(options.ns), 4), "max_cpu_loras": max(2 * max(options.ns), 16)}
-    cold, cold_s = [], []
+    cold, cold_s, logs = [], [], []  # logs: each runtime's run directory (its engine's and trainer's logs)
     for seed in range(k):
         status(f"cold serial experiment {seed + 1}/{k}: a fresh runtime")
         began = time.perf_counter()
         async with bench_runtime({f"cold-{seed}": options.tenant(seed)}, options.model, **capacity) as runtime, \
                 trainer_process(runtime) as trainer:
+            logs.append(str(runtime.stack.run_dir))
             cold += await trainer.run(run_experiments, [f"cold-{seed}"], [seed], steps, False, progress=progress)
         cold_s.append(time.perf_counter() - began)
     tenants = {f"warm-{seed}": options.tenant(seed) for seed in range(k)}
@@ -266,6 +275,7 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
     tenants |= {f"fb{n}-{i}": TenantConfig(lr=options.lr, rank=16, alpha=32) for n in options.freshness_ns for i in range(n)}
     rows, curves = [], {}
     async with bench_runtime(tenants, options.model, **capacity) as runtime, trainer_process(runtime) as trainer:
+        logs.append(str(runtime.stack.run_dir))
         status("warming up the runtime (one untimed step)")
         await trainer.run(run_experiments, ["warm-up"], [k], 1)
         warm = []
@@ -293,8 +303,8 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
     return {"benchmark": "experiment_throughput", "model": model, "environment": options.environment,
             "steps": steps, "group_size": options.group, "tasks": options.tasks, "serial_measured_runs": k,
             "serial_note": f"serial_s and warm_serial_s = N x the mean of {k} measured single experiments of each kind",
-            "dtype": dtypes, "machine": machine(), "command": "clora " + " ".join(sys.argv[1:]), "at": time.time(),
-            "options": options.model_dump(), "rows": rows,
+            "dtype": dtypes, "machine": machine(), "command": ran_as, "at": time.time(),
+            "options": options.model_dump(), "logs": logs, "rows": rows,
             "serial_runs": {"cold_s": [round(s, 1) for s in cold_s], "warm_s": [round(e.seconds, 1) for e in warm],
                             "cold_rewards": [e.rewards for e in cold], "warm_rewards": [e.rewards for e in warm]},
             "concurrent_rewards": {str(n): c for n, c in curves.items()},

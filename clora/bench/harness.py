@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import shutil
 import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -69,8 +70,8 @@ def model_path(model: str | None, cache_dir: Path) -> str:
 @asynccontextmanager
 async def bench_runtime(customers: dict[str, TenantConfig], model: str | None = None,
                         **settings_update: Any) -> AsyncIterator[BenchRuntime]:
-    """The runtime with `customers` created and configured, in a fresh home (deleted by nobody:
-    its logs stay for a look after a run)."""
+    """The runtime with `customers` created and configured, in a fresh home. Its logs (`runs/`)
+    stay for a look after a run; the rest (adapter versions, checkpoints: GBs after a sweep) goes."""
     base = Settings()
     home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     settings = base.model_copy(update={"home": home, "model": model_path(model or base.model, base.cache_dir),
@@ -91,6 +92,13 @@ async def bench_runtime(customers: dict[str, TenantConfig], model: str | None = 
     finally:
         await stack.stop()
         await asyncio.wait([serving], timeout=10)
+        for path in home.iterdir():
+            if path == settings.runs_dir:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @asynccontextmanager

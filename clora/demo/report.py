@@ -68,6 +68,11 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:  # bfloat16 speed on CPU depends on AMX: say whether the machine has it
+        if "amx_bf16" in Path("/proc/cpuinfo").read_text():
+            cpu += " (AMX)"
+    except OSError:
+        pass
     try:
         import torch
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
