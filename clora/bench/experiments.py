@@ -52,6 +52,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from clora.bench.harness import BenchRuntime, TrainerProcess, bench_runtime, trainer_process
+from clora.core.settings import Settings
 from clora.demo.report import machine
 from clora.trainer.loop import StepReport, Timeline, Trainer, drive
 from clora.trainer.scheduler import Candidate, Scheduler
@@ -159,8 +160,10 @@ def reward_gap_sd(serial: list[tuple[float, float]], concurrent: list[tuple[floa
 
 
 def command() -> str:
-    """The command line as run, with the CLORA_ settings it ran under (a re-run needs them)."""
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("CLORA_")]
+    """The command line as run, with the settings (CLORA_ variables) it ran under: a re-run needs
+    them. Only Settings' own: an in-process engine exports plumbing of its own (CLORA_ENGINE_LOG)."""
+    names = {f"CLORA_{name.upper()}" for name in Settings.model_fields}
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in names]
     return " ".join([*env, "clora", *sys.argv[1:]])
 
 
