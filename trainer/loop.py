@@ -92,17 +92,37 @@ class TrainRun:
                    settings.served_base_name, settings.trainer_metrics_port, settings.trainer_pipeline)
 
 
-def release_freed_host_memory() -> None:
-    """Large host buffers from mmap, always, so that freeing one returns it to the system. glibc
-    raises its mmap threshold to the size of each large block freed; after the first pass the
-    activations come from the heap, which fragments and is not given back: four GRPO passes of
-    1,550 tokens on SmolLM2-135M peaked at 3.8, 5.1, 5.3, 5.4 GB, holding 4.8 GB between passes (a
-    20-step agent RL run was OOM-killed at 20 GB); with the threshold fixed, 3.6-3.7 GB each, 1.0 GB
-    between (benchmarks/trainer_memory.py). No-op where glibc is absent."""
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed; blocks above it (logits chunks) are mmapped
+
+
+def _libc() -> ctypes.CDLL | None:
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixing it stops the raising)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def fix_mmap_threshold() -> None:
+    """Activations from the heap, at a threshold glibc will not move. glibc raises its mmap
+    threshold to the size of each large block freed, after which the heap fragments and keeps
+    what it holds (a 20-step agent RL run was OOM-killed at 20 GB). Fixing it low (128 KB, the
+    earlier policy) kept memory down but made every activation a fresh mmap, faulted in and
+    zeroed page by page: 6.0M page faults and 8 s of system time in a 21 s step (SmolLM2-135M,
+    bfloat16, one tenant's two agent groups). Fixed at 32 MB, with the heap trimmed after each
+    step (`return_freed_host_memory`): 0.5-1.2M faults, 14-16 s, 1.5 GB resident between steps,
+    peak 4.8-5.0 GB (benchmarks/trainer_memory.py). No-op where glibc is absent."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (setting it also stops glibc moving it)
+
+
+def return_freed_host_memory() -> None:
+    """The heap's free pages back to the system (every arena), between steps: what a step's
+    activations took is not held while the trainer waits, and the next step's heap is warm only
+    where it is still in use."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def load_model(model_dir: Path, device: str, dtype: str = "float32") -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
@@ -110,7 +130,7 @@ def load_model(model_dir: Path, device: str, dtype: str = "float32") -> tuple[nn
     (adapters stay float32: the LoRA matmuls cast them; logprobs are float32 whatever the dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    release_freed_host_memory()
+    fix_mmap_threshold()
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     return model, inject(model), AutoTokenizer.from_pretrained(model_dir)
@@ -209,6 +229,7 @@ async def step(trainer: Trainer, customers: list[str], rollouts: dict[str, Rollo
     # 3. Every loss's gradients into them (in a thread: the event loop stays responsive).
     with timeline.busy("trainer"):
         results = await asyncio.to_thread(backward, trainer.model, trainer.layers, data, states, trainer.pass_tokens)
+        await asyncio.to_thread(return_freed_host_memory)
     computed = time.perf_counter()
     # 4. Per tenant: unless its logprob gap is over its bound (the trainer would be correcting for a
     #    policy that did not sample: skipped, the records kept), AdamW, copy back, checkpoint then
