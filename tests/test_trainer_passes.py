@@ -4,6 +4,7 @@ per-tenant path, and tenant state that survives swaps and checkpoints bit-exactl
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -15,9 +16,11 @@ from clora.trainer.adapter_store import AdapterStore, TenantState
 from clora.trainer.batching import (
     PrefixGroup,
     TenantBatch,
+    length_buckets,
     multi_tenant_backward,
     pack,
     pack_groups,
+    padded_tokens,
     sequence_logprobs,
     shared_prefix_logprobs,
 )
@@ -264,3 +267,71 @@ def test_swap_round_trip_and_checkpoint_are_bit_exact(base, tmp_path, tiny_model
     assert restored.rng.random() == draw.random()
     assert (checkpoint / "adapter" / "adapter_model.safetensors").exists()
     assert not list((tmp_path / "trainer" / "acme").glob(".tmp-*"))
+
+
+def bucket_cost(lengths, buckets, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) + overhead for b in buckets)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_are_the_cheapest_cut_of_the_rows_sorted_by_length(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 12), rng.randint(40, 120)]) for _ in range(rng.randint(1, 8))]
+    overhead = rng.choice([0, 8, 64])
+    buckets = length_buckets(lengths, max_buckets=3, overhead=overhead)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert all(b == sorted(b) for b in buckets)
+    # Every cut of the sorted rows into at most 3 runs: none is cheaper.
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, best = len(order), float("inf")
+    for k in range(0, min(2, n - 1) + 1):
+        for cuts in itertools.combinations(range(1, n), k):
+            edges = [0, *cuts, n]
+            runs = [order[a:b] for a, b in zip(edges, edges[1:])]
+            best = min(best, bucket_cost(lengths, runs, overhead))
+    assert bucket_cost(lengths, buckets, overhead) == best
+
+
+def test_short_and_long_rows_are_cut_apart():
+    assert length_buckets([90, 3, 95, 2], overhead=16) == [[1, 3], [0, 2]]
+    assert length_buckets([90, 88, 95, 92], overhead=16) == [[0, 1, 2, 3]]
+    assert padded_tokens([90, 3, 95, 2]) == 2 * 3 + 2 * 95
+
+
+def test_rows_of_very_different_lengths_match_separate_sequences_and_skip_the_padding(base):
+    """An episode's short first answers and long later turns, of two tenants, interleaved: the
+    pass runs them in length buckets (fewer tokens than padding all to the longest) and gives the
+    per-row logprobs and gradients of one plain forward per row, in row order."""
+    model, layers = base
+    w1, w2 = random_weights(layers, seed=5), random_weights(layers, seed=6)
+    rng = random.Random(3)
+    p1, p2 = rand_tokens(rng, 20), rand_tokens(rng, 17)
+    c1 = [rand_tokens(rng, n) for n in (2, 70, 3, 65)]
+    c2 = [rand_tokens(rng, n) for n in (60, 1, 75, 4)]
+    x2 = [[], rand_tokens(rng, 6), [], rand_tokens(rng, 9)]  # unscored context before some rows
+    groups = [PrefixGroup(p1, c1, w1), PrefixGroup(p2, c2, w2, contexts=x2)]
+    rows = [r for g in groups for r in g.rows()]
+    computed = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: computed.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    try:
+        shared = shared_prefix_logprobs(model, layers, groups)
+    finally:
+        hook.remove()
+    row_tokens = sum(computed) - 2 * max(len(p1), len(p2))  # less the prompts' pass
+    assert row_tokens == padded_tokens([len(r) for r in rows])
+    assert row_tokens < len(rows) * max(len(r) for r in rows) * 0.7
+    shared_loss = (shared.logprobs * torch.linspace(-1, 1, shared.logprobs.numel())).sum()
+    shared_loss.backward()
+    shared_grads = grads(w1) + grads(w2)
+
+    prompts = [p1] * 4 + [p2 + x for x in x2]
+    with bind(layers, [Segment(0, 4, w1), Segment(4, 8, w2)]):
+        naive = sequence_logprobs(model, prompts, c1 + c2)
+    naive_loss = (naive.logprobs * torch.linspace(-1, 1, naive.logprobs.numel())).sum()
+    naive_loss.backward()
+    naive_grads = grads(w1) + grads(w2)
+    assert torch.equal(naive.rows, shared.rows)
+    torch.testing.assert_close(shared.logprobs, naive.logprobs, rtol=1e-5, atol=1e-5)
+    assert min(g.abs().max() for g in naive_grads) > 0
+    assert_close_lists(shared_grads, naive_grads, atol=1e-5)  # a sum over ~300 tokens: larger gradients

@@ -7,7 +7,8 @@
   several groups (of several tenants) share one pass, packed by `pack_groups`. A row may start
   with context tokens that are conditioned on but not scored (a multi-turn episode's later turn:
   its earlier answer and the tool's result after the shared prompt), so every turn of a group's
-  episodes shares the one prompt pass.
+  episodes shares the one prompt pass. Rows continue from the prompt in forwards of rows of
+  similar length (`length_buckets`), so short first answers are not padded to long later turns.
 - `multi_tenant_backward`: rows of several tenants in one pass (one base matmul over all rows,
   each tenant's LoRA on its own rows); each tenant's loss reaches only its own weights. Rows are
   packed into passes of at most `max_tokens` tokens: on a CPU, passes past ~1k tokens run slower
@@ -20,8 +21,9 @@ that produced them (`Sampler`): their logprobs are then of the processed distrib
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -31,7 +33,14 @@ from clora.trainer.lora import LoRAWeights, MultiLoRALinear, Segment, bind
 from clora.trainer.sampling import Processing, processed_logprobs
 from clora.wire.interactions import Sampler
 
+if TYPE_CHECKING:  # types only
+    from transformers.cache_utils import Cache
+
 CHUNK_TOKENS = 512
+# A shared-prefix pass's rows go through at most this many forwards, cut by length; each forward
+# beyond the first must save more padding than this many tokens' worth of fixed cost.
+MAX_BUCKETS = 4
+BUCKET_OVERHEAD_TOKENS = 64
 
 
 @dataclass
@@ -130,13 +139,59 @@ def segments_of(weights: list[LoRAWeights | None]) -> list[Segment]:
     return segments
 
 
+def length_buckets(lengths: list[int], max_buckets: int = MAX_BUCKETS,
+                   overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices cut into at most `max_buckets` buckets, each padded to its own longest row, so
+    that padded tokens plus `overhead` per bucket (a forward of its own) are fewest: the buckets are
+    runs of the rows sorted by length (found by dynamic programming). Indices ascend in a bucket."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    n = len(sizes)
+    if n == 0:
+        return []
+    inf = float("inf")
+    # best[b][j]: least cost of rows order[:j] in b buckets; cut[b][j]: where the last one starts.
+    best = [[inf] * (n + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_buckets + 1)]
+    best[0][0] = 0
+    for b in range(1, max_buckets + 1):
+        for j in range(1, n + 1):
+            for i in range(b - 1, j):
+                cost = best[b - 1][i] + (j - i) * sizes[j - 1] + overhead
+                if cost < best[b][j]:
+                    best[b][j], cut[b][j] = cost, i
+    b = min(range(1, max_buckets + 1), key=lambda k: best[k][n])
+    buckets, j = [], n
+    while b:
+        i = cut[b][j]
+        buckets.append(sorted(order[i:j]))
+        b, j = b - 1, i
+    return buckets[::-1]
+
+
+def padded_tokens(lengths: list[int]) -> int:
+    """Tokens a forward over these rows computes once they are cut into `length_buckets`."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths))
+
+
+def _rows_of_cache(cache: Cache, indices: torch.Tensor) -> Cache:
+    """A view of the prompt cache expanded to `indices` (its rows' groups), the original untouched:
+    each length bucket continues from its own copy, all of them in the autograd graph."""
+    rows = copy.copy(cache)
+    rows.layers = [copy.copy(layer) for layer in cache.layers]
+    rows.batch_select_indices(indices)
+    return rows
+
+
 def shared_prefix_logprobs(model: nn.Module, layers: dict[str, MultiLoRALinear], groups: list[PrefixGroup],
                            with_raw: bool = False) -> Completions:
     """Every group's K completions over its prompt, groups of several tenants in one pass: each
     prompt runs once (left-padded to the longest, so every prompt ends at the same column), its
-    key/value cache is expanded to its group's K rows, and all completions run in one forward over
-    those caches; gradients reach each prompt's pass through its cache. Rows are numbered over
-    all groups in order; logprobs under each group's sampler processing (and raw ones if `with_raw`)."""
+    key/value cache is expanded to its group's K rows, and the rows continue over those caches in
+    forwards of rows of similar length (`length_buckets`: an episode's first answers are short,
+    its later turns long, and padding them all to the longest would waste about a third of the
+    pass); gradients reach each prompt's pass through its cache. Rows are numbered over all
+    groups in order; logprobs under each group's sampler processing (and raw ones if `with_raw`)."""
     device = model.lm_head.weight.device
     width = max(len(g.prompt) for g in groups)
     prompt_ids = torch.tensor([[0] * (width - len(g.prompt)) + g.prompt for g in groups], device=device)
@@ -145,31 +200,45 @@ def shared_prefix_logprobs(model: nn.Module, layers: dict[str, MultiLoRALinear],
     with bind(layers, segments_of([g.weights for g in groups])):
         prefix = model.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
                              use_cache=True)
-    group_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g.completions], device=device)
-    cache = prefix.past_key_values  # in the autograd graph: gradients reach the prompt pass
-    cache.batch_select_indices(group_of_row)
+    group_of_row = [i for i, g in enumerate(groups) for _ in g.completions]
+    row_weights = [g.weights for g in groups for _ in g.completions]
     row_tokens = [r for g in groups for r in g.rows()]
-    comp = pad(row_tokens, device)
-    lengths = torch.tensor([len(g.prompt) for g in groups], device=device)[group_of_row]
-    positions = lengths[:, None] + torch.arange(comp.shape[1], device=device)
-    mask = torch.cat([prompt_mask[group_of_row], torch.ones_like(comp)], dim=1)
-    with bind(layers, segments_of([g.weights for g in groups for _ in g.completions])):
-        hidden = model.model(input_ids=comp, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True).last_hidden_state
-    rows, cols = [], []
     completions = [c for g in groups for c in g.completions]
-    for i, (c, start) in enumerate(zip(completions, [s for g in groups for s in g.scored_from()])):
-        rows += [i] * len(c)
-        cols += range(start, start + len(c))
-    rows_t = torch.tensor(rows, device=device)
-    cols_t = torch.tensor(cols, device=device)
+    scored_from = [s for g in groups for s in g.scored_from()]
+    first_token = [0]  # each row's first scored token in the flat [N] order
+    for c in completions:
+        first_token.append(first_token[-1] + len(c))
     # Token j of a row is predicted by its hidden state j - 1, or for j = 0 by its prompt's last
     # hidden state (the last column for every prompt: left padding).
-    last_prompt = prefix.last_hidden_state[:, -1][group_of_row[rows_t]]
-    h = torch.where((cols_t == 0)[:, None], last_prompt, hidden[rows_t, (cols_t - 1).clamp(min=0)])
+    last_prompt = prefix.last_hidden_state[:, -1]
+    parts, order = [], []
+    for bucket in length_buckets([len(r) for r in row_tokens]):
+        groups_b = torch.tensor([group_of_row[i] for i in bucket], device=device)
+        comp = pad([row_tokens[i] for i in bucket], device)
+        lengths = torch.tensor([len(groups[group_of_row[i]].prompt) for i in bucket], device=device)
+        positions = lengths[:, None] + torch.arange(comp.shape[1], device=device)
+        mask = torch.cat([prompt_mask[groups_b], torch.ones_like(comp)], dim=1)
+        with bind(layers, segments_of([row_weights[i] for i in bucket])):
+            hidden = model.model(input_ids=comp, attention_mask=mask, position_ids=positions,
+                                 past_key_values=_rows_of_cache(prefix.past_key_values, groups_b),
+                                 use_cache=True).last_hidden_state
+        rows, cols = [], []
+        for j, i in enumerate(bucket):
+            rows += [j] * len(completions[i])
+            cols += range(scored_from[i], scored_from[i] + len(completions[i]))
+            order += range(first_token[i], first_token[i + 1])
+        rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        parts.append(torch.where((cols_t == 0)[:, None], last_prompt[groups_b[rows_t]],
+                                 hidden[rows_t, (cols_t - 1).clamp(min=0)]))
+    # Back to row order: token k of the flat order is at position inverse[k] of the buckets' order.
+    inverse = torch.empty(len(order), dtype=torch.long, device=device)
+    inverse[torch.tensor(order, dtype=torch.long, device=device)] = torch.arange(len(order), device=device)
+    h = torch.cat(parts)[inverse]
+    rows_t = torch.tensor([i for i, c in enumerate(completions) for _ in c], device=device)
+    targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
     processing = Processing.of_rows([g.sampler for g in groups for _ in g.completions], rows_t) \
         if any(g.sampler for g in groups) else None
-    logprobs = chunked_logprobs(model.lm_head, h, comp[rows_t, cols_t], processing, with_raw=with_raw)
+    logprobs = chunked_logprobs(model.lm_head, h, targets, processing, with_raw=with_raw)
     if with_raw:
         return Completions(logprobs[0], rows_t, logprobs[1])
     return Completions(logprobs, rows_t)
