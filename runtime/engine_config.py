@@ -45,6 +45,7 @@ class EngineConfig:
     cpu_threads_bind: str = "auto"
     enforce_eager: bool = True
     grouped_lora: bool = True
+    spin_s: float = 0.0
     start_timeout_s: float = 300.0
     extra_args: list[str] = field(default_factory=list)
     diagnosis_http: bool = False  # also serve vLLM's app, unauthenticated, on a loopback port
@@ -59,7 +60,7 @@ class EngineConfig:
             max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
             lora_target_modules=settings.lora_target_modules, kv_cache_gib=settings.kv_cache_gib,
             cpu_threads_bind=settings.cpu_threads_bind, enforce_eager=settings.enforce_eager,
-            grouped_lora=settings.grouped_lora,
+            grouped_lora=settings.grouped_lora, spin_s=settings.engine_spin_s,
             start_timeout_s=settings.engine_start_timeout_s, extra_args=settings.engine_extra_args,
             diagnosis_http=settings.engine_diagnosis_http,
         )
@@ -113,6 +114,8 @@ class EngineConfig:
             # Our vLLM plugin (lora_plugin.py) reads it in the engine core. Its adapter grouping is
             # decided in Python per step, which a compiled graph would freeze: eager mode only.
             "CLORA_GROUPED_LORA": "1" if self.grouped_lora and self.enforce_eager else "0",
+            # The plugin caps how long vLLM's processes busy-poll each other (lora_plugin.limit_spin).
+            "CLORA_ENGINE_SPIN_S": repr(float(self.spin_s)),
         }
 
     def _logging_config(self) -> Path:

@@ -1,4 +1,5 @@
-"""The vLLM plugin that serves LoRA on CPU through the grouped ops (`lora_punica.py`).
+"""clora's vLLM plugin: LoRA on CPU through the grouped ops (`lora_punica.py`), and engine
+processes that do not busy-poll each other for long (`limit_spin`).
 
 vLLM runs every `vllm.general_plugins` entry point in each of its processes before it builds the
 model, the engine core's worker included: that is where the punica wrapper is chosen. `register`
@@ -9,6 +10,13 @@ points the CPU platform at `GroupedPunicaWrapperCPU` when
 - the platform is the CPU (GPU platforms keep vLLM's own kernels), and
 - vLLM's CPU wrapper still has the methods and signatures the subclass overrides (checked here;
   on a mismatch the plugin stays off with one warning, and vLLM's own ops serve).
+
+vLLM's engine core and its worker pass each step through shared memory and, after each message,
+spin (`sched_yield`) for 1 s waiting for the next one: while the engine runs, the core process
+spins on the second core for as long as the worker computes a step. Co-located with a trainer on
+two cores, that is the trainer's core; `CLORA_ENGINE_SPIN_S` (`Settings.engine_spin_s`, 0 by
+default) caps the spin, after which a reader blocks on vLLM's own notification socket (its idle
+mode), waking within a fraction of a millisecond of a step that takes a hundred.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 log = logging.getLogger("vllm.clora")  # vLLM's logger tree: lands in the engine's log file
 
 ENV = "CLORA_GROUPED_LORA"
+SPIN_ENV = "CLORA_ENGINE_SPIN_S"
 WRAPPER = "clora.runtime.lora_punica.GroupedPunicaWrapperCPU"
 
 # What GroupedPunicaWrapperCPU overrides or reads, with vLLM 0.32's parameter names.
@@ -71,8 +80,37 @@ def install(platform: type, wrapper: type) -> bool:
     return True
 
 
+def limit_spin(environ: dict[str, str] | None = None) -> bool:
+    """Readers of vLLM's shared-memory queues made after this spin at most `CLORA_ENGINE_SPIN_S`
+    seconds (unset: vLLM's own behaviour); False, with a warning, if vLLM's reader has changed."""
+    value = (os.environ if environ is None else environ).get(SPIN_ENV)
+    if value is None:
+        return False
+    try:
+        spin_s = max(0.0, float(value))
+        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    except (ValueError, ImportError) as exc:
+        log.warning("clora engine spin limit off (%s)", exc)
+        return False
+    if getattr(SpinCondition, "clora_spin_s", None) is None:
+        if "busy_loop_s" not in inspect.signature(SpinCondition.__init__).parameters:
+            log.warning("clora engine spin limit off: vLLM's SpinCondition has no busy_loop_s")
+            return False
+        original = SpinCondition.__init__
+
+        def capped(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            if self.is_reader:
+                self.busy_loop_s = min(self.busy_loop_s, type(self).clora_spin_s)
+
+        SpinCondition.__init__ = capped
+    SpinCondition.clora_spin_s = spin_s
+    return True
+
+
 def register() -> None:
     """The `vllm.general_plugins` entry point; vLLM may call it more than once per process."""
+    limit_spin()
     if not wanted():
         return
     try:

@@ -9,6 +9,8 @@ adapter are compared with the unchanged input, and vLLM's behaviour there is pin
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from vllm.lora.layers.utils import LoRAMapping
@@ -246,3 +248,47 @@ def test_the_engine_passes_the_setting_to_vllm_in_eager_mode_only(tmp_path, monk
     assert env(enforce_eager=False) == "0"  # the grouping is decided in Python per step: no compiled graphs
     monkeypatch.setenv("CLORA_GROUPED_LORA", "false")  # how a user turns it off
     assert env() == "0"
+
+
+def _reader_and_writer(tmp_path):
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    tmp_path.mkdir()
+    context, address = zmq.Context(), f"ipc://{tmp_path / 'notify'}"
+    writer = SpinCondition(is_reader=False, context=context, notify_address=address)
+    reader = SpinCondition(is_reader=True, context=context, notify_address=address)
+    return reader, writer
+
+
+def _wait_s(reader, timeout_ms: int) -> float:
+    started = time.perf_counter()
+    reader.wait(timeout_ms=timeout_ms)
+    return time.perf_counter() - started
+
+
+def test_engine_readers_block_instead_of_spinning_when_clora_caps_the_spin(tmp_path, monkeypatch):
+    """vLLM's reader spins (returns at once, to be called again) for 1 s after a read; capped at
+    0 it blocks on the notification socket until the writer notifies or the timeout passes."""
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    monkeypatch.setattr(SpinCondition, "__init__", SpinCondition.__init__)  # restored after the test
+    monkeypatch.delattr(SpinCondition, "clora_spin_s", raising=False)
+    reader, _ = _reader_and_writer(tmp_path / "a")
+    assert reader.busy_loop_s == 1 and _wait_s(reader, 200) < 0.05  # vLLM's own: a spin
+
+    assert not lora_plugin.limit_spin({})  # unset: vLLM's behaviour
+    assert lora_plugin.limit_spin({"CLORA_ENGINE_SPIN_S": "0"})
+    reader, writer = _reader_and_writer(tmp_path / "b")
+    assert reader.busy_loop_s == 0 and writer.busy_loop_s == 0
+    assert _wait_s(reader, 200) >= 0.15  # blocked until the timeout
+    writer.notify()
+    assert _wait_s(reader, 2000) < 0.5  # woken by the writer
+    assert lora_plugin.limit_spin({"CLORA_ENGINE_SPIN_S": "0.5"})  # a second call updates, no double wrap
+    assert _reader_and_writer(tmp_path / "c")[0].busy_loop_s == 0.5
+
+
+def test_a_bad_spin_setting_leaves_vllm_alone_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="vllm.clora"):
+        assert not lora_plugin.limit_spin({"CLORA_ENGINE_SPIN_S": "fast"})
+    assert "spin limit off" in caplog.text
