@@ -45,7 +45,7 @@ class EngineConfig:
     cpu_threads_bind: str = "auto"
     enforce_eager: bool = True
     grouped_lora: bool = True
-    spin_s: float = 0.0
+    spin_s: float | None = None
     start_timeout_s: float = 300.0
     extra_args: list[str] = field(default_factory=list)
     diagnosis_http: bool = False  # also serve vLLM's app, unauthenticated, on a loopback port
@@ -114,9 +114,9 @@ class EngineConfig:
             # Our vLLM plugin (lora_plugin.py) reads it in the engine core. Its adapter grouping is
             # decided in Python per step, which a compiled graph would freeze: eager mode only.
             "CLORA_GROUPED_LORA": "1" if self.grouped_lora and self.enforce_eager else "0",
+        } | ({} if self.spin_s is None else {
             # The plugin caps how long vLLM's processes busy-poll each other (lora_plugin.limit_spin).
-            "CLORA_ENGINE_SPIN_S": repr(float(self.spin_s)),
-        }
+            "CLORA_ENGINE_SPIN_S": repr(float(self.spin_s))})
 
     def _logging_config(self) -> Path:
         """vLLM's log lines (this process and its children) go to the run dir, not our console."""
