@@ -28,10 +28,17 @@ def feedback(trace_id: str, customer: str, **signal) -> FeedbackMessage:
     return FeedbackMessage(event=event, customer=customer, submitted_by="customer", received_at=time.time())
 
 
-async def wait_for(done, timeout_s: float = 60) -> None:
+async def wait_for(done, timeout_s: float = 60, consumer: IngestConsumer | None = None,
+                   task: asyncio.Task | None = None) -> None:
+    """Until `done()`; a consumer task that ended meanwhile fails at once with its own error, and
+    a timeout says where the consumer was (its state, lag and last error)."""
     deadline = time.monotonic() + timeout_s
     while not await done():
-        assert time.monotonic() < deadline, "timed out"
+        if task is not None and task.done():
+            task.result()  # raises the consumer's error
+            raise AssertionError("the consumer stopped before the records arrived")
+        health = consumer.health() if consumer is not None else None
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s; consumer: {health}"
         await asyncio.sleep(0.2)
 
 
@@ -73,14 +80,15 @@ async def test_joins_waits_deduplicates_and_dead_letters(broker, redis_url):
     consumer = IngestConsumer(config, client, replay)
     task = asyncio.create_task(consumer.run())
     try:
-        await wait_for(lambda: _size_is(replay, customer, 3))
+        # The first records wait for the consumer to join its new group on fresh topics.
+        await wait_for(lambda: _size_is(replay, customer, 3), 120, consumer, task)
         first_seen = time.monotonic()
         await asyncio.sleep(1.0)
         assert (await replay.stats(customer)).size == 3  # early's feedback waits for its interaction
 
         send(config.interactions_topic, early.model_dump_json().encode())
         producer.flush()
-        await wait_for(lambda: _size_is(replay, customer, 4))
+        await wait_for(lambda: _size_is(replay, customer, 4), 60, consumer, task)
         records = {r.event_id: r for r in await replay.sample(customer, 10)}
         assert set(records) == {joined_first.event.event_id, dup.event.event_id, *(e.event_id for e in post.events)}
         assert [records[e.event_id].reward for e in post.events] == [-0.5, 1.0]
@@ -139,7 +147,7 @@ async def test_ingestion_comes_back_after_redis_dies_and_delivers_what_arrived_m
     task = asyncio.create_task(consumer.supervise())
     try:
         before = send_pair(1)
-        await wait_for(lambda: _size_is(replay, customer, 1))
+        await wait_for(lambda: _size_is(replay, customer, 1), 120, consumer, task)  # joins its group first
         assert consumer.health().ok and consumer.health().state == "running"
 
         service.stop()  # AOF flushed on SIGTERM: what was pushed survives

@@ -74,3 +74,30 @@ def test_base_and_adapter_answers_keep_their_own_logprobs_with_every_slot_full(e
     base_tokens, _ = results[0]
     base_under_adapter = reference_logprobs(tiny_model, adapters["slots-0"], PROMPTS[0], base_tokens)
     assert gap(results[0][1], base_under_adapter) > 0.05
+
+
+def test_adapters_keep_their_own_logprobs_while_slots_are_reused(engine, stack, tiny_model, make_adapter):
+    """More adapters than the engine has slots (and CPU cache places), loaded one after another
+    while earlier ones are still in use: vLLM evicts the least recently used and writes the next
+    one into its slot. Every answer, in batches mixing the two newest adapters and the base model,
+    must have its own adapter's logprobs, not a slot's earlier occupant's (a stale copy of a slot
+    would serve one customer's version with another's weights)."""
+    slots = stack.stack.engine.config.max_loras
+    adapters: dict[str, Path] = {}
+    for i in range(3 * slots):
+        name = f"churn-{i}"
+        adapters[name] = make_adapter(seed=60 + i, rank=8)
+        resp = engine.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapters[name])})
+        assert resp.status_code == 200, resp.text
+        newest = list(adapters)[-slots:]
+        jobs = [(model, PROMPTS[(i + j) % len(PROMPTS)]) for j, model in enumerate(["base", *newest, *newest])]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: answer(engine, *job), jobs))
+        for (model, prompt), (tokens, served) in zip(jobs, results):
+            reference = reference_logprobs(tiny_model, adapters.get(model), prompt, tokens)
+            assert gap(served, reference) < 1e-3, (i, model, prompt, served, reference)
+        if i >= 1:  # the two newest adapters do differ (else a swapped slot would pass unseen)
+            tokens, served = results[1]
+            other = reference_logprobs(tiny_model, adapters[newest[-1] if jobs[1][0] != newest[-1] else newest[0]],
+                                       jobs[1][1], tokens)
+            assert gap(served, other) > 0.05
