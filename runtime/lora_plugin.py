@@ -14,9 +14,10 @@ points the CPU platform at `GroupedPunicaWrapperCPU` when
 vLLM's engine core and its worker pass each step through shared memory and, after each message,
 spin (`sched_yield`) for 1 s waiting for the next one: while the engine runs, the core process
 spins on the second core for as long as the worker computes a step. Co-located with a trainer on
-two cores, that is the trainer's core; `CLORA_ENGINE_SPIN_S` (`Settings.engine_spin_s`, opt-in)
-caps the spin, after which a reader blocks on vLLM's own notification socket (its idle
-mode), waking within a fraction of a millisecond of a step that takes a hundred.
+two cores, that is the trainer's core; `CLORA_ENGINE_SPIN_S` (`Settings.engine_spin_s`, 5 ms by
+default) caps the spin, after which a reader blocks on vLLM's own notification socket (its idle
+mode), waking within a fraction of a millisecond of a step that takes a hundred. Steps shorter
+than the window (a tiny model's) keep spinning: a wake-up per millisecond step would be felt.
 """
 
 from __future__ import annotations

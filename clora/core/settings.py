@@ -68,11 +68,12 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(default=True, description="Skip torch.compile: faster start.")
     grouped_lora: bool = Field(default=True, description="CPU: serve LoRA with clora's grouped ops (one matrix "
                                "multiply per adapter) instead of vLLM's per-token ones; eager mode only.")
-    engine_spin_s: float | None = Field(default=None, ge=0.0, description=(
+    engine_spin_s: float | None = Field(default=0.005, ge=0.0, description=(
         "Cap on how long vLLM's engine processes busy-poll (sched_yield) for each other's next message "
-        "before blocking on a socket (None: vLLM's own 1 s, which keeps a second core spinning whenever the "
-        "engine runs: the core the co-located trainer computes on). Opt-in: 0 adds a socket wake-up to every "
-        "decode step, which small models' fast steps feel."))
+        "before blocking on a socket. vLLM's own is 1 s (set 1, or None in code): a second core spinning "
+        "whenever the engine runs, the core the co-located trainer computes on. 5 ms keeps fast steps "
+        "spinning and blocks through a real model's (benchmarks/engine_spin.py); 0 adds a socket wake-up "
+        "to every step, which small models' millisecond steps feel."))
     engine_start_timeout_s: float = 300.0
     engine_extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags.")
     engine_diagnosis_http: bool = Field(default=False, description=(
