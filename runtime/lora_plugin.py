@@ -93,7 +93,7 @@ def limit_spin(environ: dict[str, str] | None = None) -> bool:
     except (ValueError, ImportError) as exc:
         log.warning("clora engine spin limit off (%s)", exc)
         return False
-    if getattr(SpinCondition, "clora_spin_s", None) is None:
+    if not hasattr(SpinCondition, "clora_vllm_init"):  # wrapped once per process, whatever the calls
         if "busy_loop_s" not in inspect.signature(SpinCondition.__init__).parameters:
             log.warning("clora engine spin limit off: vLLM's SpinCondition has no busy_loop_s")
             return False
@@ -101,9 +101,11 @@ def limit_spin(environ: dict[str, str] | None = None) -> bool:
 
         def capped(self: Any, *args: Any, **kwargs: Any) -> None:
             original(self, *args, **kwargs)
-            if self.is_reader:
-                self.busy_loop_s = min(self.busy_loop_s, type(self).clora_spin_s)
+            cap = getattr(type(self), "clora_spin_s", None)
+            if self.is_reader and cap is not None:
+                self.busy_loop_s = min(self.busy_loop_s, cap)
 
+        SpinCondition.clora_vllm_init = original
         SpinCondition.__init__ = capped
     SpinCondition.clora_spin_s = spin_s
     return True

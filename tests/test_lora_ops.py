@@ -264,12 +264,22 @@ def test_the_engine_caps_vllms_spin_at_a_few_milliseconds_by_default(tmp_path):
     assert "CLORA_ENGINE_SPIN_S" not in env(engine_spin_s=None)  # vLLM's own reader, untouched
 
 
-def _reader_and_writer(tmp_path):
+@pytest.fixture
+def zmq_context():
+    """A zmq context whose sockets are all closed at teardown: one collected with sockets still
+    open (a failed assertion's traceback holds them) blocks its finaliser, and so the test run."""
     import zmq
+
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def _reader_and_writer(context, tmp_path):
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
     tmp_path.mkdir()
-    context, address = zmq.Context(), f"ipc://{tmp_path / 'notify'}"
+    address = f"ipc://{tmp_path / 'notify'}"
     writer = SpinCondition(is_reader=False, context=context, notify_address=address)
     reader = SpinCondition(is_reader=True, context=context, notify_address=address)
     return reader, writer
@@ -281,25 +291,29 @@ def _wait_s(reader, timeout_ms: int) -> float:
     return time.perf_counter() - started
 
 
-def test_engine_readers_block_instead_of_spinning_when_clora_caps_the_spin(tmp_path, monkeypatch):
+def test_engine_readers_block_instead_of_spinning_when_clora_caps_the_spin(tmp_path, monkeypatch, zmq_context):
     """vLLM's reader spins (returns at once, to be called again) for 1 s after a read; capped at
     0 it blocks on the notification socket until the writer notifies or the timeout passes."""
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
-    monkeypatch.setattr(SpinCondition, "__init__", SpinCondition.__init__)  # restored after the test
+    # vLLM's own reader, whatever this process's engine did to it (all restored after the test).
+    monkeypatch.setattr(SpinCondition, "__init__", getattr(SpinCondition, "clora_vllm_init", SpinCondition.__init__))
+    monkeypatch.delattr(SpinCondition, "clora_vllm_init", raising=False)
     monkeypatch.delattr(SpinCondition, "clora_spin_s", raising=False)
-    reader, _ = _reader_and_writer(tmp_path / "a")
+    reader, _ = _reader_and_writer(zmq_context, tmp_path / "a")
     assert reader.busy_loop_s == 1 and _wait_s(reader, 200) < 0.05  # vLLM's own: a spin
 
     assert not lora_plugin.limit_spin({})  # unset: vLLM's behaviour
     assert lora_plugin.limit_spin({"CLORA_ENGINE_SPIN_S": "0"})
-    reader, writer = _reader_and_writer(tmp_path / "b")
+    reader, writer = _reader_and_writer(zmq_context, tmp_path / "b")
     assert reader.busy_loop_s == 0 and writer.busy_loop_s == 0
     assert _wait_s(reader, 200) >= 0.15  # blocked until the timeout
     writer.notify()
     assert _wait_s(reader, 2000) < 0.5  # woken by the writer
+    wrapped = SpinCondition.__init__
     assert lora_plugin.limit_spin({"CLORA_ENGINE_SPIN_S": "0.5"})  # a second call updates, no double wrap
-    assert _reader_and_writer(tmp_path / "c")[0].busy_loop_s == 0.5
+    assert SpinCondition.__init__ is wrapped
+    assert _reader_and_writer(zmq_context, tmp_path / "c")[0].busy_loop_s == 0.5
 
 
 def test_a_bad_spin_setting_leaves_vllm_alone_with_a_warning(caplog):
