@@ -16,7 +16,11 @@ Timed together, from the same instant:
 Each run reports both wall times and the CPU seconds of vLLM's engine core and worker. Settings
 run in turn, `--repeats` times. Writes benchmarks/results/engine_spin.json.
 
-    .venv/bin/python benchmarks/engine_spin.py [--settings vllm,0.005,0] [--repeats 2]
+`--latency`: what the cap costs when nothing else runs: per setting a fresh engine and 30 chats one
+at a time (16 tokens, ignore_eos, the base model), median and mean of the last 25 (the first 5
+warm up). Writes benchmarks/results/engine_spin_latency.json.
+
+    .venv/bin/python benchmarks/engine_spin.py [--settings vllm,0.005,0] [--repeats 2] [--latency]
 """
 
 from __future__ import annotations
@@ -105,6 +109,31 @@ def adapters(out: Path) -> list[Path]:
     return paths
 
 
+async def latency(setting: str, dtype: str, work: Path) -> dict:
+    """One engine alone (spin `setting`), chats one at a time: seconds each."""
+    from clora.runtime.engine import EngineManager
+    from clora.runtime.engine_config import EngineConfig
+
+    config = EngineConfig(model=str(model_dir()), log_dir=work / "logs", cache_dir=REPO / ".clora" / "cache",
+                          dtype=dtype, spin_s=None if setting == "vllm" else float(setting))
+    engine = EngineManager(config)
+    await engine.start()
+    try:
+        seconds = []
+        for i in range(30):
+            started = time.perf_counter()
+            resp = await engine.client.chat({"model": config.served_base_name, "max_tokens": 16, "ignore_eos": True,
+                                             "messages": [{"role": "user", "content": f"Say hello ({i})."}]})
+            await resp.read()
+            resp.release()
+            seconds.append(time.perf_counter() - started)
+        timed = seconds[5:]
+        return {"setting": setting, "median_ms": round(1000 * statistics.median(timed), 1),
+                "mean_ms": round(1000 * statistics.fmean(timed), 1)}
+    finally:
+        await engine.stop()
+
+
 async def run(setting: str, dtype: str, rounds: int, steps: int, work: Path) -> dict:
     """One engine (spin `setting`: `vllm` = vLLM's own) and one trainer process, timed together."""
     import psutil
@@ -160,6 +189,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="Engine and trainer dtype (default: CLORA_DTYPE).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "engine_spin.json")
+    parser.add_argument("--latency", action="store_true", help="Lone chats' latency per setting instead.")
     parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,7 +201,9 @@ def main() -> None:
         return
     if args.one is not None:
         with tempfile.TemporaryDirectory(prefix="clora-spin-") as work:
-            print(json.dumps(asyncio.run(run(args.one, dtype, args.rounds, args.steps, Path(work)))), flush=True)
+            job = latency(args.one, dtype, Path(work)) if args.latency else \
+                run(args.one, dtype, args.rounds, args.steps, Path(work))
+            print(json.dumps(asyncio.run(job)), flush=True)
         return
     from rich.progress import track
 
@@ -179,25 +211,31 @@ def main() -> None:
 
     runs = []
     order = [s for _ in range(args.repeats) for s in args.settings.split(",")]  # interleaved: drift hits all alike
-    for setting in track(order, description="engine + trainer runs"):
+    for setting in track(order, description="latency runs" if args.latency else "engine + trainer runs"):
         done = subprocess.run([sys.executable, __file__, "--one", setting, "--dtype", dtype, "--rounds",
-                               str(args.rounds), "--steps", str(args.steps)], capture_output=True, text=True)
+                               str(args.rounds), "--steps", str(args.steps), *(["--latency"] if args.latency else [])],
+                              capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"run {setting} failed:\n{done.stderr[-3000:]}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(runs[-1], file=sys.stderr, flush=True)
-    summary = {s: {k: round(statistics.fmean(r[k] for r in runs if r["setting"] == s), 1)
-                   for k in ("engine_s", "trainer_s", "engine_core_cpu_s")} for s in args.settings.split(",")}
-    report = {"benchmark": "engine_spin", "machine": machine(), "at": time.time(), "dtype": dtype,
-              "command": " ".join(["python", *sys.argv]), "rounds": args.rounds, "steps": args.steps,
-              "workload": "engine: rounds x 16 chats (4 adapters) x 48 tokens; trainer: steps x a 4-tenant "
-                          "agent-shaped GRPO backward, one thread; both started together",
-              "mean": summary, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    keys = ("median_ms", "mean_ms") if args.latency else ("engine_s", "trainer_s", "engine_core_cpu_s")
+    summary = {s: {k: round(statistics.fmean(r[k] for r in runs if r["setting"] == s), 1) for k in keys}
+               for s in args.settings.split(",")}
+    workload = ("30 chats one at a time, 16 tokens each (ignore_eos), base model, nothing else running; the "
+                "last 25 timed" if args.latency else
+                "engine: rounds x 16 chats (4 adapters) x 48 tokens; trainer: steps x a 4-tenant agent-shaped GRPO "
+                "backward, one thread; both started together")
+    report = {"benchmark": "engine_spin_latency" if args.latency else "engine_spin", "machine": machine(),
+              "at": time.time(), "dtype": dtype, "command": " ".join(["python", *sys.argv]),
+              **({} if args.latency else {"rounds": args.rounds, "steps": args.steps}),
+              "workload": workload, "mean": summary, "runs": runs}
+    out = args.out.with_name("engine_spin_latency.json") if args.latency and args.out.name == "engine_spin.json" \
+        else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     for setting, values in summary.items():
-        print(f"{setting:>6}: engine {values['engine_s']} s, trainer {values['trainer_s']} s, "
-              f"engine core CPU {values['engine_core_cpu_s']} s")
+        print(f"{setting:>6}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
 
 
 if __name__ == "__main__":

@@ -81,11 +81,19 @@ def install(platform: type, wrapper: type) -> bool:
     return True
 
 
-def limit_spin(environ: dict[str, str] | None = None) -> bool:
+def limit_spin(environ: dict[str, str] | None = None, cpu: bool | None = None) -> bool:
     """Readers of vLLM's shared-memory queues made after this spin at most `CLORA_ENGINE_SPIN_S`
-    seconds (unset: vLLM's own behaviour); False, with a warning, if vLLM's reader has changed."""
+    seconds (unset: vLLM's own behaviour); False, with a warning, if vLLM's reader has changed.
+    CPU engines only (`cpu`: this process's platform unless given): a GPU machine's spare cores
+    are what vLLM's spin is for, and a GPU step's few milliseconds would pay a wake-up each."""
     value = (os.environ if environ is None else environ).get(SPIN_ENV)
     if value is None:
+        return False
+    if cpu is None:
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
+    if not cpu:
         return False
     try:
         spin_s = max(0.0, float(value))

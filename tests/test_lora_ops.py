@@ -316,6 +316,16 @@ def test_engine_readers_block_instead_of_spinning_when_clora_caps_the_spin(tmp_p
     assert _reader_and_writer(zmq_context, tmp_path / "c")[0].busy_loop_s == 0.5
 
 
+def test_the_spin_cap_is_for_cpu_engines_only(tmp_path, monkeypatch, zmq_context):
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    monkeypatch.setattr(SpinCondition, "__init__", getattr(SpinCondition, "clora_vllm_init", SpinCondition.__init__))
+    monkeypatch.delattr(SpinCondition, "clora_vllm_init", raising=False)
+    monkeypatch.delattr(SpinCondition, "clora_spin_s", raising=False)
+    assert not lora_plugin.limit_spin({"CLORA_ENGINE_SPIN_S": "0"}, cpu=False)
+    assert _reader_and_writer(zmq_context, tmp_path / "gpu")[0].busy_loop_s == 1  # vLLM's own spin
+
+
 def test_a_bad_spin_setting_leaves_vllm_alone_with_a_warning(caplog):
     with caplog.at_level("WARNING", logger="vllm.clora"):
         assert not lora_plugin.limit_spin({"CLORA_ENGINE_SPIN_S": "fast"})

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         "before blocking on a socket. vLLM's own is 1 s (set 1, or None in code): a second core spinning "
         "whenever the engine runs, the core the co-located trainer computes on. 5 ms keeps fast steps "
         "spinning and blocks through a real model's (benchmarks/engine_spin.py); 0 adds a socket wake-up "
-        "to every step, which small models' millisecond steps feel."))
+        "to every step, which small models' millisecond steps feel. CPU engines only."))
     engine_start_timeout_s: float = 300.0
     engine_extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags.")
     engine_diagnosis_http: bool = Field(default=False, description=(
