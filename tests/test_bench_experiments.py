@@ -40,6 +40,9 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     assert (result["model"], result["steps"], result["group_size"], result["serial_measured_runs"]) == \
         ("tiny-llama-2x256", 3, 4, 1)
     assert result["dtype"] == {"engine": "float32", "trainer": "float32"}  # the trainer follows the engine
+    # Distinct seeds for the serial runs: their rewards are independent experiments, not one seed twice.
+    assert result["serial_seeds"] == {"cold": [0], "warm": [1]}
+    assert [e["seed"] for e in result["experiments"]["cold"] + result["experiments"]["warm"]] == [0, 1]
     logs = [Path(p) for p in result["logs"]]  # each runtime's run directory: one per cold run, one warm
     assert len(logs) == 2 and all((p / "trainer.log").stat().st_size > 0 for p in logs)
     assert all([p.name for p in log.parent.parent.iterdir()] == ["runs"] for log in logs)  # the GBs go

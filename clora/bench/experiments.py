@@ -15,9 +15,14 @@ environment (`arithmetic:0` by default: see clora/agents/arithmetic.py). Three w
 So the ratios count what multiplexing *and* the rollout/train pipeline win (the issue's
 definition); the N=1 concurrent row is one tenant pipelined: the pipeline's share alone.
 
-The serial baselines are built from `serial_runs` measured single experiments of each kind (seeds
-0..serial_runs-1) times N, which the output says (`serial_measured_runs`); every concurrent run is
-measured (seeds 0..N-1, so experiment i draws the same problems in every mode). Experiment times:
+The serial baselines are built from `serial_runs` measured single experiments of each kind times
+N, which the output says (`serial_measured_runs`); every concurrent run is measured (seeds
+0..N-1). A seed fixes an experiment's problems and initial adapter, so the serial runs take
+distinct seeds: cold 0..k-1, warm k..2k-1 (`serial_seeds`). Their rewards are then 2k independent
+experiments, the spread the no-regression criterion divides by (a seed run twice, cold and warm,
+shares its problems: two such runs sit closer together than two experiments do, and an sd over
+them says less than it seems), and with the default k = 4 they draw exactly the problems of the
+N = 8 concurrent runs (seeds 0..7). Experiment times:
 First, Mean and Final (when the first, the average and the last experiment of the N finished;
 Final is `concurrent_s`). Rewards are each step's sampled reward: step k's rollouts come from the
 version after k-1 updates (`reward_first` is the base model's), serial and concurrent alike:
@@ -67,7 +72,8 @@ class SweepOptions(BaseModel):
     environment: str = "arithmetic:0"
     lr: float = Field(default=1e-3, gt=0)
     temperature: float = Field(default=0.7, gt=0)
-    serial_runs: int = Field(default=3, ge=1, description="Measured single experiments of each serial kind.")
+    serial_runs: int = Field(default=4, ge=1, description="Measured single experiments of each serial kind "
+                                                          "(cold seeds 0..k-1, warm k..2k-1).")
     model: str | None = Field(default=None, description="None: CLORA_MODEL or the default; `tiny`: a random Llama.")
     freshness_ns: list[int] = Field(default=[1, 8], description="Active feedback-only customers per freshness run.")
     freshness_s: float = Field(default=180.0, gt=0, description="Seconds of feedback per freshness run.")
@@ -76,6 +82,11 @@ class SweepOptions(BaseModel):
     def tenant(self, seed: int) -> TenantConfig:
         return TenantConfig(environment=self.environment, lr=self.lr, rank=16, alpha=32, group_size=self.group,
                             prompts_per_step=self.tasks, max_new_tokens=48, temperature=self.temperature, seed=seed)
+
+    def serial_seeds(self) -> dict[str, list[int]]:
+        """Distinct seeds for the serial runs: cold 0..k-1, warm k..2k-1."""
+        k = self.serial_runs
+        return {"cold": list(range(k)), "warm": list(range(k, 2 * k))}
 
 
 @dataclass
@@ -260,30 +271,30 @@ async def freshness(runtime: BenchRuntime, trainer: TrainerProcess, customers: l
 
 async def sweep(options: SweepOptions, progress: Callable[[int], None], status: Callable[[str], None]) -> dict:
     """Cold singles, then one warm runtime for the warm singles and every N concurrently."""
-    steps, k = options.steps, options.serial_runs
+    steps, k, seeds = options.steps, options.serial_runs, options.serial_seeds()
     ran_as = command()  # before the runtime sets its own CLORA_ variables for its engine process
     capacity = {"max_loras": max(max(options.ns), 4), "max_cpu_loras": max(2 * max(options.ns), 16)}
     cold, cold_s, logs = [], [], []  # logs: each runtime's run directory (its engine's and trainer's logs)
-    for seed in range(k):
-        status(f"cold serial experiment {seed + 1}/{k}: a fresh runtime")
+    for i, seed in enumerate(seeds["cold"]):
+        status(f"cold serial experiment {i + 1}/{k}: a fresh runtime")
         began = time.perf_counter()
         async with bench_runtime({f"cold-{seed}": options.tenant(seed)}, options.model, **capacity) as runtime, \
                 trainer_process(runtime) as trainer:
             logs.append(str(runtime.stack.run_dir))
             cold += await trainer.run(run_experiments, [f"cold-{seed}"], [seed], steps, False, progress=progress)
         cold_s.append(time.perf_counter() - began)
-    tenants = {f"warm-{seed}": options.tenant(seed) for seed in range(k)}
+    tenants = {f"warm-{seed}": options.tenant(seed) for seed in seeds["warm"]}
     tenants |= {f"n{n}-{i}": options.tenant(i) for n in options.ns for i in range(n)}
-    tenants["warm-up"] = options.tenant(k)
+    tenants["warm-up"] = options.tenant(2 * k)
     tenants |= {f"fb{n}-{i}": TenantConfig(lr=options.lr, rank=16, alpha=32) for n in options.freshness_ns for i in range(n)}
     rows, curves = [], {}
     async with bench_runtime(tenants, options.model, **capacity) as runtime, trainer_process(runtime) as trainer:
         logs.append(str(runtime.stack.run_dir))
         status("warming up the runtime (one untimed step)")
-        await trainer.run(run_experiments, ["warm-up"], [k], 1)
+        await trainer.run(run_experiments, ["warm-up"], [2 * k], 1)
         warm = []
-        for seed in range(k):
-            status(f"warm serial experiment {seed + 1}/{k}")
+        for i, seed in enumerate(seeds["warm"]):
+            status(f"warm serial experiment {i + 1}/{k}")
             warm += await trainer.run(run_experiments, [f"warm-{seed}"], [seed], steps, False, progress=progress)
         for n in options.ns:
             status(f"{n} concurrent experiments")
@@ -305,7 +316,9 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
             r["freshness_p50_s"], r["freshness_p99_s"] = fresh[r["n"]]["p50_s"], fresh[r["n"]]["p99_s"]
     return {"benchmark": "experiment_throughput", "model": model, "environment": options.environment,
             "steps": steps, "group_size": options.group, "tasks": options.tasks, "serial_measured_runs": k,
-            "serial_note": f"serial_s and warm_serial_s = N x the mean of {k} measured single experiments of each kind",
+            "serial_note": f"serial_s and warm_serial_s = N x the mean of {k} measured single experiments of each kind; "
+                           f"serial rewards: all {2 * k} (distinct seeds)",
+            "serial_seeds": seeds,
             "dtype": dtypes, "machine": machine(), "command": ran_as, "at": time.time(),
             "options": options.model_dump(), "logs": logs, "rows": rows,
             "serial_runs": {"cold_s": [round(s, 1) for s in cold_s], "warm_s": [round(e.seconds, 1) for e in warm],

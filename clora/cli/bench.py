@@ -38,8 +38,9 @@ def experiments(ns: str = typer.Option("1,2,4,8", help="Concurrent experiments p
                 steps: int = typer.Option(10, min=1, help="RL steps per experiment."),
                 tasks: int = typer.Option(2, min=1, help="Problems per experiment per step."),
                 group: int = typer.Option(8, min=2, help="Episodes per problem (the GRPO group)."),
-                serial_runs: int = typer.Option(3, min=1, help="Measured single experiments of each serial "
-                                                               "kind (cold, warm); baselines are N x their mean."),
+                serial_runs: int = typer.Option(4, min=1, help="Measured single experiments of each serial "
+                                                               "kind (cold: seeds 0..k-1, warm: k..2k-1); "
+                                                               "baselines are N x their mean."),
                 environment: str = typer.Option("arithmetic:0", help="The experiments' environment."),
                 lr: float = typer.Option(1e-3, min=1e-9, help="Learning rate."),
                 temperature: float = typer.Option(0.7, min=0.01, help="Sampling temperature of rollouts."),
