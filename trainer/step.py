@@ -25,7 +25,11 @@ rollout/train mismatch; the loop skips a tenant's step when its mean is above th
 Groups sampled ahead by the previous version (a pipelined rollout: `TenantData.behaviour`) are
 off-policy by one step: PPO's ratio is against the logprobs vLLM sampled them with, which is the
 importance correction they need, and their gap is measured against the weights that sampled
-them, in an extra no-grad pass over the tenant's first group (a sample of its tokens).
+them, in an extra no-grad pass over the tenant's first group (a sample of its tokens). Their
+grammar-constrained turns have no comparable vLLM logprobs, so their ratio is the trainer's own:
+the same tokens under the weights that sampled them, in a no-grad pass (unmasked on both sides:
+the grammar's renormalisation, the same set of allowed tokens for both versions, is left out of
+the ratio).
 """
 
 from __future__ import annotations
@@ -208,20 +212,26 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
     grammar's mask, so no importance ratio against vLLM's masked logprobs) and no logprob gap.
     Groups whose episodes all scored the same (advantage 0: no gradient from PPO or the ratio-free
     loss) take no pass unless the tenant has a KL term; their tokens still count in the tenant's
-    token mean, so the gradients are those of passing them. Returns each tenant's loss."""
+    token mean, so the gradients are those of passing them. A lagged tenant's constrained turns
+    take PPO against the trainer's logprobs under the weights that sampled them (`behaviour_pass`):
+    REINFORCE would treat the previous version's samples as the current one's. Returns each
+    tenant's loss."""
     items = [part for t, d in enumerate(sampled) for g in d.groups
              for row in onpolicy_rows(t, g, states[d.customer].weights) for part in row.split(GROUP_PASS_FACTOR * pass_tokens)]
     lagged = [d.behaviour is not None for d in sampled]
+    device = model.lm_head.weight.device
+    behaviour = {t: d.behaviour.copy(device) for t, d in enumerate(sampled) if d.behaviour is not None}
     totals = [0] * len(sampled)
     for item in items:
         totals[item.tenant] += item.group.tokens()
     teaching = [item for item in items if item.advantages_R.any() or sampled[item.tenant].config.kl_coef]
     losses = [0.0] * len(sampled)
-    device = model.lm_head.weight.device
     for chosen in pack_groups([item.group for item in teaching], pass_tokens):
         passed = [teaching[i] for i in chosen]
         with_kl = any(sampled[item.tenant].config.kl_coef for item in passed)
         result = shared_prefix_logprobs(model, layers, [item.group for item in passed], with_raw=with_kl)
+        sampled_logp_N = behaviour_pass(model, layers, passed, behaviour) \
+            if any(item.constrained and item.tenant in behaviour for item in passed) else None
         if with_kl:  # the base model's (unprocessed) logprobs of the same tokens
             with torch.no_grad():
                 ref_logp_N = shared_prefix_logprobs(model, layers, [replace(item.group, weights=None, sampler=None)
@@ -242,7 +252,10 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
             if ratio.any():
                 loss = loss + ppo_clip_loss(logp_N[ratio], old_logp_N[ratio], advantages_R[rows_N[ratio]],
                                             config.clip) * (ratio.sum() / mine.sum())
-            if free.any():
+            if free.any() and lagged[t]:
+                loss = loss + ppo_clip_loss(logp_N[free], sampled_logp_N[free], advantages_R[rows_N[free]],
+                                            config.clip) * (free.sum() / mine.sum())
+            elif free.any():
                 loss = loss + policy_gradient_loss(logp_N[free], advantages_R[rows_N[free]]) * (free.sum() / mine.sum())
             if config.kl_coef:
                 loss = loss + config.kl_coef * kl_to_reference(result.raw_logprobs[mine], ref_logp_N[mine])
@@ -254,10 +267,19 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
         mine = [item for item in items if item.tenant == t]
         if lagged[t]:
             results[t].lagged_groups = len(d.groups)
-            sampled_gap(model, layers, mine, d.behaviour.copy(device), results[t].gap)
+            sampled_gap(model, layers, mine, behaviour[t], results[t].gap)
         elif results[t].gap.tokens == 0:  # no group taught anything: the gap is still checked, on one
             sampled_gap(model, layers, mine, states[d.customer].weights, results[t].gap)
     return losses
+
+
+@torch.no_grad()
+def behaviour_pass(model: nn.Module, layers: Layers, passed: list[OnPolicyRows],
+                   behaviour: dict[int, LoRAWeights]) -> torch.Tensor:
+    """The pass's tokens' logprobs (in the pass's order) under the weights that sampled them: a
+    lagged tenant's previous weights; the others' current ones (values unused)."""
+    return shared_prefix_logprobs(model, layers, [replace(item.group, weights=behaviour.get(item.tenant, item.group.weights))
+                                                  for item in passed]).logprobs
 
 
 @torch.no_grad()
