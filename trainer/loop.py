@@ -7,8 +7,9 @@
         pick would choose are sampled by the engine while the trainer computes the current step.
         Four or more tenants that sample take turns in halves, so those rollouts come from their
         newest versions (on-policy, as the C-LoRA report's tenants take turns on the trainer); a
-        tenant in both picks (fewer tenants) is sampled by its previous version and trained as
-        off-policy by one step (step.py).
+        tenant in both picks (fewer tenants) is never sampled ahead (it would be sampled by the
+        version being trained): fewer tenants sample together in their step, then train.
+        (Rollouts that do lag are trained as off-policy by one version: step.py.)
   step: sample each tenant's rollouts unless sampled ahead, gather its data (data.py), copy its
         state onto the device, backward of every loss (step.py); then per tenant: skip it if its
         logprob gap says the trainer does not see what the server sampled, else AdamW, copy back,
@@ -283,7 +284,8 @@ async def drive(trainer: Trainer, scheduler: Scheduler, candidates: Callable[[],
     (none: wait `idle_s`). Pipelined, when a step starts the tenants the next pick would choose
     that sample rollouts get them sampled while it computes (one step ahead, no more); the next
     step uses those of the tenants it does pick (a prediction that missed costs engine time, and
-    records are never read ahead). Tenants that sample take turns in halves (`halves`)."""
+    records are never read ahead). Tenants that sample take turns in halves (`halves`), and one in
+    this step is not sampled ahead for the next."""
     ahead: asyncio.Task[dict[str, Rollouts]] | None = None
     try:
         while not stop.is_set():
@@ -302,7 +304,8 @@ async def drive(trainer: Trainer, scheduler: Scheduler, candidates: Callable[[],
                 trainer.timeline.cut()  # idle time is no step's
                 continue
             samples = {c.customer for c in offered if c.samples}
-            if pipeline and (following := [c for c in scheduler.peek(offered, limit) if c in samples]):
+            # A tenant in this step too would be sampled by the version this step replaces.
+            if pipeline and (following := [c for c in scheduler.peek(offered, limit) if c in samples and c not in chosen]):
                 ahead = asyncio.create_task(sample_ahead(trainer, following))
             yield await train(trainer, scheduler, chosen, rollouts)
     finally:
@@ -315,7 +318,8 @@ def halves(offered: list[Candidate]) -> int | None:
     that one half's rollouts are sampled while the other half trains and no tenant is in two steps
     in a row (its rollouts never a version behind). Fewer: no cap (None), so that their rollouts
     still share the engine's decode batches (a half of one tenant would sample alone); each is
-    then in every step and samples a version behind."""
+    then in every step and samples in it (`drive` samples ahead no tenant of the current step:
+    one-step-lagged rollouts learned far slower per step, BENCHMARKS.md)."""
     return (len(offered) + 1) // 2 if sum(c.samples for c in offered) >= 4 else None
 
 

@@ -13,7 +13,7 @@ environment (`arithmetic:0` by default: see clora/agents/arithmetic.py). Three w
 - **warm serial**: the same, one after another on the already-warm runtime.
 
 So the ratios count what multiplexing *and* the rollout/train pipeline win (the issue's
-definition); the N=1 concurrent row is one tenant pipelined: the pipeline's share alone.
+definition).
 
 The serial baselines are built from `serial_runs` measured single experiments of each kind times
 N, which the output says (`serial_measured_runs`); every concurrent run is measured (seeds
@@ -27,8 +27,9 @@ First, Mean and Final (when the first, the average and the last experiment of th
 Final is `concurrent_s`). Rewards are each step's sampled reward: step k's rollouts come from the
 version after k-1 updates (`reward_first` is the base model's), serial and concurrent alike:
 at N >= 4 the concurrent tenants take turns in halves, one half's rollouts sampled while the other
-half trains (`trainer.loop.halves`); at N = 1 and 2 they are in every step and sample a version
-behind (from step 2 on).
+half trains (`trainer.loop.halves`); at N = 1 and 2 each step samples every tenant's rollouts
+together, then trains them (sampled ahead they would come from the version the step replaces), so
+the N = 1 row runs as a warm single does.
 
 **Freshness** (on the warm runtime, last): N feedback-only customers each send an operator
 correction of a served answer every `freshness_interval_s` on average (Poisson) for
@@ -118,11 +119,9 @@ async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop
     runs = {c: Experiment(c, seed, started) for c, seed in zip(customers, seeds)}
 
     async def candidates() -> list[Candidate]:
-        # Rollouts sampled ahead are for a tenant's next step: four or more take turns
-        # (trainer.loop.halves) and every step left needs them; fewer are in every step and
-        # their last needs none.
-        last = 0 if len(customers) >= 4 else 1
-        return [Candidate(c, 1.0, samples=len(e.rewards) < steps - last) for c, e in runs.items() if len(e.rewards) < steps]
+        # Every step left samples rollouts: four or more tenants take turns (trainer.loop.halves),
+        # fewer sample together in each of their steps.
+        return [Candidate(c, 1.0, samples=True) for c, e in runs.items() if len(e.rewards) < steps]
 
     fruitless = 0
     async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, stop, pipeline=pipeline,

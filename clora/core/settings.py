@@ -131,8 +131,7 @@ class Settings(BaseSettings):
     trainer_max_tenants: int = Field(default=8, description="Tenants trained together in one step.")
     trainer_pipeline: bool = Field(default=True, description="Sample the next step's rollouts while the trainer "
                                    "computes the current step; four or more tenants with rollouts take turns in halves, "
-                                   "so theirs come from their newest versions (fewer are in every step and learn from "
-                                   "them as off-policy by one version).")
+                                   "so theirs come from their newest versions (fewer sample in their step, then train).")
     trainer_idle_s: float = Field(default=5.0, description="Pause when no tenant has anything to learn.")
     trainer_max_inflight: int = Field(default=64, description="Serving requests in flight above which training waits.")
     trainer_keep_checkpoints: int = Field(default=5, description="Trainer state checkpoints kept per customer.")
