@@ -96,6 +96,41 @@ def test_adamw_step_equals_torch_optim_adamw():
     assert state.step == 5
 
 
+def test_a_step_without_gradient_leaves_the_adapter_and_adamw_as_they_were():
+    """Every group's rewards equal (the tenant already answers every problem): no loss reaches the
+    weights. AdamW's momentum alone would move them nearly a full step each time (0.85 and 0.73 of
+    one after four consistent updates); such steps change nothing and the next real update is
+    exactly the one torch's AdamW makes having never seen them."""
+    torch.manual_seed(0)
+    weights = LoRAWeights(LoRASpec(rank=4, alpha=8, targets=("m",)), {"m": torch.randn(4, 8)}, {"m": torch.randn(6, 4)})
+    state = TenantState("t", weights, [torch.zeros_like(t) for t in weights.tensors()],
+                        [torch.zeros_like(t) for t in weights.tensors()], rng=random.Random(0))
+    reference = [t.clone().requires_grad_(True) for t in weights.tensors()]
+    optimizer = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.0)
+    grads = [torch.randn_like(t) * 0.1 for t in reference]
+
+    def real_step() -> None:
+        for p, theirs, g in zip(weights.tensors(), reference, grads):
+            p.grad, theirs.grad = g.clone(), g.clone()
+        optimizer.step()
+        adamw_step(state, lr=1e-2)
+
+    for _ in range(4):
+        real_step()
+    before = [t.clone() for t in state.tensors()]
+    adamw_step(state, lr=1e-2)  # no gradient at all (the backward skipped every group)
+    for p in weights.tensors():
+        p.grad = torch.zeros_like(p)  # or gradients that are all zero
+    adamw_step(state, lr=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(before, state.tensors()))  # weights and both moments
+    assert all(p.grad is None for p in weights.tensors())
+    assert (state.step, state.adam_steps) == (6, 4)
+    real_step()
+    for mine, theirs in zip(weights.tensors(), reference):
+        assert torch.allclose(mine, theirs.detach(), atol=1e-6)
+    assert (state.step, state.adam_steps) == (7, 5)
+
+
 def test_a_token_every_episode_of_a_group_shares_gets_no_net_push_from_the_grpo_loss():
     """Constrained tool calls train without a ratio. Four episodes, one rewarded, all sharing a
     near-certain token (the call's JSON scaffolding): REINFORCE's zero-sum advantages leave its

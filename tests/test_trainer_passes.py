@@ -256,13 +256,18 @@ def test_swap_round_trip_and_checkpoint_are_bit_exact(base, tmp_path, tiny_model
         before = [t.clone() for t in host.tensors()]
     assert host.step == 2 and max((a - b).abs().max() for a, b in zip(host.weights.tensors(), before)) == 0
     assert any(t.abs().max() > 0 for t in host.weights.b.values())  # B moved off zero
+    device = store.swap_in("acme")
+    adamw_step(device, lr=1e-2)  # a step without gradient: counted, not an AdamW update
+    store.swap_out(device)
+    assert (host.step, host.adam_steps) == (3, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, host.tensors()))
     draw = random.Random()
     draw.setstate(host.rng.getstate())
 
     checkpoint = store.checkpoint("acme", str(tiny_model))
     store.mark_published("acme", checkpoint, 7)
     restored = AdapterStore(tmp_path / "trainer").get("acme")
-    assert restored is not None and restored.step == 2 and restored.published_version == 7
+    assert restored is not None and (restored.step, restored.adam_steps, restored.published_version) == (3, 2, 7)
     assert all(torch.equal(a, b) for a, b in zip(host.tensors(), restored.tensors()))
     assert restored.rng.random() == draw.random()
     assert (checkpoint / "adapter" / "adapter_model.safetensors").exists()

@@ -34,6 +34,7 @@ class TenantState:
     rng: random.Random = field(default_factory=random.Random)
     published_version: int | None = None  # registry version this step's adapter was published as
     reward_baseline: float = 0.0  # running mean of rated answers' rewards (their advantages' baseline)
+    adam_steps: int = 0  # AdamW updates (steps that carried a gradient): its bias correction's count
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.weights.tensors(), *self.exp_avg, *self.exp_avg_sq]
@@ -50,7 +51,7 @@ def _copy_state(state: TenantState, device: torch.device, pin: bool) -> TenantSt
     weights = LoRAWeights(state.weights.spec, {n: move(t) for n, t in state.weights.a.items()},
                           {n: move(t) for n, t in state.weights.b.items()})
     return TenantState(state.customer, weights, [move(t) for t in state.exp_avg], [move(t) for t in state.exp_avg_sq],
-                       state.step, state.rng, state.published_version, state.reward_baseline)
+                       state.step, state.rng, state.published_version, state.reward_baseline, state.adam_steps)
 
 
 class AdapterStore:
@@ -109,7 +110,7 @@ class AdapterStore:
                 dst.copy_(src, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        host.step, host.rng = device_state.step, device_state.rng
+        host.step, host.rng, host.adam_steps = device_state.step, device_state.rng, device_state.adam_steps
         host.published_version, host.reward_baseline = device_state.published_version, device_state.reward_baseline
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class AdapterStore:
         rng_version, rng_internal, rng_gauss = state.rng.getstate()
         (directory / "meta.json").write_text(json.dumps({
             "customer": state.customer, "step": state.step, "published_version": state.published_version,
-            "reward_baseline": state.reward_baseline,
+            "reward_baseline": state.reward_baseline, "adam_steps": state.adam_steps,
             "spec": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)},
             "rng": [rng_version, list(rng_internal), rng_gauss]}))
 
@@ -186,5 +187,5 @@ class AdapterStore:
         rng.setstate((meta["rng"][0], tuple(meta["rng"][1]), meta["rng"][2]))
         state = TenantState(customer, weights, [tensors[f"m1.{i}"] for i in range(count)],
                             [tensors[f"m2.{i}"] for i in range(count)], meta["step"], rng, meta["published_version"],
-                            meta.get("reward_baseline", 0.0))
+                            meta.get("reward_baseline", 0.0), meta.get("adam_steps", meta["step"]))
         return _copy_state(state, torch.device("cpu"), self.pin) if self.pin else state
