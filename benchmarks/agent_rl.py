@@ -23,19 +23,20 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from clora.bench.harness import bench_runtime, inline_trainer
+from clora.core.provenance import command, provenance
 from clora.core.state import admin_key
-from clora.demo.report import machine
 from clora.evals.scoring import admin_chat_client, score
 from clora.evals.suites import EvalSuite
 from clora.trainer.loop import step
 from clora.wire.trainer_config import TenantConfig
 
 REPO = Path(__file__).resolve().parents[1]
+PROGRAM = "python benchmarks/agent_rl.py"
 
 CUSTOMER = "agent"
 
@@ -47,21 +48,25 @@ async def evaluate(client, level: int, episodes: int, model: str) -> dict:
             "completed_episodes": sum("(completed)" in a for a in result.answers), "examples": result.answers[:3]}
 
 
-def report_of(args: argparse.Namespace, model: str, config: TenantConfig, evals: list, curve: list, done: bool) -> dict:
-    """The result so far (written after every step: a long run stopped early keeps its curve)."""
-    return {"benchmark": "agent_rl", "model": model.rsplit("/", 1)[-1], "machine": machine(),
-            "command": "python benchmarks/agent_rl.py " + " ".join(sys.argv[1:]), "at": time.time(),
+def report_of(args: argparse.Namespace, model: str, config: TenantConfig, origin: dict, evals: list, curve: list,
+              done: bool) -> dict:
+    """The result so far (written after every step: a long run stopped early keeps its curve);
+    `origin`: the run's provenance."""
+    return {"benchmark": "agent_rl", "model": model.rsplit("/", 1)[-1], **origin, "at": time.time(),
             "complete": done, "config": config.model_dump(), "eval_episodes": args.episodes, "eval": evals,
             "curve": curve, "step_seconds_median": statistics.median(c["seconds"] for c in curve) if curve else None}
 
 
 async def main(args: argparse.Namespace) -> dict:
+    # The command before the runtime's in-process engine exports CLORA_ variables of its own.
+    started_at, ran_as = datetime.now(timezone.utc), command(PROGRAM)
     config = TenantConfig(environment=f"arithmetic:{args.level}", lr=args.lr, rank=16, alpha=32,
                           group_size=args.group, prompts_per_step=args.tasks, max_new_tokens=48,
                           temperature=args.temperature, seed=args.seed)
     curve, evals = [], []
     async with bench_runtime({CUSTOMER: config}) as runtime, inline_trainer(runtime) as trainer:
         stack, settings, model = runtime.stack, runtime.settings, runtime.model
+        origin = provenance(PROGRAM, settings, config, started_at=started_at) | {"command": ran_as}
         client = admin_chat_client(stack.gateway_url, admin_key(settings), CUSTOMER)
         evals.append({"step": 0, **await evaluate(client, args.level, args.episodes, settings.served_base_name)})
         print(f"step 0: held-out reward {evals[-1]['reward']:.3f}", flush=True)
@@ -79,9 +84,10 @@ async def main(args: argparse.Namespace) -> dict:
             if n % args.eval_every == 0 or n == args.steps:
                 evals.append({"step": n, **await evaluate(client, args.level, args.episodes, report.version)})
                 print(f"step {n}: held-out reward {evals[-1]['reward']:.3f}", flush=True)
-            args.out.write_text(json.dumps(report_of(args, model, config, evals, curve, False), indent=2) + "\n")
+            report_so_far = report_of(args, model, config, origin, evals, curve, False)
+            args.out.write_text(json.dumps(report_so_far, indent=2) + "\n")
         await client.close()
-    return report_of(args, model, config, evals, curve, True)
+    return report_of(args, model, config, origin, evals, curve, True)
 
 
 if __name__ == "__main__":

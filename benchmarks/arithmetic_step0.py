@@ -13,21 +13,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from clora.bench.harness import bench_runtime
+from clora.core.provenance import command, provenance
 from clora.core.state import admin_key
-from clora.demo.report import machine
 from clora.evals.scoring import admin_chat_client, score
 from clora.evals.suites import EvalSuite
 from clora.wire.trainer_config import TenantConfig
 
 REPO = Path(__file__).resolve().parents[1]
+PROGRAM = "python benchmarks/arithmetic_step0.py"
 
 
 async def main(args: argparse.Namespace) -> dict:
+    # The command before the runtime's in-process engine exports CLORA_ variables of its own.
+    started_at, ran_as = datetime.now(timezone.utc), command(PROGRAM)
     async with bench_runtime({"bench": TenantConfig()}) as runtime:  # no adapter: the base model
         settings, model = runtime.settings, runtime.model
         client = admin_chat_client(runtime.stack.gateway_url, admin_key(settings), "bench")
@@ -42,8 +45,8 @@ async def main(args: argparse.Namespace) -> dict:
             print(f"level {level}: reward {result.score:.3f} over {result.n} episodes "
                   f"({completed} completed both tool calls), {result.seconds:.1f} s")
         await client.close()
-    return {"benchmark": "arithmetic_step0", "model": model.rsplit("/", 1)[-1], "machine": machine(),
-            "command": "python benchmarks/arithmetic_step0.py " + " ".join(sys.argv[1:]), "at": time.time(),
+    origin = provenance(PROGRAM, settings, started_at=started_at) | {"command": ran_as}
+    return {"benchmark": "arithmetic_step0", "model": model.rsplit("/", 1)[-1], **origin, "at": time.time(),
             "seed": EvalSuite(environment="arithmetic:1").seed, "greedy": True, "levels": levels}
 
 

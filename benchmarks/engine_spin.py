@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,9 +194,11 @@ def main() -> None:
     parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    started_at = datetime.now(timezone.utc)
     from clora.core.settings import Settings
 
-    dtype = args.dtype or Settings().dtype
+    settings = Settings()
+    dtype = args.dtype or settings.dtype
     if args.trainer:
         print(json.dumps(trainer(dtype, args.steps)), flush=True)
         return
@@ -207,7 +210,7 @@ def main() -> None:
         return
     from rich.progress import track
 
-    from clora.demo.report import machine
+    from clora.core.provenance import provenance
 
     runs = []
     order = [s for _ in range(args.repeats) for s in args.settings.split(",")]  # interleaved: drift hits all alike
@@ -226,8 +229,9 @@ def main() -> None:
                 "last 25 timed" if args.latency else
                 "engine: rounds x 16 chats (4 adapters) x 48 tokens; trainer: steps x a 4-tenant agent-shaped GRPO "
                 "backward, one thread; both started together")
-    report = {"benchmark": "engine_spin_latency" if args.latency else "engine_spin", "machine": machine(),
-              "at": time.time(), "dtype": dtype, "command": " ".join(["python", *sys.argv]),
+    report = {"benchmark": "engine_spin_latency" if args.latency else "engine_spin",
+              **provenance("python benchmarks/engine_spin.py", settings, started_at=started_at),
+              "at": time.time(), "dtype": dtype,
               **({} if args.latency else {"rounds": args.rounds, "steps": args.steps}),
               "workload": workload, "mean": summary, "runs": runs}
     out = args.out.with_name("engine_spin_latency.json") if args.latency and args.out.name == "engine_spin.json" \

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from gateway_overhead import PROMPT, create_customer, pct, start_serve  # noqa: E402
 
-from clora.demo.report import machine  # noqa: E402
+from clora.core.provenance import provenance  # noqa: E402
 
 
 async def quiet_latencies(url: str, key: str, seconds: float) -> list[float]:
@@ -87,12 +88,14 @@ async def measure(limit: int, fair_share: int, workers: int, seconds: float) -> 
 
 
 async def main(args: argparse.Namespace) -> dict:
+    started_at = datetime.now(timezone.utc)
     rows = []
     for limit, fair_share in args.settings:
         rows.append(await measure(limit, fair_share, args.flood, args.seconds))
         print(json.dumps(rows[-1]), flush=True)
-    return {"benchmark": "fairness", "machine": machine(), "at": time.time(),
-            "command": "python benchmarks/fairness.py " + " ".join(sys.argv[1:]), "rows": rows}
+    # No Settings here: each row's `clora serve` runs under `command`'s CLORA_ variables and the row's own.
+    return {"benchmark": "fairness", **provenance("python benchmarks/fairness.py", started_at=started_at),
+            "at": time.time(), "rows": rows}
 
 
 if __name__ == "__main__":

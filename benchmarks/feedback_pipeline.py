@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import tempfile
 import time
 import uuid
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -40,6 +40,7 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 from clora.core.processes import ChildProcess, free_port  # noqa: E402
+from clora.core.provenance import provenance  # noqa: E402
 from clora.core.services import start_broker, start_redis  # noqa: E402
 from clora.core.traces import TraceSigner  # noqa: E402
 from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, TrainingRecord, joined_record  # noqa: E402
@@ -341,6 +342,7 @@ def main() -> None:
         else:
             raw_consume(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]))
         return
+    started_at = datetime.now(timezone.utc)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Fewer events; results are not written.")
     parser.add_argument("--events", type=int, default=100_000, help="Events in the maximum-rate run (~10 s).")
@@ -363,8 +365,8 @@ def main() -> None:
         table.add_row(key, str(result[key]))
     console.print(table)
     if not args.quick:
-        result |= {"machine": f"{platform.machine()} {os.cpu_count()} vCPU, {platform.platform()}",
-                   "command": ".venv/bin/python benchmarks/feedback_pipeline.py", "date": time.strftime("%Y-%m-%d")}
+        result |= {**provenance("python benchmarks/feedback_pipeline.py", started_at=started_at),
+                   "date": time.strftime("%Y-%m-%d")}
         out = REPO / "benchmarks" / "results" / "feedback.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {out}")

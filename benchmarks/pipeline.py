@@ -23,18 +23,18 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
-import time
 from contextlib import aclosing
+from datetime import datetime, timezone
 from pathlib import Path
 
 from clora.bench.harness import bench_runtime, inline_trainer
-from clora.demo.report import machine
+from clora.core.provenance import command, provenance
 from clora.trainer.loop import Timeline, Trainer, drive
 from clora.trainer.scheduler import Candidate, Scheduler
 from clora.wire.trainer_config import TenantConfig
 
 REPO = Path(__file__).resolve().parents[1]
+PROGRAM = "python benchmarks/pipeline.py"
 
 MODES = {"off": False, "on": True}
 
@@ -78,16 +78,19 @@ def summary(rows: list[dict]) -> dict:
 
 
 async def main(args: argparse.Namespace) -> dict:
+    # The command before the runtime's in-process engine exports CLORA_ variables of its own.
+    started_at, ran_as = datetime.now(timezone.utc), command(PROGRAM)
     config = TenantConfig(environment="arithmetic:1", lr=1e-3, rank=16, alpha=32, group_size=args.group,
                           prompts_per_step=args.tasks, max_new_tokens=48, temperature=args.temperature)
     tenants = {mode: [f"{mode}-{i}" for i in range(args.tenants)] for mode in MODES}
     configs = {name: config.model_copy(update={"seed": i}) for names in tenants.values()
                for i, name in enumerate(names)}
-    out = {"benchmark": "pipeline", "machine": machine(), "command": "python benchmarks/pipeline.py "
-           + " ".join(sys.argv[1:]), "at": time.time(), "config": config.model_dump(), "tenants": args.tenants,
-           "modes": {}}
+    out = {"benchmark": "pipeline", "config": config.model_dump(), "tenants": args.tenants, "modes": {}}
     async with bench_runtime(configs) as runtime, inline_trainer(runtime) as trainer:
         out["model"] = runtime.model.rsplit("/", 1)[-1]
+        # Seeds are the tenants' indices (configs above).
+        out |= {**provenance(PROGRAM, runtime.settings, config, ignore=("seed",), started_at=started_at),
+                "command": ran_as}
         rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for block in range(args.rounds):
             for mode, pipeline in MODES.items():

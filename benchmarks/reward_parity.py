@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "reward_parity.json"
+PROGRAM = "python benchmarks/reward_parity.py"
 MODES = ("pipelined", "sync", "single")
 
 
@@ -60,7 +61,8 @@ async def measure(seeds: list[int], steps: int, model: str | None = None) -> dic
             print(f"{mode}: {seconds[mode]} s, rewards {rewards[mode]}", flush=True)
         dtypes = {"engine": runtime.settings.dtype, "trainer": runtime.train_run().dtype}
         model = runtime.model.rsplit("/", 1)[-1]
-    return {"rewards": rewards, "seconds": seconds, "dtype": dtypes, "model": model}
+    return {"rewards": rewards, "seconds": seconds, "dtype": dtypes, "model": model, "settings": runtime.settings,
+            "tenant": options.tenant(0)}  # every tenant's config but for its seed
 
 
 def mean_sd(values: list[float]) -> list[float]:
@@ -86,15 +88,16 @@ def main() -> None:
     parser.add_argument("--model", help="`tiny`: a random Llama (a smoke run: it learns nothing) [default: CLORA_MODEL]")
     args = parser.parse_args()
     from clora.cli.common import run_serving
-    from clora.demo.report import machine
+    from clora.core.provenance import command, provenance
 
-    started = time.perf_counter()
+    # The command before the runtime's in-process engine exports CLORA_ variables of its own.
+    started, started_at, ran_as = time.perf_counter(), datetime.now(timezone.utc), command(PROGRAM)
     seeds = list(range(args.seeds))
     measured = run_serving(measure(seeds, args.steps, args.model))
     result = {"benchmark": "reward_parity", "model": measured["model"], "dtype": measured["dtype"],
-              "environment": "arithmetic:0", "seeds": seeds, "steps": args.steps, "machine": machine(),
-              "command": " ".join([".venv/bin/python", "benchmarks/reward_parity.py", *sys.argv[1:]]),
-              "at": time.time(), "seconds": measured["seconds"], "rewards": measured["rewards"],
+              "environment": "arithmetic:0", "seeds": seeds, "steps": args.steps,
+              **provenance(PROGRAM, measured["settings"], measured["tenant"], ignore=("seed",), started_at=started_at),
+              "command": ran_as, "at": time.time(), "seconds": measured["seconds"], "rewards": measured["rewards"],
               **summarise(measured["rewards"], args.steps), "total_s": round(time.perf_counter() - started)}
     out = OUT if args.model is None else Path(f"/tmp/reward_parity-{args.model}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -30,9 +30,9 @@ import json
 import os
 import random
 import signal
-import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -41,16 +41,17 @@ import psutil
 from clora.bench.harness import model_path
 from clora.core.customers import CustomerStore
 from clora.core.processes import free_port
+from clora.core.provenance import command, provenance
 from clora.core.services import start_broker, start_redis
 from clora.core.settings import Settings
 from clora.core.state import admin_key
 from clora.core.tenant_configs import TenantConfigStore
-from clora.demo.report import machine
 from clora.feedback.replay import ReplayBuffer
 from clora.stack import Stack
 from clora.wire.trainer_config import TenantConfig
 
 REPO = Path(__file__).resolve().parents[1]
+PROGRAM = "python benchmarks/soak.py"
 FAULTS = ("engine", "ingestion", "trainer", "broker")
 QUESTIONS = ["What is a refund window?", "How do I reset my password?", "Which plan includes SSO?",
              "Can I export my data?", "Where do I find invoices?", "How do I add a teammate?"]
@@ -76,7 +77,7 @@ class Soak:
         self.broker = start_broker(self.home / "broker-0", port=self.broker_port)
         self.redis_service = start_redis(self.home / "redis", self.home / "redis-log")
         base = Settings()
-        settings = base.model_copy(update={
+        self.settings = settings = base.model_copy(update={
             "home": self.home, "model": model_path(self.args.model, base.cache_dir), "port": 0,
             "kafka_bootstrap": self.broker.url, "redis_url": self.redis_service.url, "eval_interval_s": 0.0,
             "feedback_resend_after_s": 10.0, "capture_resend_after_s": 10.0, "trainer_enabled": True})
@@ -86,11 +87,11 @@ class Soak:
         while not self.stack.server.started:
             await asyncio.sleep(0.05)
         self.keys = {}
+        self.config = TenantConfig(lr=1e-3, rank=8, alpha=16, min_records=4, records_per_step=8)  # every customer's
         for i in range(self.args.customers):
             name = f"soak-{i}"
             self.keys[name] = await CustomerStore(self.stack.redis).create(name)
-            await TenantConfigStore(self.stack.redis).set(name, TenantConfig(lr=1e-3, rank=8, alpha=16,
-                                                                               min_records=4, records_per_step=8))
+            await TenantConfigStore(self.stack.redis).set(name, self.config)
 
     async def close(self) -> None:
         await self.stack.stop()
@@ -223,6 +224,8 @@ class Soak:
                     for name in self.keys}
 
     async def run(self) -> dict:
+        # The command before the stack's in-process engine exports CLORA_ variables of its own.
+        started_at, ran_as = datetime.now(timezone.utc), command(PROGRAM)
         await self.start()
         self.started = time.monotonic()
         sampler = asyncio.create_task(self.sampling_rss())
@@ -245,8 +248,9 @@ class Soak:
         await self.close()
         kinds = sorted({k for s in self.rss for k in s if k != "at_s"})
         return {
-            "benchmark": "soak", "machine": machine(), "model": Path(model_path(self.args.model, Settings().cache_dir)).name,
-            "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]), "at": time.time(),
+            "benchmark": "soak", "model": Path(model_path(self.args.model, Settings().cache_dir)).name,
+            **provenance(PROGRAM, self.settings, self.config, started_at=started_at), "command": ran_as,
+            "at": time.time(),
             "minutes": round(loaded_s / 60, 2), "customers": self.args.customers, "requests": self.requests,
             "faults": dict(self.faults), "fault_log": self.fault_log, "status_codes": dict(self.codes),
             "designed_503s": self.designed_503, "errors_5xx": sum(self.errors_5xx.values()),

@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,14 +87,16 @@ def main() -> None:
     parser.add_argument("--worker", choices=SETTINGS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "trainer_memory.json")
     args = parser.parse_args()
+    started_at = datetime.now(timezone.utc)
     from clora.core.settings import Settings
 
-    dtype = args.dtype or Settings().dtype
+    settings = Settings()
+    dtype = args.dtype or settings.dtype
     shape = [args.passes, args.prompt, args.rows, args.completion]
     if args.worker:
         print(json.dumps(worker(args.worker, dtype, *shape)))
         return
-    from clora.demo.report import machine
+    from clora.core.provenance import provenance
 
     results = {}
     for setting in SETTINGS:
@@ -102,9 +105,10 @@ def main() -> None:
                                "--prompt", str(args.prompt), "--rows", str(args.rows),
                                "--completion", str(args.completion)], capture_output=True, text=True, check=True)
         results[setting] = json.loads(done.stdout.strip().splitlines()[-1])
-    report = {"benchmark": "trainer_memory", "machine": machine(), "at": time.time(),
-              "command": "python benchmarks/trainer_memory.py " + " ".join(sys.argv[1:]),
-              "dtype": dtype, "shape": {"prompt": args.prompt, "rows": args.rows, "completion": args.completion,
+    report = {"benchmark": "trainer_memory",
+              **provenance("python benchmarks/trainer_memory.py", settings, started_at=started_at),
+              "at": time.time(), "dtype": dtype,
+              "shape": {"prompt": args.prompt, "rows": args.rows, "completion": args.completion,
                         "tokens": args.prompt + args.rows * args.completion},
               "passes": results,
               "peak_gb": {s: r[-1]["peak_gb"] for s, r in results.items()},

@@ -19,17 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+from clora.core.provenance import provenance  # noqa: E402
 from clora.trainer import lora  # noqa: E402
 from clora.trainer.adapter_store import AdapterStore  # noqa: E402
 from clora.trainer.batching import (  # noqa: E402
@@ -178,6 +178,7 @@ def shared_prefix(args, model, layers, store, device) -> dict:
 
 
 def main() -> None:
+    started_at = datetime.now(timezone.utc)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
@@ -220,10 +221,8 @@ def main() -> None:
            "shape": args.shape, "device": str(device), "pass_tokens": args.pass_tokens,
            "stacked_lora": sorted(lora.STACKED_DEVICES), "dtype": str(dtype).removeprefix("torch."),
            "lora": {"rank": SPEC.rank, "alpha": SPEC.alpha, "targets": list(SPEC.targets)},
-           "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
-                      + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "command": "python benchmarks/trainer_throughput.py " + " ".join(sys.argv[1:])}
+           **provenance("python benchmarks/trainer_throughput.py", started_at=started_at),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if not args.quick:
         name = "trainer.json" if device.type == "cpu" else f"trainer-{device.type}-{args.shape}.json"
         path = Path(os.environ.get("OUT", REPO / "benchmarks" / "results")) / name
