@@ -184,6 +184,8 @@ def test_packed_grpo_of_several_tenants_matches_one_pass_per_group(base, pass_to
         gap = results[d.customer].gap
         assert gap.tokens + gap.outside == sum(len(c) for g in d.groups for c in g.completions
                                                if d.config.kl_coef or len(set(g.rewards)) > 1)
+        # Counted once per group, however many passes its rows were split across.
+        assert results[d.customer].taught_groups == sum(1 for g in d.groups if d.config.kl_coef or len(set(g.rewards)) > 1)
         assert max(g.abs().max() for g in expected_grads[t]) > 0
         assert_close_lists(grads(states[d.customer].weights), expected_grads[t])
 
@@ -340,3 +342,17 @@ def test_rows_of_very_different_lengths_match_separate_sequences_and_skip_the_pa
     torch.testing.assert_close(shared.logprobs, naive.logprobs, rtol=1e-5, atol=1e-5)
     assert min(g.abs().max() for g in naive_grads) > 0
     assert_close_lists(shared_grads, naive_grads, atol=1e-5)  # a sum over ~300 tokens: larger gradients
+
+
+def test_a_group_counts_as_taught_once_however_its_rows_are_split_and_not_at_all_when_its_rewards_are_equal(base):
+    """`taught_groups` (the experiments' count of backward passes) counts groups, not pass items."""
+    model, layers = base
+    rng = random.Random(11)
+    data = TenantData("t", TenantConfig())
+    for rewards in ([0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.5, 0.0, 0.0, 0.0]):
+        completions = [rand_tokens(rng, 6) for _ in rewards]
+        data.groups.append(Group(rand_tokens(rng, 12), completions, [[-1.0] * 6 for _ in completions], rewards, SAMPLED))
+    states = {"t": TenantState("t", random_weights(layers, seed=3), [], [])}
+    # 4 pass tokens: a part may hold 16 (GROUP_PASS_FACTOR x 4), so each row of 18 is a part of its own.
+    results = backward(model, layers, [data], states, pass_tokens=4)
+    assert results["t"].taught_groups == 2

@@ -78,6 +78,7 @@ class TrainRun:
     served_base: str = "base"  # the base model's name on the server
     metrics_port: int = 0  # Prometheus endpoint; 0: none
     pipeline: bool = True  # sample the next step's rollouts while the current step computes
+    threads: int = 0  # torch threads; 0: torch's default
 
     @classmethod
     def from_settings(cls, settings: Settings, *, gateway_url: str, redis_url: str, model_dir: str | Path,
@@ -90,7 +91,8 @@ class TrainRun:
                    settings.trainer_pass_tokens or (65536 if device.type == "cuda" else 512),
                    settings.trainer_dir, settings.trainer_keep_checkpoints, settings.replay_capacity,
                    settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight,
-                   settings.served_base_name, settings.trainer_metrics_port, settings.trainer_pipeline)
+                   settings.served_base_name, settings.trainer_metrics_port, settings.trainer_pipeline,
+                   settings.trainer_threads)
 
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed; blocks above it (logits chunks) are mmapped
@@ -374,7 +376,10 @@ def observe(report: StepReport) -> None:
 @asynccontextmanager
 async def connect(run: TrainRun) -> AsyncIterator[Trainer]:
     """The model, loaded once, and the trainer's connections: Redis (replay buffer, configs,
-    customers) and the gateway; closed on exit."""
+    customers) and the gateway; closed on exit. Sets this process's torch threads (`run.threads`):
+    whatever runs a trainer (`clora train`, the benchmarks) computes with the same threads."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
     model, layers, tokenizer = await asyncio.to_thread(load_model, run.model_dir, run.device, run.dtype)
     redis = aioredis.Redis.from_url(run.redis_url)
     runtime = RuntimeClient(run.gateway_url, run.admin_key)

@@ -106,6 +106,7 @@ class TenantResult:
     paths: dict[str, int] = field(default_factory=dict)  # records per loss path: importance, ratio_free, correction
     gap: Gap = field(default_factory=Gap)
     lagged_groups: int = 0  # on-policy groups sampled by the previous version (pipelined), corrected as off-policy
+    taught_groups: int = 0  # on-policy groups that took a gradient pass (episodes that all scored alike take none)
 
 
 def backward(model: nn.Module, layers: Layers, data: list[TenantData], states: dict[str, TenantState],
@@ -216,15 +217,23 @@ def onpolicy_backward(model: nn.Module, layers: Layers, sampled: list[TenantData
     take PPO against the trainer's logprobs under the weights that sampled them (`behaviour_pass`):
     REINFORCE would treat the previous version's samples as the current one's. Returns each
     tenant's loss."""
-    items = [part for t, d in enumerate(sampled) for g in d.groups
-             for row in onpolicy_rows(t, g, states[d.customer].weights) for part in row.split(GROUP_PASS_FACTOR * pass_tokens)]
+    items, group_of = [], []  # group_of[i]: (tenant, group) of items[i]
+    for t, d in enumerate(sampled):
+        for g_index, g in enumerate(d.groups):
+            for row in onpolicy_rows(t, g, states[d.customer].weights):
+                parts = row.split(GROUP_PASS_FACTOR * pass_tokens)
+                items += parts
+                group_of += [(t, g_index)] * len(parts)
     lagged = [d.behaviour is not None for d in sampled]
     device = model.lm_head.weight.device
     behaviour = {t: d.behaviour.copy(device) for t, d in enumerate(sampled) if d.behaviour is not None}
     totals = [0] * len(sampled)
     for item in items:
         totals[item.tenant] += item.group.tokens()
-    teaching = [item for item in items if item.advantages_R.any() or sampled[item.tenant].config.kl_coef]
+    taught = [i for i, item in enumerate(items) if item.advantages_R.any() or sampled[item.tenant].config.kl_coef]
+    teaching = [items[i] for i in taught]
+    for t, _ in {group_of[i] for i in taught}:
+        results[t].taught_groups += 1
     losses = [0.0] * len(sampled)
     for chosen in pack_groups([item.group for item in teaching], pass_tokens):
         passed = [teaching[i] for i in chosen]

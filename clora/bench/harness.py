@@ -1,7 +1,7 @@
 """A runtime for RL benchmarks: `clora serve`'s stack (embedded Kafka and Redis, vLLM on one core;
-its own trainer and periodic evals off) and a trainer wired as `clora train` wires it, on the other
-core (one torch thread): in a process of its own (`TrainerProcess`, as `clora serve` runs it), or
-in this process (`inline_trainer`, for benchmarks that call a step directly).
+its own trainer and periodic evals off) and a trainer wired as `clora train` wires it, with its
+torch threads (`CLORA_TRAINER_THREADS`): in a process of its own (`TrainerProcess`, as `clora
+serve` runs it), or in this process (`inline_trainer`, for benchmarks that call a step directly).
 
 Why a process of its own: a training pass in the serving process (gateway, vLLM's front end and
 their threads) ran 13-17 s where the same pass took 8-11 s alone (SmolLM2-135M, 8 x 160 tokens,
@@ -21,8 +21,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Concatenate, ParamSpec, TypeVar
-
-import torch
 
 from clora.core.customers import CustomerStore
 from clora.core.models import build_random_llama, ensure_tokenizer, resolve_model
@@ -104,7 +102,6 @@ async def bench_runtime(customers: dict[str, TenantConfig], model: str | None = 
 @asynccontextmanager
 async def inline_trainer(runtime: BenchRuntime) -> AsyncIterator[Trainer]:
     """`clora train`'s trainer in this process (its compute in a thread: see the module's note)."""
-    torch.set_num_threads(1)  # the trainer's core; vLLM's engine has the other
     async with connect(runtime.train_run()) as trainer:
         yield trainer
 
@@ -116,7 +113,6 @@ _worker: dict[str, Any] = {}  # in the trainer process: its event loop, trainer,
 def _start_worker(run: TrainRun, progress: Any, stop: Any, log_path: str) -> None:
     logging.basicConfig(filename=log_path, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
     loop = asyncio.new_event_loop()
     connection = connect(run)
     _worker.update(loop=loop, connection=connection, trainer=loop.run_until_complete(connection.__aenter__()),
@@ -136,6 +132,10 @@ async def _with_stop(job: Job, args: tuple) -> Any:
         return await job(_worker["trainer"], _worker["progress"].put, stop, *args)
     finally:
         watcher.cancel()
+
+
+async def _ready(_trainer: Trainer, _progress: Callable[[int], None], _stop: asyncio.Event) -> None:
+    """A job that does nothing: running it starts the process and loads the model."""
 
 
 def _run_job(job: Job, args: tuple) -> Any:
@@ -166,6 +166,10 @@ class TrainerProcess:
         self._advance = progress
         self._stop.clear()
         return await asyncio.get_running_loop().run_in_executor(self._pool, _run_job, job, args)
+
+    async def ready(self) -> None:
+        """Once the process is up and its model loaded (it starts on the first job otherwise)."""
+        await self.run(_ready)
 
     def stop(self) -> None:
         """Ask the running job to end (its `stop` event is set)."""
