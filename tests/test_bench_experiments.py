@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     env = {**os.environ, "CLORA_HOME": str(tmp_path / "home")}
     done = subprocess.run([str(Path(sys.executable).parent / "clora"), "bench", "experiments", "--model", "tiny",
                            "--ns", "2,1", "--steps", "3", "--tasks", "1", "--group", "4", "--serial-runs", "1",
-                           "--freshness-ns", "1", "--freshness-s", "15", "--freshness-interval-s", "3",
+                           "--freshness-ns", "1", "--freshness-load", "2", "--freshness-s", "15",
+                           "--freshness-interval-s", "2",
                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -48,7 +50,15 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     assert all([p.name for p in log.parent.parent.iterdir()] == ["runs"] for log in logs)  # the GBs go
     settings, args = result["command"].split(" clora bench experiments ")  # what a re-run needs, settings too
     assert f"CLORA_HOME={tmp_path / 'home'}" in settings.split() and args.startswith("--model tiny --ns 2,1 ")
-    assert "CLORA_ENGINE_LOG" not in settings  # the runtime's own plumbing, not a setting to re-run with
+    # Neither the runtime's own plumbing nor what its engine exports for its children.
+    assert "CLORA_ENGINE_LOG" not in settings and "CLORA_GROUPED_LORA" not in settings
+    assert len(result["git_revision"]) == 40 and isinstance(result["git_dirty"], bool) and "vCPU" in result["machine"]
+    # The experiment's shape as asked (1 problem, group 4); no learning hyper-parameter off its default.
+    changed = result["settings_changed"]
+    assert (changed["prompts_per_step"], changed["group_size"], changed["environment"]) == (1, 4, "arithmetic:0")
+    assert not {"lr", "temperature", "clip", "kl_coef", "rank", "alpha"} & set(changed)
+    assert changed["CLORA_TRAINER_ENABLED"] is False and "CLORA_TRAINER_THREADS" not in changed  # serve's threads
+    assert (result["pairs"], result["margin"]) == (8, 0.1)
     one, two = result["rows"]
     assert [one["n"], two["n"]] == [1, 2]
     for row in (one, two):
@@ -58,11 +68,26 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
         assert len(row["reward_per_step"]) == 3 and len(row["serial_reward_per_step"]) == 3
         assert row["first_experiment_s"] <= row["mean_experiment_s"] <= row["concurrent_s"]
         assert 0 < row["mean_engine_busy"] <= 1 and 0 < row["mean_trainer_busy"] <= 1
+        # Cold = start + run; the teardown is reported apart.
+        assert row["start_s"] > 0 and row["stop_s"] > 0
+        assert row["serial_s"] == pytest.approx(row["n"] * (row["start_s"] + statistics.fmean(
+            e["finished"] - e["started"] for e in result["experiments"]["cold"])), rel=0.05)
+        # Backward passes: groups that took one, at most every group of every step.
+        passes = row["backward_passes"]
+        assert 0 <= passes["concurrent"] <= row["n"] * 3 and 0 <= passes["serial"] <= row["n"] * 3
+        # Paired by seed (serial seeds 0 and 1); no verdict below N = 8.
+        assert row["paired_experiments"] == row["n"] and set(row["mean_paired_differences"]) == {"steps_1_on", "last_3"}
+        assert row["noninferior"] is None and row["false_fail_rate"] is None
     assert one["step_time_ratio"] == 1.0 and two["step_time_ratio"] > 0
     assert two["serial_s"] == pytest.approx(2 * one["serial_s"], rel=0.01)  # N x the measured singles
     assert two["shared_batch_tenants"] == 2, "the two experiments' rollouts never shared an engine batch"
     assert len(result["concurrent_rewards"]["2"]) == 2
-    # Freshness with one feedback-only customer: a lone correction trains within max_record_wait_s (5 s).
+    # Freshness with one feedback-only customer alone: a lone correction trains within max_record_wait_s
+    # (5 s) and the trainer's idle pause (5 s).
     fresh = result["freshness"]["1"]
-    assert fresh["events"] >= 1 and 0 < one["freshness_p50_s"] <= one["freshness_p99_s"] < 60
-    assert two["freshness_p50_s"] is None  # not measured at N=2
+    assert fresh["events"] >= 1 and fresh["rl_experiments"] == 0
+    assert 0 < one["freshness_p50_s"] <= one["freshness_p99_s"] < 60
+    # Two customers while two RL experiments train in the same loop.
+    loaded = result["freshness"]["2"]
+    assert loaded["events"] >= 2 and loaded["rl_experiments"] == 2 and loaded["rl_concurrent_s"] > 0
+    assert 0 < two["freshness_p50_s"] <= two["freshness_p99_s"] < 120

@@ -1,65 +1,56 @@
-"""`clora bench experiments`: the C-LoRA report's experiment at our scale.
+"""`clora bench experiments`: the C-LoRA report's experiment at our scale, at the product's defaults.
 
 An *experiment* is one tenant's RL run of `steps` steps from a fresh adapter on the tool-use
-environment (`arithmetic:0` by default: see clora/agents/arithmetic.py). Three ways to run N of them:
+environment (`arithmetic:0`: see clora/agents/arithmetic.py). Its shape is fixed and recorded
+(2 problems per step, group 8, 10 steps, 48 new tokens); every learning hyper-parameter is the
+trainer config's default (`TenantConfig`), and the trainer computes with `clora serve`'s torch
+threads. Three ways to run N of them:
 
 - **concurrent**: N experiments at once on one warm runtime, driven by `clora train`'s own loop
   (`trainer.loop.drive`, pipelined) in a trainer process of its own, as `clora serve` runs it
   (`harness.TrainerProcess`): every tenant's rollouts share the engine's decode batches and their
   groups share the trainer's passes;
-- **cold serial**: one after another, each in a fresh runtime (engine start, trainer process
-  start and model load, warm-up), each step sampling then training (synchronous, on-policy), as a
-  single-tenant framework runs them (the report's baseline: one-at-a-time synchronous runs);
+- **cold serial**: one after another, each in a fresh runtime, each step sampling then training
+  (synchronous, on-policy), as a single-tenant framework runs them (the report's baseline). Its
+  time is start (engine, trainer process and model load) + run; the stop (teardown) is reported
+  apart (`stop_s`), since the next experiment's start need not wait for it;
 - **warm serial**: the same, one after another on the already-warm runtime.
 
-So the ratios count what multiplexing *and* the rollout/train pipeline win (the issue's
-definition).
+So the ratios count what multiplexing *and* the rollout/train pipeline win. The serial
+baselines are N x the mean of `serial_runs` measured singles of each kind (`serial_measured_runs`);
+every concurrent run is measured (seeds 0..N-1). A seed fixes an experiment's problems and
+initial adapter; the serial runs take distinct seeds (cold 0..k-1, warm k..2k-1), so with the
+default k = 4 concurrent experiment i and serial experiment i share a seed: the pairs the verdict
+(`verdict.py`, written down before the sweep) compares. Each row also counts the backward passes
+each arm ran (groups that took a gradient pass: a group whose episodes all scored alike takes
+none), so an arm that learns faster, and so skips more passes, is seen doing less work. Rewards
+are each step's sampled reward: step k's rollouts come from the version after k-1 updates
+(`reward_first` is the base model's); at N >= 4 the concurrent tenants take turns in halves
+(`trainer.loop.halves`), at N = 1 and 2 each step samples every tenant's rollouts together.
 
-The serial baselines are built from `serial_runs` measured single experiments of each kind times
-N, which the output says (`serial_measured_runs`); every concurrent run is measured (seeds
-0..N-1). A seed fixes an experiment's problems and initial adapter, so the serial runs take
-distinct seeds: cold 0..k-1, warm k..2k-1 (`serial_seeds`). Their rewards are then 2k independent
-experiments, the spread the no-regression criterion divides by (a seed run twice, cold and warm,
-shares its problems: two such runs sit closer together than two experiments do, and an sd over
-them says less than it seems), and with the default k = 4 they draw exactly the problems of the
-N = 8 concurrent runs (seeds 0..7). Experiment times:
-First, Mean and Final (when the first, the average and the last experiment of the N finished;
-Final is `concurrent_s`). Rewards are each step's sampled reward: step k's rollouts come from the
-version after k-1 updates (`reward_first` is the base model's), serial and concurrent alike:
-at N >= 4 the concurrent tenants take turns in halves, one half's rollouts sampled while the other
-half trains (`trainer.loop.halves`); at N = 1 and 2 each step samples every tenant's rollouts
-together, then trains them (sampled ahead they would come from the version the step replaces), so
-the N = 1 row runs as a warm single does.
-
-**Freshness** (on the warm runtime, last): N feedback-only customers each send an operator
-correction of a served answer every `freshness_interval_s` on average (Poisson) for
-`freshness_s`; `clora train`'s loop runs as `clora train` runs it (its own candidates: a customer
-trains at `min_records` new records or when its oldest has waited `max_record_wait_s`). An
-event's freshness is the time from its 202 to when the replay buffer shows a version that trained
-on it (published, and served: nothing is gated here), polled every 0.25 s.
+**Freshness** (`freshness.py`, on the warm runtime, last): feedback-only customers alone, and as
+many customers again while as many RL experiments train in the same loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import random
+import datetime as dt
 import re
 import statistics
-import sys
 import time
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import httpx
+import numpy as np
 from pydantic import BaseModel, Field
 
+from clora.bench import verdict as rule
+from clora.bench.freshness import measure, train_until_stopped
 from clora.bench.harness import BenchRuntime, TrainerProcess, bench_runtime, trainer_process
-from clora.core.settings import Settings
-from clora.demo.report import machine
+from clora.core.provenance import command, provenance
 from clora.trainer.loop import StepReport, Timeline, Trainer, drive
 from clora.trainer.scheduler import Candidate, Scheduler
 from clora.wire.trainer_config import TenantConfig
@@ -71,18 +62,19 @@ class SweepOptions(BaseModel):
     tasks: int = Field(default=2, ge=1, description="Problems per experiment per step.")
     group: int = Field(default=8, ge=2, description="Episodes per problem (the GRPO group).")
     environment: str = "arithmetic:0"
-    lr: float = Field(default=5e-4, gt=0)  # at 1e-3 rewards saturate by step 5 (BENCHMARKS.md)
-    temperature: float = Field(default=0.7, gt=0)
     serial_runs: int = Field(default=4, ge=1, description="Measured single experiments of each serial kind "
                                                           "(cold seeds 0..k-1, warm k..2k-1).")
     model: str | None = Field(default=None, description="None: CLORA_MODEL or the default; `tiny`: a random Llama.")
-    freshness_ns: list[int] = Field(default=[1, 8], description="Active feedback-only customers per freshness run.")
-    freshness_s: float = Field(default=180.0, gt=0, description="Seconds of feedback per freshness run.")
+    freshness_ns: list[int] = Field(default=[1], description="Feedback-only customers per freshness run alone.")
+    freshness_load: int = Field(default=8, ge=0, description="Feedback-only customers in the run under load, "
+                                                             "beside as many RL experiments (0: no such run).")
+    freshness_s: float = Field(default=180.0, gt=0, description="Seconds of feedback per freshness run alone.")
     freshness_interval_s: float = Field(default=10.0, gt=0, description="Mean seconds between a customer's events.")
 
     def tenant(self, seed: int) -> TenantConfig:
-        return TenantConfig(environment=self.environment, lr=self.lr, rank=16, alpha=32, group_size=self.group,
-                            prompts_per_step=self.tasks, max_new_tokens=48, temperature=self.temperature, seed=seed)
+        """The experiment's shape; everything else the trainer config's defaults."""
+        return TenantConfig(environment=self.environment, group_size=self.group, prompts_per_step=self.tasks,
+                            max_new_tokens=48, seed=seed)
 
     def serial_seeds(self) -> dict[str, list[int]]:
         """Distinct seeds for the serial runs: cold 0..k-1, warm k..2k-1."""
@@ -97,6 +89,7 @@ class Experiment:
     started: float  # perf_counter
     finished: float = 0.0
     rewards: list[float] = field(default_factory=list)  # sampled reward per step
+    backward_passes: int = 0  # groups that took a gradient pass
     steps: list[dict] = field(default_factory=list)  # where each step's time went
 
     @property
@@ -111,9 +104,12 @@ def step_times(report: StepReport) -> dict:
 
 
 async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop: asyncio.Event,
-                          customers: list[str], seeds: list[int], steps: int, pipeline: bool = True) -> list[Experiment]:
+                          customers: list[str], seeds: list[int], steps: int, pipeline: bool = True,
+                          feedback: tuple[str, ...] = (), max_tenants: int = 0, idle_s: float = 0.1) -> list[Experiment]:
     """`customers` (created, configured, fresh) run `steps` steps each, all at once (a job of the
-    trainer process); `pipeline`: the next step's rollouts sampled while a step computes."""
+    trainer process); `pipeline`: the next step's rollouts sampled while a step computes.
+    `feedback`: customers trained beside them by `clora train`'s own candidates (their new
+    records), until `stop`; `max_tenants` (0: all the experiments) and `idle_s` as `clora train`'s."""
     trainer.timeline = Timeline()
     started = time.perf_counter()
     runs = {c: Experiment(c, seed, started) for c, seed in zip(customers, seeds)}
@@ -121,22 +117,25 @@ async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop
     async def candidates() -> list[Candidate]:
         # Every step left samples rollouts: four or more tenants take turns (trainer.loop.halves),
         # fewer sample together in each of their steps.
-        return [Candidate(c, 1.0, samples=True) for c, e in runs.items() if len(e.rewards) < steps]
+        left = [Candidate(c, 1.0, samples=True) for c, e in runs.items() if len(e.rewards) < steps]
+        return left + ([c for c in await trainer.io.candidates() if c.customer in feedback] if feedback else [])
 
     fruitless = 0
-    async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, stop, pipeline=pipeline,
-                              idle_s=0.1)) as driven:
+    scheduler = Scheduler(max_tenants or len(customers))
+    async with aclosing(drive(trainer, scheduler, candidates, stop, pipeline=pipeline, idle_s=idle_s)) as driven:
         async for reports in driven:
-            fruitless = 0 if reports else fruitless + 1
+            mine = [r for r in reports if r.customer in runs]
+            fruitless = 0 if mine or feedback else fruitless + 1
             if fruitless == 3:  # a step with nothing to train on, or failing: it would never finish
                 raise RuntimeError(f"three steps in a row trained none of {customers} (see the log)")
-            for report in reports:
+            for report in mine:
                 run = runs[report.customer]
                 run.rewards.append(report.mean_reward or 0.0)
+                run.backward_passes += report.result.taught_groups
                 run.steps.append(step_times(report))
                 run.finished = time.perf_counter()
                 advance(1)
-            if all(len(e.rewards) >= steps for e in runs.values()):
+            if not feedback and all(len(e.rewards) >= steps for e in runs.values()):
                 break
     return list(runs.values())
 
@@ -164,30 +163,55 @@ def per_step(experiments: list[Experiment]) -> list[tuple[float, float]]:
 
 
 def reward_gap_sd(serial: list[tuple[float, float]], concurrent: list[tuple[float, float]]) -> float:
-    """The largest (serial mean - concurrent mean) / serial sd over steps; a zero sd counts as
-    1e-3 (a flat reward: any shortfall is large)."""
+    """Descriptive only (the verdict is `verdict.py`'s): the largest (serial mean - concurrent
+    mean) / serial sd over steps; a zero sd counts as 1e-3."""
     return max((s - c) / max(sd, 1e-3) for (s, sd), (c, _) in zip(serial, concurrent))
 
 
-def command() -> str:
-    """The command line as run, with the settings (CLORA_ variables) it ran under: a re-run needs
-    them. Only Settings' own: an in-process engine exports plumbing of its own (CLORA_ENGINE_LOG)."""
-    names = {f"CLORA_{name.upper()}" for name in Settings.model_fields}
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in names]
-    return " ".join([*env, "clora", *sys.argv[1:]])
+@dataclass
+class ColdRun:
+    """A cold serial experiment's wall time, cut where the runtime was up and where it ended."""
+
+    experiment: Experiment
+    start_s: float  # engine, services, trainer process and model load
+    run_s: float
+    stop_s: float  # teardown: not part of the experiment's time
+
+    @property
+    def seconds(self) -> float:
+        return self.start_s + self.run_s
 
 
-def row(n: int, runs: list[Experiment], cold: list[Experiment], cold_s: list[float], warm: list[Experiment],
+def paired(n: int, runs: list[Experiment], serial: list[Experiment]) -> dict:
+    """Concurrent experiment i against serial experiment i (the same seed): the paired
+    differences of both summaries at every N, and at N = `rule.PAIRS` the verdict."""
+    by_seed = {e.seed: e for e in serial}
+    pairs = [(by_seed[e.seed], e) for e in runs if e.seed in by_seed]
+    if len(pairs) < n:
+        return {"paired_experiments": len(pairs)}
+    s, c = np.array([p[0].rewards for p in pairs]), np.array([p[1].rewards for p in pairs])
+    differences = {name: round(float((c_ - s_).mean()), 4)
+                   for (name, s_), c_ in zip(rule.summaries(s).items(), rule.summaries(c).values())}
+    out: dict = {"paired_experiments": n, "mean_paired_differences": differences}
+    if n == rule.PAIRS:
+        out |= rule.verdict(s, c).as_dict() | {"false_fail_rate": round(rule.false_fail_rate(s, c), 4)}
+    return out
+
+
+def row(n: int, runs: list[Experiment], cold: list[ColdRun], warm: list[Experiment],
         baseline_step_s: float | None, shared: int) -> dict:
     # Rounded first, so that the file's ratios are its own columns' (serial_s / concurrent_s).
-    serial_s = round(statistics.fmean(cold_s) * n, 2)
+    serial_s = round(statistics.fmean(c.seconds for c in cold) * n, 2)
     warm_serial_s = round(statistics.fmean(e.seconds for e in warm) * n, 2)
     concurrent_s = round(max(e.seconds for e in runs), 2)
     steps = [s for e in runs for s in e.steps]
     mean_step_s = statistics.fmean(s["cycle_s"] for s in steps)
-    concurrent_curve, serial_curve = per_step(runs), per_step(cold + warm)
+    singles = [c.experiment for c in cold] + warm
+    concurrent_curve, serial_curve = per_step(runs), per_step(singles)
     return {
         "n": n, "serial_s": serial_s, "warm_serial_s": warm_serial_s, "concurrent_s": concurrent_s,
+        "start_s": round(statistics.fmean(c.start_s for c in cold), 2),
+        "stop_s": round(statistics.fmean(c.stop_s for c in cold), 2),
         "first_experiment_s": round(min(e.seconds for e in runs), 2),
         "mean_experiment_s": round(statistics.fmean(e.seconds for e in runs), 2),
         "throughput_ratio": round(serial_s / concurrent_s, 3), "warm_throughput_ratio": round(warm_serial_s / concurrent_s, 3),
@@ -199,96 +223,82 @@ def row(n: int, runs: list[Experiment], cold: list[Experiment], cold_s: list[flo
         "reward_last": round(statistics.fmean(statistics.fmean(e.rewards[-3:]) for e in runs), 4),
         "reward_per_step": [[round(m, 4), round(sd, 4)] for m, sd in concurrent_curve],
         "serial_reward_per_step": [[round(m, 4), round(sd, 4)] for m, sd in serial_curve],
+        "backward_passes": {"concurrent": sum(e.backward_passes for e in runs),
+                            "serial": round(statistics.fmean(e.backward_passes for e in singles) * n, 1)},
+        "noninferior": None, "noninferiority_lower_bounds": None, "per_step_z": None, "false_fail_rate": None,
+        **paired(n, runs, singles),
         "max_reward_gap_sd": round(reward_gap_sd(serial_curve, concurrent_curve), 3),
         "shared_batch_tenants": shared,
         "freshness_p50_s": None, "freshness_p99_s": None,  # filled by the freshness runs (where N is one)
     }
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+async def cold_experiment(options: SweepOptions, seed: int, progress: Callable[[int], None], capacity: dict,
+                          logs: list[str]) -> ColdRun:
+    """One experiment in a fresh runtime: start (up to a loaded trainer), run, stop, each timed."""
+    began = time.perf_counter()
+    async with bench_runtime({f"cold-{seed}": options.tenant(seed)}, options.model, **capacity) as runtime, \
+            trainer_process(runtime) as trainer:
+        logs.append(str(runtime.stack.run_dir))
+        await trainer.ready()
+        up = time.perf_counter()
+        [experiment] = await trainer.run(run_experiments, [f"cold-{seed}"], [seed], options.steps, False,
+                                         progress=progress)
+        ran = time.perf_counter()
+    return ColdRun(experiment, up - began, ran - up, time.perf_counter() - ran)
 
 
-async def train_until_stopped(trainer: Trainer, advance: Callable[[int], None], stop: asyncio.Event,
-                              customers: list[str]) -> None:
-    """`clora train`'s loop with its own candidates, for `customers` only (a job of the trainer process)."""
-    async def candidates() -> list[Candidate]:
-        return [c for c in await trainer.io.candidates() if c.customer in customers]
+async def freshness_runs(runtime: BenchRuntime, trainer: TrainerProcess, options: SweepOptions,
+                         progress: Callable[[int], None], status: Callable[[str], None]) -> dict[str, dict]:
+    """Feedback-only customers alone, then (`freshness_load`) beside as many RL experiments."""
+    settings, fresh = runtime.settings, {}
+    for n in options.freshness_ns:
+        status(f"freshness: {n} feedback-only customers alone, {options.freshness_s:.0f} s")
+        customers = [f"fb{n}-{i}" for i in range(n)]
+        fresh[str(n)], _ = await measure(
+            runtime, trainer, customers, interval_s=options.freshness_interval_s, seconds=options.freshness_s,
+            training=lambda p, c=customers: trainer.run(train_until_stopped, c, settings.trainer_max_tenants,
+                                                        settings.trainer_idle_s, progress=p))
+        fresh[str(n)]["rl_experiments"] = 0
+    if n := options.freshness_load:
+        status(f"freshness: {n} feedback-only customers while {n} RL experiments train")
+        customers, load = [f"fbl{n}-{i}" for i in range(n)], [f"load{n}-{i}" for i in range(n)]
+        result, runs = await measure(
+            runtime, trainer, customers, interval_s=options.freshness_interval_s, seconds=options.freshness_s,
+            load_steps=n * options.steps, advance=progress,
+            training=lambda p: trainer.run(run_experiments, load, list(range(100, 100 + n)), options.steps, True,
+                                           tuple(customers), settings.trainer_max_tenants, settings.trainer_idle_s,
+                                           progress=p))
+        fresh[str(n)] = result | {"rl_experiments": n, "rl_concurrent_s": round(max(e.seconds for e in runs), 2)}
+    return fresh
 
-    async with aclosing(drive(trainer, Scheduler(len(customers)), candidates, stop, idle_s=0.2)) as driven:
-        async for _ in driven:
-            pass
 
-
-async def freshness(runtime: BenchRuntime, trainer: TrainerProcess, customers: list[str], options: SweepOptions) -> dict:
-    """Feedback from `customers` for `options.freshness_s`, trained by `clora train`'s loop: each
-    event's seconds from its 202 to the replay buffer's first version that trained on it."""
-    sent_all, rng = asyncio.Event(), random.Random(0)
-    accepted: dict[tuple[str, str], float] = {}
-    fresh: dict[tuple[str, str], float] = {}
-
-    async def customer_feedback(http: httpx.AsyncClient, customer: str) -> None:
-        key = {"Authorization": f"Bearer {runtime.keys[customer]}"}
-        deadline = time.monotonic() + options.freshness_s
-        while time.monotonic() < deadline:
-            await asyncio.sleep(rng.expovariate(1 / options.freshness_interval_s))
-            if time.monotonic() >= deadline:
-                return
-            chat = await http.post("/v1/chat/completions", headers=key, json={
-                "model": "default", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]})
-            chat.raise_for_status()
-            correction = {"trace_id": chat.headers["x-clora-trace-id"], "source": "operator",
-                          "correction": {"role": "assistant", "content": "Hello! How can I help you today?"}}
-            sent = await http.post("/v1/feedback", headers=key, json=correction)
-            sent.raise_for_status()
-            accepted[(customer, sent.json()["event_ids"][0])] = time.monotonic()
-
-    async def watch() -> None:
-        while not sent_all.is_set() or len(fresh) < len(accepted):
-            for event in [e for e in accepted if e not in fresh]:
-                if await runtime.replay.consumed_by(*event):
-                    fresh[event] = time.monotonic() - accepted[event]
-            await asyncio.sleep(0.25)
-
-    training, watcher = asyncio.create_task(trainer.run(train_until_stopped, customers)), asyncio.create_task(watch())
-    try:
-        async with httpx.AsyncClient(base_url=runtime.stack.gateway_url, timeout=60) as http:
-            await asyncio.gather(*[customer_feedback(http, c) for c in customers])
-        sent_all.set()  # the last events train within `max_record_wait_s` and a step
-        await asyncio.wait_for(watcher, timeout=600)
-    finally:
-        watcher.cancel()
-        trainer.stop()
-        await training
-    seconds = list(fresh.values())
-    if not seconds:
-        raise RuntimeError(f"no feedback event was sent in {options.freshness_s} s: raise --freshness-s")
-    return {"events": len(seconds), "p50_s": round(percentile(seconds, 0.5), 2),
-            "p99_s": round(percentile(seconds, 0.99), 2), "max_s": round(max(seconds), 2)}
+def load_tenants(options: SweepOptions) -> dict[str, TenantConfig]:
+    """Every customer of the warm runtime: warm singles, concurrent runs, warm-up, freshness."""
+    k, n = options.serial_runs, options.freshness_load
+    tenants = {f"warm-{seed}": options.tenant(seed) for seed in options.serial_seeds()["warm"]}
+    tenants |= {f"n{m}-{i}": options.tenant(i) for m in options.ns for i in range(m)}
+    tenants["warm-up"] = options.tenant(2 * k)
+    tenants |= {f"fb{m}-{i}": TenantConfig() for m in options.freshness_ns for i in range(m)}
+    tenants |= {f"fbl{n}-{i}": TenantConfig() for i in range(n)}
+    return tenants | {f"load{n}-{i}": options.tenant(100 + i) for i in range(n)}
 
 
 async def sweep(options: SweepOptions, progress: Callable[[int], None], status: Callable[[str], None]) -> dict:
-    """Cold singles, then one warm runtime for the warm singles and every N concurrently."""
+    """Cold singles, then one warm runtime for the warm singles, every N concurrently, freshness."""
     steps, k, seeds = options.steps, options.serial_runs, options.serial_seeds()
-    ran_as = command()  # before the runtime sets its own CLORA_ variables for its engine process
+    started_at, command_line = dt.datetime.now(dt.timezone.utc), command("clora")  # before any engine starts
     capacity = {"max_loras": max(max(options.ns), 4), "max_cpu_loras": max(2 * max(options.ns), 16)}
-    cold, cold_s, logs = [], [], []  # logs: each runtime's run directory (its engine's and trainer's logs)
+    cold, logs = [], []  # logs: each runtime's run directory (its engine's and trainer's logs)
     for i, seed in enumerate(seeds["cold"]):
         status(f"cold serial experiment {i + 1}/{k}: a fresh runtime")
-        began = time.perf_counter()
-        async with bench_runtime({f"cold-{seed}": options.tenant(seed)}, options.model, **capacity) as runtime, \
-                trainer_process(runtime) as trainer:
-            logs.append(str(runtime.stack.run_dir))
-            cold += await trainer.run(run_experiments, [f"cold-{seed}"], [seed], steps, False, progress=progress)
-        cold_s.append(time.perf_counter() - began)
-    tenants = {f"warm-{seed}": options.tenant(seed) for seed in seeds["warm"]}
-    tenants |= {f"n{n}-{i}": options.tenant(i) for n in options.ns for i in range(n)}
-    tenants["warm-up"] = options.tenant(2 * k)
-    tenants |= {f"fb{n}-{i}": TenantConfig(lr=options.lr, rank=16, alpha=32) for n in options.freshness_ns for i in range(n)}
+        cold.append(await cold_experiment(options, seed, progress, capacity, logs))
     rows, curves = [], {}
-    async with bench_runtime(tenants, options.model, **capacity) as runtime, trainer_process(runtime) as trainer:
+    async with bench_runtime(load_tenants(options), options.model, **capacity) as runtime, \
+            trainer_process(runtime) as trainer:
         logs.append(str(runtime.stack.run_dir))
+        ran_as = provenance("clora", runtime.settings, options.tenant(0), ignore=("seed",), started_at=started_at,
+                            command_line=command_line)
         status("warming up the runtime (one untimed step)")
         await trainer.run(run_experiments, ["warm-up"], [2 * k], 1)
         warm = []
@@ -301,87 +311,25 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
             runs = await trainer.run(run_experiments, names, list(range(n)), steps, progress=progress)
             async with httpx.AsyncClient() as http:
                 metrics = (await http.get(f"{runtime.stack.gateway_url}/metrics", timeout=30)).text
-            rows.append(row(n, runs, cold, cold_s, warm, rows[0]["mean_step_s"] if rows else None,
+            rows.append(row(n, runs, cold, warm, rows[0]["mean_step_s"] if rows else None,
                             shared_batches(metrics, names)))
             curves[n] = [e.rewards for e in runs]
-        fresh = {}
-        for n in options.freshness_ns:
-            status(f"freshness: {n} feedback-only customers, {options.freshness_s:.0f} s")
-            fresh[n] = await freshness(runtime, trainer, [f"fb{n}-{i}" for i in range(n)], options)
+        fresh = await freshness_runs(runtime, trainer, options, progress, status)
         model = runtime.model.rsplit("/", 1)[-1]
         dtypes = {"engine": runtime.settings.dtype, "trainer": runtime.train_run().dtype}
     for r in rows:
-        if r["n"] in fresh:
-            r["freshness_p50_s"], r["freshness_p99_s"] = fresh[r["n"]]["p50_s"], fresh[r["n"]]["p99_s"]
-    return {"benchmark": "experiment_throughput", "model": model, "environment": options.environment,
-            "steps": steps, "group_size": options.group, "tasks": options.tasks, "serial_measured_runs": k,
-            "serial_note": f"serial_s and warm_serial_s = N x the mean of {k} measured single experiments of each kind; "
-                           f"serial rewards: all {2 * k} (distinct seeds)",
-            "serial_seeds": seeds,
-            "dtype": dtypes, "machine": machine(), "command": ran_as, "at": time.time(),
-            "options": options.model_dump(), "logs": logs, "rows": rows,
-            "serial_runs": {"cold_s": [round(s, 1) for s in cold_s], "warm_s": [round(e.seconds, 1) for e in warm],
-                            "cold_rewards": [e.rewards for e in cold], "warm_rewards": [e.rewards for e in warm]},
+        if str(r["n"]) in fresh:
+            r["freshness_p50_s"], r["freshness_p99_s"] = fresh[str(r["n"])]["p50_s"], fresh[str(r["n"])]["p99_s"]
+    return {"benchmark": "experiment_throughput", **ran_as, "model": model, "environment": options.environment,
+            "steps": steps, "group_size": options.group, "tasks": options.tasks, "max_new_tokens": 48,
+            "serial_measured_runs": k, "pairs": rule.PAIRS, "margin": rule.MARGIN,
+            "serial_note": f"serial_s = N x the mean of {k} cold singles' start + run (stop_s apart); warm_serial_s = "
+                           f"N x the mean of {k} warm singles; serial rewards: all {2 * k} (distinct seeds)",
+            "serial_seeds": seeds, "dtype": dtypes, "options": options.model_dump(), "logs": logs, "rows": rows,
+            "serial_runs": {"cold_s": [round(c.seconds, 1) for c in cold], "warm_s": [round(e.seconds, 1) for e in warm],
+                            "cold_start_s": [round(c.start_s, 1) for c in cold],
+                            "cold_stop_s": [round(c.stop_s, 1) for c in cold],
+                            "cold_rewards": [c.experiment.rewards for c in cold], "warm_rewards": [e.rewards for e in warm]},
             "concurrent_rewards": {str(n): c for n, c in curves.items()},
-            "freshness": {str(n): f for n, f in fresh.items()},
-            "experiments": {"cold": [asdict(e) for e in cold], "warm": [asdict(e) for e in warm]}}
-
-
-COLUMNS = [("N", "n"), ("cold serial s", "serial_s"), ("warm serial s", "warm_serial_s"),
-           ("concurrent s", "concurrent_s"), ("x cold", "throughput_ratio"), ("x warm", "warm_throughput_ratio"),
-           ("step s", "mean_step_s"), ("rollout / train / publish s", None), ("step x N=1", "step_time_ratio"),
-           ("engine / trainer busy", None), ("reward step 0 -> last 3", None), ("max gap (sd)", "max_reward_gap_sd")]
-
-
-def markdown(result: dict) -> str:
-    lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for r in result["rows"]:
-        cells = []
-        for title, key in COLUMNS:
-            if key:
-                cells.append(str(r[key]))
-            elif title.startswith("rollout"):
-                cells.append(f"{r['mean_rollout_s']:.1f} / {r['mean_training_s']:.1f} / {r['mean_publish_s']:.1f}")
-            elif title.startswith("engine"):
-                cells.append(f"{r['mean_engine_busy']:.0%} / {r['mean_trainer_busy']:.0%}")
-            else:
-                cells.append(f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    ns = [r["n"] for r in rows]
-    fig, (times, rewards) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label in (("serial_s", "cold serial"), ("warm_serial_s", "warm serial"), ("concurrent_s", "concurrent")):
-        times.plot(ns, [r[key] for r in rows], marker="o", label=label)
-    times.set(title="Time to finish N experiments", xlabel="N experiments", ylabel="seconds", xticks=ns)
-    serial = rows[0]["serial_reward_per_step"]
-    rewards.plot(range(len(serial)), [m for m, _ in serial], color="black", lw=2, label="serial (measured)")
-    for r in rows:
-        rewards.plot(range(len(r["reward_per_step"])), [m for m, _ in r["reward_per_step"]], marker=".",
-                     label=f"concurrent N={r['n']}")
-    rewards.set(title="Sampled reward per step (mean over experiments)", xlabel="step", ylabel="reward")
-    for ax in (times, rewards):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{result['model']}, {result['environment']}, {result['steps']} steps, group {result['group_size']}: "
-                 f"{result['machine'][:70]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write(result: dict, out: Path) -> tuple[Path, Path, Path]:
-    """JSON (the claim), the markdown table and the PNG, side by side."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table, png = out.with_suffix(".md"), out.with_suffix(".png")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table.write_text(markdown(result) + "\n")
-    plot(result, png)
-    return out, table, png
+            "freshness": fresh,
+            "experiments": {"cold": [asdict(c.experiment) for c in cold], "warm": [asdict(e) for e in warm]}}

@@ -1,0 +1,114 @@
+"""Freshness: how long after its 202 a correction is served by a version trained on it.
+
+N feedback-only customers each send an operator correction of a served answer every
+`interval_s` on average (Poisson); `clora train`'s loop trains them with its own candidates (a
+customer trains at `min_records` new records or when its oldest has waited `max_record_wait_s`)
+and its own idle pause (`CLORA_TRAINER_IDLE_S`). An event's freshness is the time from its 202 to
+when the replay buffer shows a version that trained on it (published, and served: nothing is
+gated here), polled every 0.25 s.
+
+Alone (`load` empty) the customers send for `seconds`. Under load, RL experiments train in the
+same loop meanwhile (`run_experiments` with the feedback customers beside them), and the
+customers send until those experiments finish: every event is trained by a trainer that is also
+busy with RL tenants, as in a deployment where both kinds of customer share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from contextlib import aclosing
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+from clora.bench.harness import BenchRuntime, TrainerProcess
+from clora.trainer.loop import Trainer, drive
+from clora.trainer.scheduler import Candidate, Scheduler
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def train_until_stopped(trainer: Trainer, advance: Callable[[int], None], stop: asyncio.Event,
+                              customers: list[str], max_tenants: int, idle_s: float) -> None:
+    """`clora train`'s loop with its own candidates, for `customers` only (a job of the trainer process)."""
+    async def candidates() -> list[Candidate]:
+        return [c for c in await trainer.io.candidates() if c.customer in customers]
+
+    async with aclosing(drive(trainer, Scheduler(max_tenants), candidates, stop, idle_s=idle_s)) as driven:
+        async for _ in driven:
+            pass
+
+
+async def measure(runtime: BenchRuntime, trainer: TrainerProcess, customers: list[str], *, interval_s: float,
+                  seconds: float, training: Callable[[Callable[[int], None]], Awaitable[Any]],
+                  load_steps: int = 0, advance: Callable[[int], None] = lambda _n: None) -> tuple[dict, Any]:
+    """Feedback from `customers` while the trainer process runs `training(progress)` (a
+    `trainer.run` of a job that trains them), then the events' freshness and the job's result.
+    `load_steps`: the RL steps the job runs beside them; feedback is sent until they are done
+    (else for `seconds`); `advance(n)` on each of them (a progress bar)."""
+    loop, rng = asyncio.get_running_loop(), random.Random(0)
+    sent_all, load_done, done_steps = asyncio.Event(), asyncio.Event(), [0]
+    accepted: dict[tuple[str, str], float] = {}
+    fresh: dict[tuple[str, str], float] = {}
+
+    def progress(n: int) -> None:  # called on the trainer process's reader thread
+        done_steps[0] += n
+        advance(n)
+        if done_steps[0] >= load_steps:
+            loop.call_soon_threadsafe(load_done.set)
+
+    def sending() -> bool:  # a job that ended early (failed) ends the sending: `await job` raises below
+        if job.done():
+            return False
+        return not load_done.is_set() if load_steps else time.monotonic() < deadline
+
+    async def customer_feedback(http: httpx.AsyncClient, customer: str) -> None:
+        key = {"Authorization": f"Bearer {runtime.keys[customer]}"}
+        first = True
+        while sending():
+            # Under load each customer's first event goes at once: it is sent while the RL
+            # experiments train however short they are (a quick sweep's take seconds).
+            await asyncio.sleep(0.0 if first and load_steps else rng.expovariate(1 / interval_s))
+            first = False
+            if not sending():
+                return
+            chat = await http.post("/v1/chat/completions", headers=key, json={
+                "model": "default", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]})
+            chat.raise_for_status()
+            correction = {"trace_id": chat.headers["x-clora-trace-id"], "source": "operator",
+                          "correction": {"role": "assistant", "content": "Hello! How can I help you today?"}}
+            sent = await http.post("/v1/feedback", headers=key, json=correction)
+            sent.raise_for_status()
+            accepted[(customer, sent.json()["event_ids"][0])] = time.monotonic()
+
+    async def watch() -> None:
+        while not sent_all.is_set() or len(fresh) < len(accepted):
+            for event in [e for e in accepted if e not in fresh]:
+                if await runtime.replay.consumed_by(*event):
+                    fresh[event] = time.monotonic() - accepted[event]
+            await asyncio.sleep(0.25)
+
+    deadline = time.monotonic() + seconds
+    job = asyncio.create_task(training(progress))
+    watcher = asyncio.create_task(watch())
+    try:
+        async with httpx.AsyncClient(base_url=runtime.stack.gateway_url, timeout=60) as http:
+            await asyncio.gather(*[customer_feedback(http, c) for c in customers])
+        sent_all.set()  # the last events train within `max_record_wait_s` and a step
+        await asyncio.wait_for(watcher, timeout=600)
+        if load_steps and not job.done():
+            await load_done.wait()
+    finally:
+        watcher.cancel()
+        trainer.stop()
+        result = await job
+    seconds_each = list(fresh.values())
+    if not seconds_each:
+        raise RuntimeError("no feedback event was sent: raise --freshness-s (or lower --freshness-interval-s)")
+    return {"events": len(seconds_each), "p50_s": round(percentile(seconds_each, 0.5), 2),
+            "p99_s": round(percentile(seconds_each, 0.99), 2), "max_s": round(max(seconds_each), 2)}, result
