@@ -8,6 +8,7 @@ with the report's numbers.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -37,7 +38,18 @@ def test_demo_runs_rounds_trains_gates_and_reports(tiny_model: Path, tmp_path: P
     assert (reference.read_bytes() if reference.exists() else None) == reference_before
     report = json.loads((out / "demo.json").read_text())
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "vCPU" in report["machine"] and report["command"].startswith("clora demo")
+    assert "vCPU" in report["machine"]
+    # Provenance: the command with the CLORA_ variables it ran under, the code, when; and every setting
+    # the run changed from the product's defaults (the demo's own, and the environment's).
+    assert report["command"].endswith("clora demo --minutes 8 --max-rounds 2 --requests-per-round 4")
+    assert f"CLORA_HOME={tmp_path / 'home'} " in report["command"]
+    assert report["git_revision"] is None or len(report["git_revision"]) == 40
+    assert dt.datetime.fromisoformat(report["started_at"]).tzinfo is not None
+    changed = report["settings_changed"]
+    assert changed["CLORA_TRAINER_MAX_INFLIGHT"] == 0 and changed["CLORA_EVAL_INTERVAL_S"] == 0.0
+    assert changed["lr"] == 2e-3 and changed["gated"] is True and "records_per_step" not in changed
+    assert changed["CLORA_KV_CACHE_GIB"] == 1.0 and changed["CLORA_MAX_MODEL_LEN"] == 1024
+    assert report["rounds"] == 2 and report["requests_per_round"] == 4
     assert report["report_set_size"] == 64 and report["gate_set_size"] == 16
     customers = {c["customer"]: c for c in report["customers"]}
     assert set(customers) == set(DEMO_RULES)

@@ -1,13 +1,17 @@
-"""The demo's report: per-customer eval before/after, rule leakage, gate decisions, curves; JSON + PNG."""
+"""The demo's report: per-customer eval before/after, rule leakage, gate decisions, curves; JSON + PNG,
+and the tables printed at the end (legible in an 80-column terminal or log: no number is cut)."""
 
 from __future__ import annotations
 
-import os
-import platform
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
+from clora.core.provenance import machine  # noqa: F401 - re-exported: scripts once imported it from here
 from clora.evals.gate import Decision
 
 
@@ -45,9 +49,21 @@ class CustomerReport(BaseModel):
 
 
 class DemoReport(BaseModel):
-    minutes: float
+    # Provenance (clora.core.provenance): what a re-run needs to compare with this one.
+    git_revision: str | None
+    git_dirty: bool | None = Field(description="Tracked files differed from git_revision.")
     machine: str
+    started_at: str
     command: str
+    settings_changed: dict[str, Any] = Field(
+        description="Every CLORA_ setting the demo's runtime ran with, and every field of the trainer config all "
+                    "customers got, that is not the product's default (the README's demo section says why).")
+    minutes: float
+    rounds: int
+    requests_per_round: int
+    training_wait_s: float = Field(description="After a round's feedback, the demo waits up to this long for every "
+                                               "customer's next trained version, then runs the promotion gate "
+                                               "(the product trains and gates on its own clocks).")
     model: str
     target_gain: float
     ratings_only_gain: float
@@ -59,27 +75,6 @@ class DemoReport(BaseModel):
                                      "more often than the base model did.")
     customers: list[CustomerReport]
     decisions: list[Decision]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:  # bfloat16 speed on CPU depends on AMX: say whether the machine has it
-        if "amx_bf16" in Path("/proc/cpuinfo").read_text():
-            cpu += " (AMX)"
-    except OSError:
-        pass
-    try:
-        import torch
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    except Exception:  # noqa: BLE001 - the description must not fail the report
-        gpu = "GPU unknown"
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} vCPU {cpu}, {memory_gib:.0f} GiB RAM, {gpu}, {platform.system()} {platform.release()}"
 
 
 def plot(report: DemoReport, path: Path) -> None:
@@ -112,3 +107,59 @@ def write(report: DemoReport, out_dir: Path) -> tuple[Path, Path]:
     json_path.write_text(report.model_dump_json(indent=2) + "\n")
     plot(report, png_path)
     return json_path, png_path
+
+
+def compact_table(*headers: str, text: int = 1, title: str | None = None) -> Table:
+    """A table that fits 80 columns: no borders, a rule under the header, two spaces between columns.
+    The first `text` columns (names, rules) fold into the width the others leave; the others never
+    wrap, so no number is cut (rich would otherwise shrink every column and end numbers with "…")."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for i, header in enumerate(headers):
+        table.add_column(header, no_wrap=i >= text, overflow="fold")
+    return table
+
+
+def with_ci(value: float, ci: tuple[float, float]) -> str:
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def before_after(before: float | None, after: float | None) -> str:
+    return f"{before:.2f}->{after:.2f}" if before is not None and after is not None else "-"
+
+
+def short_version(version: str | None) -> str:
+    """`acme.v3` as `v3` (the row names the customer); None: the base model."""
+    return "v" + version.rsplit(".v", 1)[1] if version and ".v" in version else version or "base"
+
+
+def scores_table(report: DemoReport) -> Table:
+    table = compact_table("customer", "before [90%]", "after [90%]", "gain", "content\nkept", "foreign\nrule",
+                          title=f"clora demo: {report.minutes:.1f} minutes, {report.rounds} rounds; report set of "
+                                f"{report.report_set_size} questions per customer: score [90% interval], and "
+                                f"base model->served version")
+    for c in report.customers:
+        table.add_row(c.customer, with_ci(c.eval_before, c.eval_before_ci), with_ci(c.eval_after, c.eval_after_ci),
+                      f"{c.eval_after - c.eval_before:+.2f}", before_after(c.content_before, c.content_after),
+                      before_after(c.foreign_rule_rate_before, c.foreign_rule_rate))
+    return table
+
+
+def learning_table(report: DemoReport) -> Table:
+    table = compact_table("customer", "rule", "feedback", "records per\nloss path", "served", "promoted", "held\nback",
+                          text=3, title="how each customer learnt")
+    for c in report.customers:
+        records = "\n".join(f"{path} {n}" for path, n in sorted(c.records_by_path.items())) or "-"
+        rule = c.rule.replace(":", ": ", 1)  # `greeting: Ahoy from Acme!` wraps at its words
+        table.add_row(c.customer, rule, ", ".join(c.feedback_kinds), records, short_version(c.served_version),
+                      str(c.promoted), str(c.held_back))
+    return table
+
+
+def print_report(report: DemoReport, console: Console, paths: tuple[Path, Path]) -> None:
+    console.print(scores_table(report))
+    console.print(learning_table(report))
+    verdict = "[bold green]passed[/]" if report.passed else "[bold red]not passed[/]"
+    console.print(f"{verdict}: every customer +{report.target_gain} on its report set (+{report.ratings_only_gain} "
+                  f"taught by ratings or rewards alone), content kept (at least 0.8 of the base model's), no rule "
+                  f"adopted from another customer.")
+    console.print(f"Report: {paths[0]}\nPlot: {paths[1]}", markup=False, highlight=False)  # paths, verbatim

@@ -13,7 +13,7 @@ training and from the gate set, so the reported gains are not measured on the se
 from __future__ import annotations
 
 import asyncio
-import sys
+import datetime as dt
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,6 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from clora.agents.envs import Completion
@@ -31,9 +30,10 @@ from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
 from clora.core.models import resolve_model
 from clora.core.processes import free_port
+from clora.core.provenance import command, provenance
 from clora.core.settings import Settings
 from clora.core.state import admin_key
-from clora.demo.report import CustomerReport, DemoReport, machine, write
+from clora.demo.report import CustomerReport, DemoReport, compact_table, print_report, short_version, write
 from clora.demo.simulation import SimulatedCustomer, SimulatedOperator
 from clora.evals.gate import Decision
 from clora.evals.job import EvalJob
@@ -53,7 +53,8 @@ class DemoOptions:
     max_tokens: int = 64
     target_gain: float = 0.4
     ratings_only_gain: float = 0.3
-    lr: float = 2e-3
+    lr: float = 2e-3  # the product's is 1e-3; the demo was tuned, and all its recorded runs made, at 2e-3
+    training_wait_s: float = 240.0  # a round waits this long at most for every customer's next version
     out_dir: Path | None = None  # None: <CLORA_HOME>/demo/<start time>/
 
 
@@ -100,6 +101,8 @@ class Demo:
     def __init__(self, settings: Settings, options: DemoOptions, console: Console):
         self.settings, self.options, self.console = settings, options, console
         self.started = time.monotonic()
+        # Before the engine starts: it exports settings for its children into this process's environment.
+        self.started_at, self.command_line = dt.datetime.now(dt.timezone.utc), command("clora")
         self.tenants: dict[str, Tenant] = {}
         self.phase = "starting"
         self.round = 0
@@ -115,8 +118,7 @@ class Demo:
         admin = RuntimeClient(stack.gateway_url, admin_key(self.settings))
         for name, rule_spec in DEMO_RULES.items():
             key = await store.create(name)
-            config = TenantConfig(gated=True, lr=self.options.lr, records_per_step=8, min_records=4)
-            await admin.set_trainer_config(name, config.model_dump())
+            await admin.set_trainer_config(name, trainer_config(self.options).model_dump())
             suite = EvalSuite(environment=f"preference:{rule_spec}", n=self.options.eval_prompts,
                               max_tokens=self.options.max_tokens, split="gate")
             await suites.set(name, suite)  # what the promotion gate scores
@@ -154,11 +156,12 @@ class Demo:
         good = [tenant.sim.env.reward(e.messages, Completion(e.answer, [])) for e in exchanges]
         tenant.live.append((self.minutes(), sum(good) / len(good)))
 
-    async def trained(self, job: EvalJob, timeout_s: float = 240.0) -> None:
+    async def trained(self, job: EvalJob) -> None:
         """Until every customer has a version newer than before the round (the trainer has learnt
-        from the round's feedback), or the timeout."""
+        from the round's feedback), or `training_wait_s`: so that each round's gate sees what the
+        round taught (the product's trainer and eval job keep their own clocks)."""
         before = {name: t.published for name, t in self.tenants.items()}
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + self.options.training_wait_s
         while time.monotonic() < deadline:
             for name in self.tenants:
                 listed = await job.admin.versions(name)
@@ -194,17 +197,20 @@ class Demo:
 
     # -- display ---------------------------------------------------------------------------------------
     def view(self) -> Group:
-        table = Table("customer", "hidden rule", "requests", "feedback", "live reward", "trained", "served",
-                      "eval before", "eval now", "last gate decision", title="clora demo")
+        """The live table (its last state also ends up in a log): numbers in columns, the hidden rules
+        as lines below it, so that it fits 80 columns (every answer is reviewed: feedback = requests)."""
+        table = compact_table("customer", "requests", "live\nreward", "trained", "served", "eval\nbefore", "eval\nnow",
+                              "last gate decision", title="clora demo")
         for name, t in self.tenants.items():
             last = t.decisions[-1] if t.decisions else None
-            table.add_row(name, t.sim.rule.description, str(t.requests), str(t.feedback),
-                          f"{t.live[-1][1]:.2f}" if t.live else "-", f"v{t.published}" if t.published else "-",
-                          t.served or "base", f"{t.before.score:.2f}" if t.before else "-",
+            table.add_row(name, str(t.requests), f"{t.live[-1][1]:.2f}" if t.live else "-",
+                          f"v{t.published}" if t.published else "-", short_version(t.served),
+                          f"{t.before.score:.2f}" if t.before else "-",
                           f"{t.score:.2f}" if t.score is not None else "-",
-                          f"{last.action} {last.candidate}" if last else "-")
+                          f"{last.action} {short_version(last.candidate)}" if last else "-")
+        rules = Text("\n".join(f"{name}'s hidden rule: {t.sim.rule.description}" for name, t in self.tenants.items()))
         status = Text(f"{self.phase} | round {self.round} | {self.minutes():.1f} / {self.options.minutes:.0f} min")
-        return Group(table, status)
+        return Group(table, rules, status)
 
     # -- the run ---------------------------------------------------------------------------------------
     async def run(self) -> DemoReport:
@@ -293,16 +299,18 @@ class Demo:
         passed = all(c.eval_after - c.eval_before >= self.target_gain(c.customer)
                      and c.foreign_rule_rate <= c.foreign_rule_rate_before
                      and (c.content_after or 0) >= 0.8 * (c.content_before or 0) for c in customers)
-        return DemoReport(minutes=round(self.minutes(), 2), machine=machine(), command=" ".join(["clora", *sys.argv[1:]]),
-                          model=str(stack.model), target_gain=self.options.target_gain,
+        # Off the event loop: git and the machine's description must not stall the gateway it serves.
+        source = await asyncio.to_thread(provenance, "clora", settings=self.settings,
+                                         config=trainer_config(self.options), ignore=("seed",),
+                                         started_at=self.started_at, command_line=self.command_line)
+        return DemoReport(**source, minutes=round(self.minutes(), 2), rounds=self.round,
+                          requests_per_round=self.options.requests_per_round,
+                          training_wait_s=self.options.training_wait_s, model=str(stack.model),
+                          target_gain=self.options.target_gain,
                           ratings_only_gain=self.options.ratings_only_gain,
                           report_set_size=self.options.report_prompts, gate_set_size=self.options.eval_prompts,
                           passed=passed, customers=customers,
                           decisions=[d for t in self.tenants.values() for d in t.decisions])
-
-
-def with_ci(value: float, ci: tuple[float, float]) -> str:
-    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def interval_of(score: EvalScore) -> tuple[float, float]:
@@ -310,15 +318,26 @@ def interval_of(score: EvalScore) -> tuple[float, float]:
     return (score.low, score.high) if score.low is not None and score.high is not None else (0.0, 1.0)
 
 
+def trainer_config(options: DemoOptions) -> TenantConfig:
+    """Every customer's: the product's defaults but for the learning rate, and gated (the demo shows
+    the promotion gate at work: a trained version is served only once it scores no worse)."""
+    return TenantConfig(gated=True, lr=options.lr)
+
+
 def demo_settings(base: Settings) -> Settings:
-    """A fresh home per run (its own Redis data, adapters, trainer state), sharing the model cache."""
+    """The runtime's settings: a fresh home per run (its own Redis data, adapters, trainer state),
+    sharing the model cache, on free ports; and the few that differ from the product's for the
+    demo's sake (the report's `settings_changed` records them; the README's demo section says why)."""
     model = str(resolve_model(base.model, base.cache_dir))
     home = base.home / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    # On a small machine serving and training must take turns (two compute-bound processes on the
-    # same cores slow each other down many times over): the trainer waits while any request runs.
-    return base.model_copy(update={"home": home, "model": model, "port": 0, "eval_interval_s": 0.0,
-                                   "trainer_enabled": True, "trainer_idle_s": 1.0, "trainer_max_inflight": 0,
-                                   "trainer_metrics_port": free_port()})
+    return base.model_copy(update={
+        "home": home, "model": model, "port": 0, "trainer_metrics_port": free_port(),
+        "trainer_enabled": True,  # whatever the environment says: the demo is about training
+        "eval_interval_s": 0.0,  # no periodic eval job: the demo runs the gate after each round's training
+        "trainer_idle_s": 1.0,  # an idle trainer looks for feedback every second, not 5: rounds wait less
+        # On a small machine serving and training must take turns (two compute-bound processes on the
+        # same cores slow each other down many times over): the trainer waits while any request runs.
+        "trainer_max_inflight": 0})
 
 
 def kinds_of(event) -> list[str]:
@@ -339,24 +358,6 @@ def trainer_records(port: int) -> dict[str, dict[str, int]]:
             if sample.name == "clora_trainer_records_total":
                 out.setdefault(sample.labels["customer"], {})[sample.labels["path"]] = int(sample.value)
     return out
-
-
-def print_report(report: DemoReport, console: Console, paths: tuple[Path, Path]) -> None:
-    table = Table("customer", "rule", "feedback", "report set before [90%]", "after [90%]", "gain", "content kept",
-                  "foreign rule", "served", "promoted", "held back",
-                  title=f"clora demo: {report.minutes:.1f} minutes, report set of {report.report_set_size} "
-                        f"questions per customer")
-    for c in report.customers:
-        content = f"{c.content_before:.2f} -> {c.content_after:.2f}" \
-            if c.content_before is not None and c.content_after is not None else "-"
-        table.add_row(c.customer, c.rule, "+".join(c.feedback_kinds), with_ci(c.eval_before, c.eval_before_ci),
-                      with_ci(c.eval_after, c.eval_after_ci), f"{c.eval_after - c.eval_before:+.2f}", content,
-                      f"{c.foreign_rule_rate:.2f}", c.served_version or "base", str(c.promoted), str(c.held_back))
-    console.print(table)
-    verdict = "[bold green]passed[/]" if report.passed else "[bold red]not passed[/]"
-    console.print(f"{verdict}: every customer +{report.target_gain} on its report set (+{report.ratings_only_gain} "
-                  f"taught by ratings or rewards alone), content kept (at least 0.8 of the base model's), no rule "
-                  f"adopted from another customer. Report: {paths[0]}  Plot: {paths[1]}")
 
 
 def default_out_dir(settings: Settings) -> Path:
