@@ -249,7 +249,7 @@ async def cold_experiment(options: SweepOptions, seed: int, progress: Callable[[
 
 
 async def freshness_runs(runtime: BenchRuntime, trainer: TrainerProcess, options: SweepOptions,
-                         progress: Callable[[int], None], status: Callable[[str], None]) -> dict[str, dict]:
+                         status: Callable[[str], None]) -> dict[str, dict]:
     """Feedback-only customers alone, then (`freshness_load`) beside as many RL experiments."""
     settings, fresh = runtime.settings, {}
     for n in options.freshness_ns:
@@ -265,11 +265,11 @@ async def freshness_runs(runtime: BenchRuntime, trainer: TrainerProcess, options
         customers, load = [f"fbl{n}-{i}" for i in range(n)], [f"load{n}-{i}" for i in range(n)]
         result, runs = await measure(
             runtime, trainer, customers, interval_s=options.freshness_interval_s, seconds=options.freshness_s,
-            load_steps=n * options.steps, advance=progress,
+            load_steps=n * options.steps,
             training=lambda p: trainer.run(run_experiments, load, list(range(100, 100 + n)), options.steps, True,
                                            tuple(customers), settings.trainer_max_tenants, settings.trainer_idle_s,
                                            progress=p))
-        fresh[str(n)] = result | {"rl_experiments": n, "rl_concurrent_s": round(max(e.seconds for e in runs), 2)}
+        fresh[str(n)] = result | {"rl_experiments": n, "rl_steps": sum(len(e.rewards) for e in runs)}
     return fresh
 
 
@@ -314,7 +314,7 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
             rows.append(row(n, runs, cold, warm, rows[0]["mean_step_s"] if rows else None,
                             shared_batches(metrics, names)))
             curves[n] = [e.rewards for e in runs]
-        fresh = await freshness_runs(runtime, trainer, options, progress, status)
+        fresh = await freshness_runs(runtime, trainer, options, status)
         model = runtime.model.rsplit("/", 1)[-1]
         dtypes = {"engine": runtime.settings.dtype, "trainer": runtime.train_run().dtype}
     for r in rows:

@@ -7,10 +7,11 @@ and its own idle pause (`CLORA_TRAINER_IDLE_S`). An event's freshness is the tim
 when the replay buffer shows a version that trained on it (published, and served: nothing is
 gated here), polled every 0.25 s.
 
-Alone (`load` empty) the customers send for `seconds`. Under load, RL experiments train in the
-same loop meanwhile (`run_experiments` with the feedback customers beside them), and the
-customers send until those experiments finish: every event is trained by a trainer that is also
-busy with RL tenants, as in a deployment where both kinds of customer share it.
+Alone, the customers send for `seconds`. Under load, RL experiments train in the same loop
+meanwhile (`run_experiments` with the feedback customers beside them) and the customers send for
+`seconds` or until those experiments finish, whichever comes first: every event is trained by a
+trainer that is also busy with RL tenants, as in a deployment where both kinds of customer share
+it. The experiments are stopped once every event is fresh (their rewards are not the point).
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ async def train_until_stopped(trainer: Trainer, advance: Callable[[int], None], 
 
 async def measure(runtime: BenchRuntime, trainer: TrainerProcess, customers: list[str], *, interval_s: float,
                   seconds: float, training: Callable[[Callable[[int], None]], Awaitable[Any]],
-                  load_steps: int = 0, advance: Callable[[int], None] = lambda _n: None) -> tuple[dict, Any]:
+                  load_steps: int = 0) -> tuple[dict, Any]:
     """Feedback from `customers` while the trainer process runs `training(progress)` (a
     `trainer.run` of a job that trains them), then the events' freshness and the job's result.
-    `load_steps`: the RL steps the job runs beside them; feedback is sent until they are done
-    (else for `seconds`); `advance(n)` on each of them (a progress bar)."""
+    `load_steps`: the RL steps the job runs beside them; feedback is sent for `seconds` or until
+    they are done."""
     loop, rng = asyncio.get_running_loop(), random.Random(0)
     sent_all, load_done, done_steps = asyncio.Event(), asyncio.Event(), [0]
     accepted: dict[tuple[str, str], float] = {}
@@ -58,14 +59,13 @@ async def measure(runtime: BenchRuntime, trainer: TrainerProcess, customers: lis
 
     def progress(n: int) -> None:  # called on the trainer process's reader thread
         done_steps[0] += n
-        advance(n)
-        if done_steps[0] >= load_steps:
+        if load_steps and done_steps[0] >= load_steps:
             loop.call_soon_threadsafe(load_done.set)
 
     def sending() -> bool:  # a job that ended early (failed) ends the sending: `await job` raises below
         if job.done():
             return False
-        return not load_done.is_set() if load_steps else time.monotonic() < deadline
+        return time.monotonic() < deadline and not load_done.is_set()
 
     async def customer_feedback(http: httpx.AsyncClient, customer: str) -> None:
         key = {"Authorization": f"Bearer {runtime.keys[customer]}"}
@@ -101,8 +101,6 @@ async def measure(runtime: BenchRuntime, trainer: TrainerProcess, customers: lis
             await asyncio.gather(*[customer_feedback(http, c) for c in customers])
         sent_all.set()  # the last events train within `max_record_wait_s` and a step
         await asyncio.wait_for(watcher, timeout=600)
-        if load_steps and not job.done():
-            await load_done.wait()
     finally:
         watcher.cancel()
         trainer.stop()

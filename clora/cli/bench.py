@@ -48,8 +48,8 @@ def experiments(ns: str = typer.Option("1,2,4,8", help="Concurrent experiments p
                                                            "comma-separated."),
                 freshness_load: int = typer.Option(8, min=0, help="Feedback-only customers in a freshness run while "
                                                                   "as many RL experiments train (0: none)."),
-                freshness_s: float = typer.Option(180.0, min=1.0, help="Seconds of feedback per freshness run alone "
-                                                                       "(under load: until the RL experiments end)."),
+                freshness_s: float = typer.Option(180.0, min=1.0, help="Seconds of feedback per freshness run (under "
+                                                                       "load: at most, while the RL experiments train)."),
                 freshness_interval_s: float = typer.Option(10.0, min=0.1, help="Mean seconds between one "
                                                                              "customer's feedback events."),
                 out: Path | None = typer.Option(None, help=f"Result JSON (.md and .png beside it) [default: "
@@ -73,7 +73,7 @@ def experiments(ns: str = typer.Option("1,2,4,8", help="Concurrent experiments p
                            freshness_interval_s=freshness_interval_s)
     settings.home.mkdir(parents=True, exist_ok=True)
     setup_logging(verbose, file=settings.home / "bench.log")
-    total = steps * (2 * serial_runs + sum(options.ns) + freshness_load)
+    total = steps * (2 * serial_runs + sum(options.ns))  # the freshness runs' RL steps are not counted
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("starting", total=total)
