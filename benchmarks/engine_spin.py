@@ -10,7 +10,8 @@ One fresh engine per run, in a process of its own (the setting is read when vLLM
 start): SmolLM2-135M-Instruct (CLORA_MODEL) in `--dtype`, four random rank-16 adapters loaded.
 Timed together, from the same instant:
 - the engine: `--rounds` rounds of 16 chats at once (4 per adapter), 48 tokens each (ignore_eos);
-- the trainer, in a process of its own on one thread as `clora train` runs: `--steps` backwards of
+- the trainer, in a process of its own with `--trainer-threads` torch threads (default:
+  CLORA_TRAINER_THREADS, as `clora train` runs; 0 = torch's default, one per core): `--steps` backwards of
   four tenants' agent-shaped GRPO data (2 groups of 8 episodes each: a 280-token prompt, 25-45
   token first answers, most episodes with a later turn after a tool result).
 Each run reports both wall times and the CPU seconds of vLLM's engine core and worker. Settings
@@ -20,7 +21,8 @@ run in turn, `--repeats` times. Writes benchmarks/results/engine_spin.json.
 at a time (16 tokens, ignore_eos, the base model), median and mean of the last 25 (the first 5
 warm up). Writes benchmarks/results/engine_spin_latency.json.
 
-    .venv/bin/python benchmarks/engine_spin.py [--settings vllm,0.005,0] [--repeats 2] [--latency]
+    .venv/bin/python benchmarks/engine_spin.py [--settings vllm,0.005,0] [--trainer-threads 1,0] [--repeats 2]
+        [--latency]
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def model_dir() -> Path:
     return Path(resolve_model(settings.model, settings.cache_dir))
 
 
-def trainer(dtype: str, steps: int) -> dict:
+def trainer(dtype: str, steps: int, threads: int) -> dict:
     """`steps` backwards of four tenants' agent-shaped groups; seconds and CPU seconds."""
     import torch
 
@@ -61,7 +63,8 @@ def trainer(dtype: str, steps: int) -> dict:
     from clora.wire.interactions import Sampler
     from clora.wire.trainer_config import TenantConfig
 
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     model, layers, _ = load_model(model_dir(), "cpu", dtype)
     rng = random.Random(0)
 
@@ -135,7 +138,7 @@ async def latency(setting: str, dtype: str, work: Path) -> dict:
         await engine.stop()
 
 
-async def run(setting: str, dtype: str, rounds: int, steps: int, work: Path) -> dict:
+async def run(setting: str, dtype: str, rounds: int, steps: int, threads: int, work: Path) -> dict:
     """One engine (spin `setting`: `vllm` = vLLM's own) and one trainer process, timed together."""
     import psutil
 
@@ -159,7 +162,8 @@ async def run(setting: str, dtype: str, rounds: int, steps: int, work: Path) -> 
             resp.release()
 
         await asyncio.gather(*[chat(i, -1) for i in range(2 * ADAPTERS)])  # warm every adapter
-        child = subprocess.Popen([sys.executable, __file__, "--trainer", "--dtype", dtype, "--steps", str(steps)],
+        child = subprocess.Popen([sys.executable, __file__, "--trainer", "--dtype", dtype, "--steps", str(steps),
+                                  "--trainer-threads", str(threads)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready", "the trainer process did not start"
         procs = [psutil.Process(pid) for pid in engine.engine_core_pids()]
@@ -191,6 +195,9 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="Engine and trainer dtype (default: CLORA_DTYPE).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "engine_spin.json")
     parser.add_argument("--latency", action="store_true", help="Lone chats' latency per setting instead.")
+    parser.add_argument("--trainer-threads", default=None,
+                        help="The trainer's torch threads, comma-separated values to compare (default: "
+                             "CLORA_TRAINER_THREADS; 0: torch's default).")
     parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,40 +206,47 @@ def main() -> None:
 
     settings = Settings()
     dtype = args.dtype or settings.dtype
+    threads = [int(t) for t in (args.trainer_threads or str(settings.trainer_threads)).split(",")]
     if args.trainer:
-        print(json.dumps(trainer(dtype, args.steps)), flush=True)
+        print(json.dumps(trainer(dtype, args.steps, threads[0])), flush=True)
         return
     if args.one is not None:
         with tempfile.TemporaryDirectory(prefix="clora-spin-") as work:
             job = latency(args.one, dtype, Path(work)) if args.latency else \
-                run(args.one, dtype, args.rounds, args.steps, Path(work))
-            print(json.dumps(asyncio.run(job)), flush=True)
+                run(args.one, dtype, args.rounds, args.steps, threads[0], Path(work))
+            print(json.dumps(asyncio.run(job) | {"trainer_threads": threads[0]}), flush=True)
         return
     from rich.progress import track
 
     from clora.core.provenance import provenance
 
     runs = []
-    order = [s for _ in range(args.repeats) for s in args.settings.split(",")]  # interleaved: drift hits all alike
-    for setting in track(order, description="latency runs" if args.latency else "engine + trainer runs"):
+    # Interleaved: drift hits all alike.
+    order = [(s, t) for _ in range(args.repeats) for s in args.settings.split(",") for t in threads]
+    for setting, count in track(order, description="latency runs" if args.latency else "engine + trainer runs"):
         done = subprocess.run([sys.executable, __file__, "--one", setting, "--dtype", dtype, "--rounds",
-                               str(args.rounds), "--steps", str(args.steps), *(["--latency"] if args.latency else [])],
+                               str(args.rounds), "--steps", str(args.steps), "--trainer-threads", str(count),
+                               *(["--latency"] if args.latency else [])],
                               capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"run {setting} failed:\n{done.stderr[-3000:]}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(runs[-1], file=sys.stderr, flush=True)
     keys = ("median_ms", "mean_ms") if args.latency else ("engine_s", "trainer_s", "engine_core_cpu_s")
-    summary = {s: {k: round(statistics.fmean(r[k] for r in runs if r["setting"] == s), 1) for k in keys}
-               for s in args.settings.split(",")}
+    def name(setting: str, count: int) -> str:  # one thread count: the spin setting alone, as before
+        return setting if len(threads) == 1 else f"{setting} threads {count}"
+
+    summary = {name(s, t): {k: round(statistics.fmean(r[k] for r in runs if (r["setting"], r["trainer_threads"])
+                                                      == (s, t)), 1) for k in keys}
+               for s in args.settings.split(",") for t in threads}
     workload = ("30 chats one at a time, 16 tokens each (ignore_eos), base model, nothing else running; the "
                 "last 25 timed" if args.latency else
                 "engine: rounds x 16 chats (4 adapters) x 48 tokens; trainer: steps x a 4-tenant agent-shaped GRPO "
-                "backward, one thread; both started together")
+                "backward with `trainer_threads` torch threads (0: torch's default); both started together")
     report = {"benchmark": "engine_spin_latency" if args.latency else "engine_spin",
               **provenance("python benchmarks/engine_spin.py", settings, started_at=started_at),
               "at": time.time(), "dtype": dtype,
-              **({} if args.latency else {"rounds": args.rounds, "steps": args.steps}),
+              **({} if args.latency else {"rounds": args.rounds, "steps": args.steps, "trainer_threads": threads}),
               "workload": workload, "mean": summary, "runs": runs}
     out = args.out.with_name("engine_spin_latency.json") if args.latency and args.out.name == "engine_spin.json" \
         else args.out
