@@ -10,8 +10,8 @@ One fresh engine per run, in a process of its own (the setting is read when vLLM
 start): SmolLM2-135M-Instruct (CLORA_MODEL) in `--dtype`, four random rank-16 adapters loaded.
 Timed together, from the same instant:
 - the engine: `--rounds` rounds of 16 chats at once (4 per adapter), 48 tokens each (ignore_eos);
-- the trainer, in a process of its own with `--trainer-threads` torch threads (default:
-  CLORA_TRAINER_THREADS, as `clora train` runs; 0 = torch's default, one per core): `--steps` backwards of
+- the trainer, in a process of its own with `--trainer-threads` torch threads (default: as
+  `clora train` resolves CLORA_TRAINER_THREADS; 0 here = torch's default): `--steps` backwards of
   four tenants' agent-shaped GRPO data (2 groups of 8 episodes each: a 280-token prompt, 25-45
   token first answers, most episodes with a later turn after a tool result).
 Each run reports both wall times and the CPU seconds of vLLM's engine core and worker. Settings
@@ -196,8 +196,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "engine_spin.json")
     parser.add_argument("--latency", action="store_true", help="Lone chats' latency per setting instead.")
     parser.add_argument("--trainer-threads", default=None,
-                        help="The trainer's torch threads, comma-separated values to compare (default: "
-                             "CLORA_TRAINER_THREADS; 0: torch's default).")
+                        help="The trainer's torch threads, comma-separated values to compare (0: torch's default; "
+                             "default: as `clora train` resolves CLORA_TRAINER_THREADS).")
     parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,7 +206,10 @@ def main() -> None:
 
     settings = Settings()
     dtype = args.dtype or settings.dtype
-    threads = [int(t) for t in (args.trainer_threads or str(settings.trainer_threads)).split(",")]
+    from clora.trainer.loop import trainer_threads
+
+    default_threads = str(settings.trainer_threads or trainer_threads("cpu"))
+    threads = [int(t) for t in (args.trainer_threads or default_threads).split(",")]
     if args.trainer:
         print(json.dumps(trainer(dtype, args.steps, threads[0])), flush=True)
         return

@@ -49,3 +49,11 @@ def test_a_bfloat16_trainer_keeps_float32_adapters_and_float32_logprobs(tiny_mod
         assert max(float(t.grad.abs().max()) for t in weights.tensors()) > 0
     gap = (results["full"] - results["half"]).abs()
     assert 0 < float(gap.mean()) < 0.1  # bfloat16's rounding, not another model
+
+
+def test_a_cpu_trainer_leaves_the_engine_its_core_unless_told(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert run_for(tmp_path).threads == 7  # every core but the engine's
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert run_for(tmp_path).threads == 1
+    assert run_for(tmp_path, trainer_threads=2).threads == 2

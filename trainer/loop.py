@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import statistics
 import time
@@ -78,7 +79,7 @@ class TrainRun:
     served_base: str = "base"  # the base model's name on the server
     metrics_port: int = 0  # Prometheus endpoint; 0: none
     pipeline: bool = True  # sample the next step's rollouts while the current step computes
-    threads: int = 0  # torch threads; 0: torch's default
+    threads: int = 0  # torch threads; 0: torch's default (resolved by from_settings)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, gateway_url: str, redis_url: str, model_dir: str | Path,
@@ -92,7 +93,15 @@ class TrainRun:
                    settings.trainer_dir, settings.trainer_keep_checkpoints, settings.replay_capacity,
                    settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight,
                    settings.served_base_name, settings.trainer_metrics_port, settings.trainer_pipeline,
-                   settings.trainer_threads)
+                   settings.trainer_threads or trainer_threads(device.type))
+
+
+def trainer_threads(device_type: str) -> int:
+    """CLORA_TRAINER_THREADS=0's choice: on CPU every core but the engine's (it computes on one);
+    on 2 cores a second torch thread slowed the engine and the trainer alike (engine 62.8 -> 93.2 s,
+    trainer 94.8 -> 124.3 s on a fixed co-located workload: benchmarks/results/trainer_threads.json).
+    On a GPU the trainer's CPU threads hardly compute: torch's default (0)."""
+    return max(1, (os.cpu_count() or 2) - 1) if device_type == "cpu" else 0
 
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed; blocks above it (logits chunks) are mmapped

@@ -129,8 +129,10 @@ class Settings(BaseSettings):
         default="auto", description="The trainer's base-model dtype; auto: bfloat16 on CUDA, else the engine's "
         "(CLORA_DTYPE), so the trainer's logprobs are computed as the server's are.")
     trainer_max_tenants: int = Field(default=8, description="Tenants trained together in one step.")
-    trainer_threads: int = Field(default=0, ge=0, description="torch threads of the trainer process; 0: torch's "
-                                 "default (one per core; the engine's threads are vLLM's own, CLORA_CPU_THREADS_BIND).")
+    trainer_threads: int = Field(default=0, ge=0, description=(
+        "torch threads of the trainer process; 0 = auto: on CPU every core but one (the engine computes on one "
+        "core under CLORA_CPU_THREADS_BIND=auto; on 2 cores both threads made the engine and the trainer slower: "
+        "benchmarks/results/trainer_threads.json), on CUDA torch's default."))
     trainer_pipeline: bool = Field(default=True, description="Sample the next step's rollouts while the trainer "
                                    "computes the current step; four or more tenants with rollouts take turns in halves, "
                                    "so theirs come from their newest versions (fewer sample in their step, then train).")
