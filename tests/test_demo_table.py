@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rich.console import Console
+from rich.live import Live
 
 from clora.agents.preference import PreferenceEnv
 from clora.core.settings import Settings
@@ -111,6 +112,18 @@ def test_the_live_table_shows_every_number_whole_at_80_columns(tmp_path):
                      f"{tenant.before.score:.2f}", f"{tenant.score:.2f}", str(11 + i)]
     demo.round, demo.phase = 12, "promotion gate: scoring candidates"
     assert_legible(render(demo.view()), expected + ["12"])
+
+
+def test_the_live_view_in_a_log_ends_its_line_before_the_report(tmp_path):
+    """`clora demo | tee log`: the last live frame's status line and the report's first line are two lines."""
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=False, color_system=None)
+    demo = Demo(Settings(home=tmp_path), DemoOptions(), console)
+    demo.phase = "stopping"
+    with Live(demo.view(), console=console, transient=False):
+        pass
+    console.print("clora demo: the report")
+    assert any(line.startswith("clora demo: the report") for line in out.getvalue().splitlines()), out.getvalue()
 
 
 def test_the_report_lists_the_demo_settings_that_differ_from_the_products(tmp_path, monkeypatch):

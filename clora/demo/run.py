@@ -210,7 +210,9 @@ class Demo:
                           f"{last.action} {short_version(last.candidate)}" if last else "-")
         rules = Text("\n".join(f"{name}'s hidden rule: {t.sim.rule.description}" for name, t in self.tenants.items()))
         status = Text(f"{self.phase} | round {self.round} | {self.minutes():.1f} / {self.options.minutes:.0f} min")
-        return Group(table, rules, status)
+        if self.console.is_terminal:
+            return Group(table, rules, status)
+        return Group(table, rules, status, Text(""))  # into a log, rich's Live leaves its last line open
 
     # -- the run ---------------------------------------------------------------------------------------
     async def run(self) -> DemoReport:
