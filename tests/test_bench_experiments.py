@@ -16,6 +16,8 @@ from clora.bench.experiments import shared_batches
 
 pytestmark = pytest.mark.slow
 
+ENGINE_EXPORTS = ("CLORA_ENGINE_LOG", "CLORA_GROUPED_LORA")  # runtime/engine_config.py's env(), for vLLM's children
+
 
 def test_the_running_lora_metric_tells_which_tenants_shared_a_batch():
     metrics = "\n".join([
@@ -30,7 +32,8 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     # Three steps: step 3's rollouts, sampled while step 2 computes, are the first under the
     # tenants' own adapters (steps 1 and 2 sample the base model), so the batches can mix adapters.
     out = tmp_path / "results" / "sweep.json"
-    env = {**os.environ, "CLORA_HOME": str(tmp_path / "home")}
+    # A user's shell: not what an engine this test session started in-process exported for its children.
+    env = {k: v for k, v in os.environ.items() if k not in ENGINE_EXPORTS} | {"CLORA_HOME": str(tmp_path / "home")}
     done = subprocess.run([str(Path(sys.executable).parent / "clora"), "bench", "experiments", "--model", "tiny",
                            "--ns", "2,1", "--steps", "3", "--tasks", "1", "--group", "4", "--serial-runs", "1",
                            "--freshness-ns", "1", "--freshness-load", "2", "--freshness-s", "15",
