@@ -94,3 +94,6 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     loaded = result["freshness"]["2"]
     assert loaded["events"] >= 2 and loaded["rl_experiments"] == 2 and loaded["rl_steps"] >= 1
     assert 0 < two["freshness_p50_s"] <= two["freshness_p99_s"] < 120
+    # The live answers behind the events: how long they took under the load, and any that never came.
+    assert loaded["chat_answered"] >= loaded["events"] and loaded["chat_failed"] == len(loaded["chat_failures"]) == 0
+    assert 0 < loaded["chat_p50_s"] <= loaded["chat_max_s"] < 60

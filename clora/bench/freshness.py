@@ -12,6 +12,9 @@ meanwhile (`run_experiments` with the feedback customers beside them) and the cu
 `seconds` or until those experiments finish, whichever comes first: every event is trained by a
 trainer that is also busy with RL tenants, as in a deployment where both kinds of customer share
 it. The experiments are stopped once every event is fresh (their rewards are not the point).
+Each event's live answer is timed too (`chat_p50_s`, `chat_max_s`); one that fails (a timeout
+after 60 s, a 5xx) is counted in `chat_failed` and that customer goes on: the first sweep with
+8 RL experiments died on such a timeout, losing 90 minutes of measurements.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ async def measure(runtime: BenchRuntime, trainer: TrainerProcess, customers: lis
     loop, rng = asyncio.get_running_loop(), random.Random(0)
     sent_all, load_done, done_steps = asyncio.Event(), asyncio.Event(), [0]
     accepted: dict[tuple[str, str], float] = {}
+    chat_s: list[float] = []  # the live answers' latencies (served, under the load)
+    chat_failed: list[str] = []  # answers that did not come (timeout, 5xx): counted, the run goes on
     fresh: dict[tuple[str, str], float] = {}
 
     def progress(n: int) -> None:  # called on the trainer process's reader thread
@@ -77,9 +82,15 @@ async def measure(runtime: BenchRuntime, trainer: TrainerProcess, customers: lis
             first = False
             if not sending():
                 return
-            chat = await http.post("/v1/chat/completions", headers=key, json={
-                "model": "default", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]})
-            chat.raise_for_status()
+            asked = time.monotonic()
+            try:
+                chat = await http.post("/v1/chat/completions", headers=key, json={
+                    "model": "default", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]})
+                chat.raise_for_status()
+            except httpx.HTTPError as exc:  # a live answer that never came is a finding, not the run's end
+                chat_failed.append(f"{type(exc).__name__} after {time.monotonic() - asked:.1f} s")
+                continue
+            chat_s.append(time.monotonic() - asked)
             correction = {"trace_id": chat.headers["x-clora-trace-id"], "source": "operator",
                           "correction": {"role": "assistant", "content": "Hello! How can I help you today?"}}
             sent = await http.post("/v1/feedback", headers=key, json=correction)
@@ -109,4 +120,7 @@ async def measure(runtime: BenchRuntime, trainer: TrainerProcess, customers: lis
     if not seconds_each:
         raise RuntimeError("no feedback event was sent: raise --freshness-s (or lower --freshness-interval-s)")
     return {"events": len(seconds_each), "p50_s": round(percentile(seconds_each, 0.5), 2),
-            "p99_s": round(percentile(seconds_each, 0.99), 2), "max_s": round(max(seconds_each), 2)}, result
+            "p99_s": round(percentile(seconds_each, 0.99), 2), "max_s": round(max(seconds_each), 2),
+            "chat_answered": len(chat_s), "chat_p50_s": round(percentile(chat_s, 0.5), 2),
+            "chat_max_s": round(max(chat_s), 2), "chat_failed": len(chat_failed),
+            "chat_failures": chat_failed[:20]}, result
