@@ -40,6 +40,8 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
                            "--freshness-interval-s", "2",
                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The throughput result is written before the freshness phase starts (two sweeps died in it).
+    assert "throughput measured; wrote" in done.stdout
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000 and "| N |" in out.with_suffix(".md").read_text()
     assert (result["model"], result["steps"], result["group_size"], result["serial_measured_runs"]) == \
@@ -88,11 +90,12 @@ def test_the_quick_sweep_measures_every_mode_and_the_tenants_share_engine_batche
     # Freshness with one feedback-only customer alone: a lone correction trains within max_record_wait_s
     # (5 s) and the trainer's idle pause (5 s).
     fresh = result["freshness"]["1"]
-    assert fresh["events"] >= 1 and fresh["rl_experiments"] == 0
+    assert fresh["events"] >= 1 and fresh["rl_experiments"] == 0 and fresh["not_fresh"] == 0
     assert 0 < one["freshness_p50_s"] <= one["freshness_p99_s"] < 60
     # Two customers while two RL experiments train in the same loop.
     loaded = result["freshness"]["2"]
     assert loaded["events"] >= 2 and loaded["rl_experiments"] == 2 and loaded["rl_steps"] >= 1
+    assert loaded["not_fresh"] == 0
     assert 0 < two["freshness_p50_s"] <= two["freshness_p99_s"] < 120
     # The live answers behind the events: how long they took under the load, and any that never came.
     assert loaded["chat_answered"] >= loaded["events"] and loaded["chat_failed"] == len(loaded["chat_failures"]) == 0

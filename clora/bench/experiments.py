@@ -284,8 +284,11 @@ def load_tenants(options: SweepOptions) -> dict[str, TenantConfig]:
     return tenants | {f"load{n}-{i}": options.tenant(100 + i) for i in range(n)}
 
 
-async def sweep(options: SweepOptions, progress: Callable[[int], None], status: Callable[[str], None]) -> dict:
-    """Cold singles, then one warm runtime for the warm singles, every N concurrently, freshness."""
+async def sweep(options: SweepOptions, progress: Callable[[int], None], status: Callable[[str], None],
+                checkpoint: Callable[[dict], None] = lambda result: None) -> dict:
+    """Cold singles, then one warm runtime for the warm singles, every N concurrently, freshness.
+    `checkpoint` gets the result without freshness before that phase starts (written at once: two
+    sweeps died in it and lost everything)."""
     steps, k, seeds = options.steps, options.serial_runs, options.serial_seeds()
     started_at, command_line = dt.datetime.now(dt.timezone.utc), command("clora")  # before any engine starts
     capacity = {"max_loras": max(max(options.ns), 4), "max_cpu_loras": max(2 * max(options.ns), 16)}
@@ -314,22 +317,31 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
             rows.append(row(n, runs, cold, warm, rows[0]["mean_step_s"] if rows else None,
                             shared_batches(metrics, names)))
             curves[n] = [e.rewards for e in runs]
-        fresh = await freshness_runs(runtime, trainer, options, status)
         model = runtime.model.rsplit("/", 1)[-1]
         dtypes = {"engine": runtime.settings.dtype, "trainer": runtime.train_run().dtype}
+
+        def result(fresh: dict) -> dict:
+            return {
+                "benchmark": "experiment_throughput", **ran_as, "model": model, "environment": options.environment,
+                "steps": steps, "group_size": options.group, "tasks": options.tasks, "max_new_tokens": 48,
+                "serial_measured_runs": k, "pairs": rule.PAIRS, "margin": rule.MARGIN,
+                "serial_note": f"serial_s = N x the mean of {k} cold singles' start + run (stop_s apart); "
+                               f"warm_serial_s = N x the mean of {k} warm singles; serial rewards: all {2 * k} "
+                               "(distinct seeds)",
+                "serial_seeds": seeds, "dtype": dtypes, "options": options.model_dump(), "logs": logs, "rows": rows,
+                "serial_runs": {"cold_s": [round(c.seconds, 1) for c in cold],
+                                "warm_s": [round(e.seconds, 1) for e in warm],
+                                "cold_start_s": [round(c.start_s, 1) for c in cold],
+                                "cold_stop_s": [round(c.stop_s, 1) for c in cold],
+                                "cold_rewards": [c.experiment.rewards for c in cold],
+                                "warm_rewards": [e.rewards for e in warm]},
+                "concurrent_rewards": {str(n): c for n, c in curves.items()},
+                "freshness": fresh,
+                "experiments": {"cold": [asdict(c.experiment) for c in cold], "warm": [asdict(e) for e in warm]}}
+
+        checkpoint(result({}))
+        fresh = await freshness_runs(runtime, trainer, options, status)
     for r in rows:
         if str(r["n"]) in fresh:
             r["freshness_p50_s"], r["freshness_p99_s"] = fresh[str(r["n"])]["p50_s"], fresh[str(r["n"])]["p99_s"]
-    return {"benchmark": "experiment_throughput", **ran_as, "model": model, "environment": options.environment,
-            "steps": steps, "group_size": options.group, "tasks": options.tasks, "max_new_tokens": 48,
-            "serial_measured_runs": k, "pairs": rule.PAIRS, "margin": rule.MARGIN,
-            "serial_note": f"serial_s = N x the mean of {k} cold singles' start + run (stop_s apart); warm_serial_s = "
-                           f"N x the mean of {k} warm singles; serial rewards: all {2 * k} (distinct seeds)",
-            "serial_seeds": seeds, "dtype": dtypes, "options": options.model_dump(), "logs": logs, "rows": rows,
-            "serial_runs": {"cold_s": [round(c.seconds, 1) for c in cold], "warm_s": [round(e.seconds, 1) for e in warm],
-                            "cold_start_s": [round(c.start_s, 1) for c in cold],
-                            "cold_stop_s": [round(c.stop_s, 1) for c in cold],
-                            "cold_rewards": [c.experiment.rewards for c in cold], "warm_rewards": [e.rewards for e in warm]},
-            "concurrent_rewards": {str(n): c for n, c in curves.items()},
-            "freshness": fresh,
-            "experiments": {"cold": [asdict(c.experiment) for c in cold], "warm": [asdict(e) for e in warm]}}
+    return result(fresh)

@@ -78,8 +78,10 @@ def experiments(ns: str = typer.Option("1,2,4,8", help="Concurrent experiments p
                   console=console) as progress:
         task = progress.add_task("starting", total=total)
         try:
+            def checkpoint(partial: dict) -> None:  # before the freshness phase: kept if that phase fails
+                console.print("throughput measured; wrote " + ", ".join(str(p) for p in write(partial, out)))
             result = run_serving(sweep(options, lambda n: progress.advance(task, n),
-                                       lambda text: progress.update(task, description=text)))
+                                       lambda text: progress.update(task, description=text), checkpoint))
         except ServiceStartError as exc:
             raise fail(str(exc)) from None
     paths = write(result, out)
