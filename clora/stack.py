@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from clora.core.customers import CustomerStore
+from clora.core.halts import TrainingHalts
 from clora.core.models import resolve_model
 from clora.core.outbox import Outbox
 from clora.core.processes import ChildProcess, free_port
@@ -33,8 +34,9 @@ from clora.evals.gate import EvalHistory
 from clora.evals.job import EvalJob
 from clora.evals.suites import SuiteStore
 from clora.feedback.consumer import IngestConfig, IngestConsumer
+from clora.feedback.fates import EventFates, dead_key, waiting_key
 from clora.feedback.outbox_keeper import FeedbackOutboxKeeper
-from clora.feedback.replay import ReplayBuffer
+from clora.feedback.replay import ReplayBuffer, ReplayReport
 from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 from clora.runtime.adapters import AdapterRegistry
 from clora.runtime.capture import Capture, InteractionOutboxKeeper
@@ -127,8 +129,9 @@ class Stack:
         self.engine.on_ready = lambda _client: router.reload_all()
         self.capture = Capture(self.kafka_bootstrap, s.interactions_topic, Spool(s.spool_dir, s.spool_max_bytes),
                                queue_size=s.capture_queue_size, partitions=s.topic_partitions,
-                               batch_s=s.capture_batch_s,
-                               outbox=Outbox(s.capture_outbox_dir, s.capture_outbox_max_bytes)).start()
+                               batch_s=s.capture_batch_s, journal_wait_s=s.capture_journal_wait_s,
+                               outbox=Outbox(s.capture_outbox_dir, s.capture_outbox_max_bytes,
+                                             sync_every_s=s.capture_sync_every_s)).start()
         await self.engine.start()
 
         config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
@@ -140,11 +143,18 @@ class Stack:
         traces = TraceSigner(trace_secret(s))
         replay = ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share)
         self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis, replay)
+        self.outbox = Outbox(s.outbox_dir, s.feedback_outbox_max_bytes)
+        fates = EventFates(self.redis, s.ingest_group, replay, self.outbox)
+
+        async def replay_report(customer: str, newest: int) -> ReplayReport:
+            report = await replay.report(customer, newest)
+            report.stats.waiting, report.stats.dead_lettered = await fates.counts(customer)
+            return report
         app = create_app(config, customers, router, self.engine, self.capture, traces,
                          configs=TenantConfigStore(self.redis), validate_lora=engine_config.validate_lora,
-                         health_checks={"ingestion": self.ingest.health}, replay_report=replay.report,
-                         purge_customer=lambda customer: self._purge(customer, replay))
-        self.outbox = Outbox(s.outbox_dir, s.feedback_outbox_max_bytes)
+                         health_checks={"ingestion": self.ingest.health,
+                                        "training": TrainingHalts(self.redis).health}, replay_report=replay_report,
+                         purge_customer=lambda customer: self._purge(customer, replay), event_fate=fates.lookup)
         self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions,
                                           outbox=self.outbox)
         for customer, override in (await LimitStore(self.redis).all()).items():  # customers' own limits
@@ -174,6 +184,9 @@ class Stack:
         records = await replay.delete(customer)
         scores = await EvalHistory(self.redis).delete(customer)
         await SuiteStore(self.redis).delete(customer)
+        await TrainingHalts(self.redis).resume(customer)
+        group = self.settings.ingest_group
+        await self.redis.delete(waiting_key(group, customer), dead_key(group, customer))
         await asyncio.to_thread(shutil.rmtree, self.settings.trainer_dir / customer, True)
         return {"replay_records": records, "eval_scores": scores}
 

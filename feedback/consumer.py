@@ -9,7 +9,10 @@ in between means redelivery, which the replay buffer absorbs (a push is idempote
   waiting for it.
   (Each polled batch is handled in a few pipelined round trips, not one per message.)
 - feedback -> joined with its interaction and pushed to the customer's buffer; if the interaction
-  has not arrived yet, the feedback waits in Redis (bounded time), then goes to the dead letters.
+  has not arrived yet, the feedback waits in Redis (no TTL: however long ingestion is down) and is
+  counted per customer (`fates.waiting_key`); `max_wait_s` after it arrived, once ingestion has read
+  every interaction the broker holds (one still in the backlog may release it), it goes to the dead
+  letters with the reason and into the customer's dead index (`fates.dead_key`).
 - anything malformed or unjoinable -> the dead-letter topic with the reason; never a stop.
 
 `supervise` runs the consumer and starts it again (with backoff) when it fails: Redis or the
@@ -33,6 +36,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
 from clora.core.health import ComponentHealth
+from clora.feedback.fates import DEAD_TTL_S, dead_entry, dead_key, waiting_key
 from clora.feedback.replay import ReplayBuffer
 from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, joined_record, parse_feedback_value
 from clora.wire.interactions import InteractionRecord, interaction_key
@@ -134,8 +138,11 @@ class IngestConsumer:
 
     def health(self) -> ComponentHealth:
         ok = self.state == "running" and self.lag <= self.config.max_lag
+        consumer = self._consumer
+        assigned = len(consumer.assignment()) if consumer is not None else 0  # 0: not (yet) in its group
         return ComponentHealth(state=self.state, ok=ok, detail={"restarts": self.restarts, "lag": self.lag,
                                                                 "max_lag": self.config.max_lag,
+                                                                "assigned_partitions": assigned,
                                                                 "last_error": self.last_error})
 
     async def supervise(self, max_backoff_s: float = 30.0) -> None:
@@ -264,6 +271,7 @@ class IngestConsumer:
             except (ValidationError, ValueError) as exc:
                 self._malformed(exc, tp, offset, value)
         released = await self._store_interactions(interactions)
+        # Each released event leaves the customer's waiting index once its push is done (below).
         handled: list[str] = []  # the feedback messages' ids, for the webhook's outbox
         joins = [asyncio.create_task(self._join(released))] if released else []
         try:
@@ -288,6 +296,8 @@ class IngestConsumer:
                 for trace in {event.trace_id for _, (event, _) in released}:
                     pipe.delete(self._waiting(trace))
                     pipe.zrem(self._deadlines, trace)
+                for _, (event, post) in released:
+                    pipe.hdel(waiting_key(self.config.group_id, post.customer), event.event_id or "")
                 if handled:
                     pipe.zadd(self.handled_key, dict.fromkeys(handled, time.time()))
                 await pipe.execute()
@@ -342,11 +352,12 @@ class IngestConsumer:
         if missing:
             deadline = time.time() + self.config.max_wait_s
             async with self.redis.pipeline(transaction=False) as pipe:
-                for event, post in missing:
+                for event, post in missing:  # no TTL: it leaves by joining or as a dead letter
                     trace = event.trace_id
                     pipe.rpush(self._waiting(trace), post.message(event).model_dump_json())
-                    pipe.expire(self._waiting(trace), int(self.config.max_wait_s * 2) + 60)
                     pipe.zadd(self._deadlines, {trace: deadline}, nx=True)
+                    if event.event_id:
+                        pipe.hset(waiting_key(self.config.group_id, post.customer), event.event_id, trace)
                 await pipe.execute()
             INGESTED.labels(self.config.feedback_topic, "waiting").inc(len(missing))
         return pairs
@@ -357,8 +368,10 @@ class IngestConsumer:
             owner, raw = _unpack(stored)
             if owner != post.customer:
                 INGESTED.labels(self.config.feedback_topic, "dead").inc()
-                self._dead_letter("customer mismatch between feedback and interaction", self.config.feedback_topic,
-                                  -1, -1, post.message(event).model_dump_json().encode())
+                reason = "customer mismatch between feedback and interaction"
+                self._dead_letter(reason, self.config.feedback_topic, -1, -1,
+                                  post.message(event).model_dump_json().encode())
+                await self._index_dead(post.customer, event.event_id, reason)
             else:
                 records.append(joined_record(event, post, raw, now))
         pushed = await self.replay.push_serialized(records)
@@ -366,18 +379,51 @@ class IngestConsumer:
         INGESTED.labels(self.config.feedback_topic, "duplicate").inc(len(pushed) - sum(pushed))
 
     async def expire_waiting(self) -> None:
-        """Feedback whose interaction never came within max_wait_s goes to the dead letters; handled
-        ids older than `handled_ttl_s` are forgotten."""
+        """Feedback whose interaction never came within max_wait_s goes to the dead letters (and the
+        customer's dead index), but only once every interaction the broker holds has been read: one
+        still in the backlog (ingestion was down) may release it. Handled ids older than
+        `handled_ttl_s` are forgotten."""
         await self.redis.zremrangebyscore(self.handled_key, "-inf", time.time() - self.config.handled_ttl_s)
+        if not self._caught_up():
+            return
         expired = await self.redis.zrangebyscore(self._deadlines, "-inf", time.time())
         for trace in (t.decode() for t in expired):
-            for raw in await self.redis.lrange(self._waiting(trace), 0, -1):
-                self._dead_letter(f"no interaction for trace {trace} within {self.config.max_wait_s:g}s",
-                                  self.config.feedback_topic, -1, -1, raw)
+            reason = f"no interaction for trace {trace} within {self.config.max_wait_s:g}s"
+            waiting = [FeedbackMessage.model_validate_json(raw) for raw in await self.redis.lrange(self._waiting(trace),
+                                                                                                  0, -1)]
+            for message in waiting:
+                self._dead_letter(reason, self.config.feedback_topic, -1, -1, message.model_dump_json().encode())
                 INGESTED.labels(self.config.feedback_topic, "expired").inc()
             await asyncio.to_thread(self._dead.flush, 30)  # acknowledged before the waiting copy goes
-            await self.redis.delete(self._waiting(trace))
-            await self.redis.zrem(self._deadlines, trace)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for message in waiting:
+                    self._queue_dead_index(pipe, message.customer, message.event.event_id, reason)
+                    pipe.hdel(waiting_key(self.config.group_id, message.customer), message.event.event_id or "")
+                pipe.delete(self._waiting(trace))
+                pipe.zrem(self._deadlines, trace)
+                await pipe.execute()
+
+    def _caught_up(self) -> bool:
+        """Every assigned interactions partition read up to its high watermark (as last fetched)."""
+        if self._consumer is None:
+            return False
+        parts = [tp for tp in self._consumer.assignment() if tp.topic == self.config.interactions_topic]
+        for tp in parts:
+            high = self._consumer.highwater(tp)
+            if high is None or self._consumer.position(tp) < high:
+                return False
+        return bool(parts)
+
+    def _queue_dead_index(self, pipe, customer: str, event_id: str | None, reason: str) -> None:
+        if event_id:
+            key = dead_key(self.config.group_id, customer)
+            pipe.hset(key, event_id, dead_entry(reason))
+            pipe.expire(key, DEAD_TTL_S)
+
+    async def _index_dead(self, customer: str, event_id: str | None, reason: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_dead_index(pipe, customer, event_id, reason)
+            await pipe.execute()
 
     def _dead_letter(self, reason: str, topic: str, partition: int, offset: int, value: bytes) -> None:
         letter = DeadLetter(reason=reason, topic=topic, partition=partition, offset=offset,

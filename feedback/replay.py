@@ -5,8 +5,9 @@ score puts plain ratings before rewards before corrections, oldest first within 
 or under its minimum share of the capacity is passed over, so a buffer full of corrections still
 keeps the newest ratings), applied
 event ids (a zset pruned after a week, so a redelivered event is never stored twice), which adapter
-versions consumed each record, and counters. A push is one Lua script per customer and batch:
-idempotent and atomic.
+versions consumed each record, counters, and a quarantine (records a trainer step found too far
+from the trainer's logprobs: kept for a look, never trained on). A push is one Lua script per
+customer and batch: idempotent and atomic.
 """
 
 from __future__ import annotations
@@ -87,6 +88,28 @@ return results
 """
 
 
+# Moves records out of the buffer into its quarantine (a trainer step over the logprob-gap bound
+# named them): kept whole with why and when, so an operator can look; never trained on.
+# KEYS: records, order, evict, consumed, quarantine. ARGV: now, reason (JSON string), ids...
+# Returns how many were moved (an id already gone, evicted or deleted, is passed over).
+_QUARANTINE = """
+local moved = 0
+for j = 3, #ARGV do
+  local id = ARGV[j]
+  local record = redis.call('HGET', KEYS[1], id)
+  if record then
+    redis.call('HSET', KEYS[5], id, '{"reason":' .. ARGV[2] .. ',"at":' .. ARGV[1] .. ',"record":' .. record .. '}')
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', KEYS[3], id)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
 class ReplayStats(BaseModel):
     customer: str
     size: int
@@ -96,6 +119,15 @@ class ReplayStats(BaseModel):
     evicted: int
     by_kind: dict[str, int]
     consumed: int
+    quarantined: int = 0  # held in its quarantine: moved out by the trainer, their logprob gap over the bound
+    waiting: int = 0  # feedback events ingestion holds until their interaction arrives
+    dead_lettered: int = 0  # feedback events ingestion dead-lettered (unjoinable; kept a week after the last)
+
+
+class QuarantinedRecord(BaseModel):
+    reason: str
+    at: float
+    record: TrainingRecord
 
 
 class ReplayEntry(BaseModel):
@@ -126,13 +158,14 @@ class ReplayBuffer:
         self.default_capacity = default_capacity
         self.min_share = min_share
         self._push = redis.register_script(_PUSH)
+        self._quarantine = redis.register_script(_QUARANTINE)
 
     @staticmethod
     def _keys(customer: str) -> dict[str, str]:
         root = f"clora:rb:{{{customer}}}"  # hash tag: one customer's keys share a cluster slot
         return {"records": f"{root}:records", "order": f"{root}:order", "evict": f"{root}:evict",
                 "stats": f"{root}:stats", "seq": f"{root}:seq", "consumed": f"{root}:records:consumed",
-                "seen": f"{root}:seen"}
+                "seen": f"{root}:seen", "quarantine": f"{root}:quarantine"}
 
     async def capacity(self, customer: str) -> int:
         raw = await self.redis.hget("clora:rb-quota", customer)
@@ -220,6 +253,33 @@ class ReplayBuffer:
     async def count_newer(self, customer: str, after_seq: int) -> int:
         return int(await self.redis.zcount(self._keys(customer)["order"], f"({after_seq}", "+inf"))
 
+    async def quarantine(self, customer: str, event_ids: list[str], reason: str) -> int:
+        """Moves these records out of the buffer (never sampled again) into its quarantine; returns
+        how many were still there to move."""
+        if not event_ids:
+            return 0
+        k = self._keys(customer)
+        keys = [k["records"], k["order"], k["evict"], k["consumed"], k["quarantine"]]
+        return int(await self._quarantine(keys=keys, args=[repr(time.time()), orjson.dumps(reason).decode(),
+                                                           *event_ids]))
+
+    async def quarantined_one(self, customer: str, event_id: str) -> QuarantinedRecord | None:
+        raw = await self.redis.hget(self._keys(customer)["quarantine"], event_id)
+        return QuarantinedRecord.model_validate_json(raw) if raw is not None else None
+
+    async def record(self, customer: str, event_id: str) -> TrainingRecord | None:
+        """The record of this event while it is in the buffer."""
+        found = await self._load(customer, [event_id])
+        return found[0] if found else None
+
+    async def applied(self, customer: str, event_id: str) -> bool:
+        """Whether the event was ever pushed (within `SEEN_TTL_S`), in the buffer now or not."""
+        return await self.redis.zscore(self._keys(customer)["seen"], event_id) is not None
+
+    async def quarantined(self, customer: str) -> dict[str, QuarantinedRecord]:
+        raw = await self.redis.hgetall(self._keys(customer)["quarantine"])
+        return {k.decode(): QuarantinedRecord.model_validate_json(v) for k, v in raw.items()}
+
     # -- readers' cursors: how far a reader (the trainer) has read a customer's buffer -------------
     @staticmethod
     def _cursor_key(customer: str, reader: str) -> str:
@@ -270,7 +330,7 @@ class ReplayBuffer:
             customer=customer, size=await self.redis.zcard(k["order"]), capacity=await self.capacity(customer),
             pushed=raw.get("pushed", 0), duplicates=raw.get("duplicates", 0), evicted=raw.get("evicted", 0),
             by_kind={key[5:]: v for key, v in raw.items() if key.startswith("kind:")},
-            consumed=await self.redis.hlen(k["consumed"]))
+            consumed=await self.redis.hlen(k["consumed"]), quarantined=await self.redis.hlen(k["quarantine"]))
 
     async def report(self, customer: str, newest: int = 10) -> ReplayReport:
         """Counters, and the newest records with the versions that trained on them."""

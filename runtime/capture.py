@@ -1,27 +1,30 @@
-"""Traffic capture: interaction records to Kafka without ever making serving wait.
+"""Traffic capture: interaction records to Kafka without ever making serving wait on the broker.
 
-The request path only does `queue.put_nowait`. A background thread owns the Kafka producer:
-it collects records for up to `batch_s` after the first one arrives (so a broker round trip
-carries many records rather than one: on a small machine each round trip's CPU, here and in
-the broker, is time taken from the model) and sends each batch with acks=all; whatever the broker does not acknowledge (down, unreachable,
-timing out) goes to the on-disk spool, which is drained once the broker answers again.
+On the request path, before the answer's last byte goes out, `capture` journals the record: the
+capture outbox's writer thread hands it to the operating system (write(2); fsync'd in batches,
+`Outbox.sync_every_s`), so it survives a SIGKILL of the whole process group. It stays in that
+outbox until ingestion has stored it (`InteractionOutboxKeeper` finds its Redis key); one still
+missing `resend_after_s` later (a broker that restarted empty, a process killed with records in
+memory) is sent again through the spool. A disk that stalls: the answer waits at most
+`journal_wait_s` for the write, then is served and the record counted `journal_late` (the write
+still lands); an outbox over its bound: the record goes on without its copy, counted `unjournaled`.
+
+Then `queue.put_nowait`. A background thread owns the Kafka producer: it collects records for up
+to `batch_s` after the first one arrives (so a broker round trip carries many records rather than
+one: on a small machine each round trip's CPU, here and in the broker, is time taken from the
+model) and sends each batch with acks=all; whatever the broker does not acknowledge (down,
+unreachable, timing out) goes to the on-disk spool, which is drained once the broker answers again.
 Delivery to the topic is at-least-once; each record carries its trace id so consumers apply
 it exactly once. A record the broker refuses for good (over its size limit: `n=64` long answers)
 is dead-lettered with the reason (`Spool.dead`) and never blocks the records behind it. When the
 memory queue is full, records go to the spool through a writer thread (one fsync per batch):
 serving never waits on the disk; if that writer falls `overflow_size` records behind too, the
 record is dropped and counted.
-
-Acknowledged is not yet stored: a broker that restarts empty loses what ingestion had not read.
-So each acknowledged record goes to the capture outbox (on disk, one fsync per batch, in this
-thread) until ingestion has stored it (`InteractionOutboxKeeper` finds its Redis key); one still
-missing `resend_after_s` later goes back through the spool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
@@ -61,35 +64,59 @@ RECONNECT_EVERY_S = 2.0
 class Capture:
     def __init__(self, bootstrap: str, topic: str, spool: Spool, queue_size: int = 10_000,
                  partitions: int = 4, flush_timeout_s: float = 10.0, batch_s: float = 0.5,
-                 overflow_size: int = 10_000, outbox: Outbox | None = None):
+                 overflow_size: int = 10_000, outbox: Outbox | None = None, journal_wait_s: float = 0.05):
         self.bootstrap = bootstrap
         self.outbox = outbox
+        self.journal_wait_s = journal_wait_s
         self.topic = topic
         self.partitions = partitions
         self.spool = spool
         self.flush_timeout_s = flush_timeout_s
         self.batch_s = batch_s
-        self._queue: queue.Queue[InteractionRecord] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[SpooledMessage] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._producer = None
         self._next_connect = 0.0
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
-        self._overflow: queue.Queue[InteractionRecord] = queue.Queue(maxsize=overflow_size)
+        self._overflow: queue.Queue[SpooledMessage] = queue.Queue(maxsize=overflow_size)
         self._overflow_thread = threading.Thread(target=self._spool_overflow, name="capture-overflow", daemon=True)
 
     # -- request path -------------------------------------------------------------------------
-    def submit(self, record: InteractionRecord) -> None:
-        """Never blocks on Kafka or the disk: the memory queue (serialised off the request path),
-        else the overflow writer's queue (to the spool)."""
+    async def capture(self, record: InteractionRecord) -> None:
+        """Journaled (handed to the OS, bounded by `journal_wait_s`), then queued for the broker;
+        never waits on Kafka."""
+        message = self._message(record)
+        if self.outbox is not None:
+            await self._journal(record.trace_id, message)
+        self._enqueue(message, record.trace_id)
+
+    async def _journal(self, trace_id: str, message: SpooledMessage) -> None:
+        kept = OutboxMessage(id=trace_id, topic=message.topic, key=message.key.decode(), value=message.value.decode(),
+                             added_at=time.time())
         try:
-            self._queue.put_nowait(record)
+            if not await self.outbox.journal([kept], self.journal_wait_s):
+                CAPTURED.labels("journal_late").inc()
+                log.warning("capture journal: write took over %.3f s (disk stalled?); answer served first",
+                            self.journal_wait_s)
+        except OutboxFull as exc:  # ingestion far behind: this one is kept by the broker only
+            CAPTURED.labels("unjournaled").inc()
+            log.error("capture outbox full (%s): record %s kept by the broker only", exc, trace_id)
+
+    def submit(self, record: InteractionRecord) -> None:
+        """Queued for the broker, not journaled (a caller that keeps its own copy)."""
+        self._enqueue(self._message(record), record.trace_id)
+
+    def _enqueue(self, message: SpooledMessage, trace_id: str) -> None:
+        """Never blocks on Kafka or the disk: the memory queue, else the overflow writer's queue
+        (to the spool)."""
+        try:
+            self._queue.put_nowait(message)
         except queue.Full:
             try:
-                self._overflow.put_nowait(record)
+                self._overflow.put_nowait(message)
             except queue.Full:
                 CAPTURED.labels("dropped").inc()
-                log.error("capture overloaded (memory queue and spool writer full): record %s dropped",
-                          record.trace_id)
+                log.error("capture overloaded (memory queue and spool writer full): record %s dropped", trace_id)
 
     def _spool_overflow(self) -> None:
         """What did not fit in the memory queue, to the spool in batches (one fsync each)."""
@@ -103,7 +130,7 @@ class Capture:
                     batch.append(self._overflow.get_nowait())
                 except queue.Empty:
                     break
-            dropped = self.spool.append([self._message(record) for record in batch])
+            dropped = self.spool.append(batch)
             CAPTURED.labels("spooled").inc(len(batch) - dropped)
             CAPTURED.labels("dropped").inc(dropped)
 
@@ -125,7 +152,7 @@ class Capture:
             rest = []
             while True:
                 try:
-                    rest.append(self._message(self._queue.get_nowait()))
+                    rest.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             dropped = self.spool.append(rest)
@@ -171,7 +198,7 @@ class Capture:
             except queue.Empty:
                 if remaining <= 0 or self._stop.is_set():
                     break
-        return [self._message(record) for record in batch]
+        return batch
 
     def _connect(self) -> None:
         try:
@@ -210,23 +237,10 @@ class Capture:
             self.spool.dead.add(batch[i], f"{type(exc).__name__}: {exc}")
         CAPTURED.labels("sent").inc(len(ok))
         CAPTURED.labels("dead").inc(len(refused))
-        self._keep_until_stored([batch[i] for i in sorted(ok)])
         done = ok | set(refused)
         if len(done) < len(batch):
             self._disconnect()
         return done
-
-    def _keep_until_stored(self, sent: list[SpooledMessage]) -> None:
-        """Acknowledged records into the outbox (a record resent from it is pending already)."""
-        if self.outbox is None or not sent:
-            return
-        now = time.time()
-        try:
-            self.outbox.add_now([OutboxMessage(id=json.loads(m.value)["trace_id"], topic=m.topic, key=m.key.decode(),
-                                               value=m.value.decode(), added_at=now) for m in sent])
-        except OutboxFull as exc:  # ingestion far behind: these stay on the broker only
-            CAPTURED.labels("unkept").inc(len(sent))
-            log.error("capture outbox full (%s): %d records kept by the broker only", exc, len(sent))
 
     def _disconnect(self) -> None:
         producer, self._producer = self._producer, None

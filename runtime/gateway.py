@@ -26,12 +26,13 @@ __all__ = ["GatewayConfig", "create_app"]
 def create_app(config: GatewayConfig, customers: CustomerStore, router: Router, engine: Engine,
                capture: Capture | None, traces: TraceSigner, configs: TenantConfigStore | None = None,
                validate_lora: Callable[[int, list[str]], None] | None = None,
-               health_checks: dict[str, Callable[[], ComponentHealth]] | None = None,
+               health_checks: dict[str, Callable[[], ComponentHealth | Awaitable[ComponentHealth]]] | None = None,
                replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None,
-               purge_customer: Callable[[str], Awaitable[dict]] | None = None) -> FastAPI:
+               purge_customer: Callable[[str], Awaitable[dict]] | None = None,
+               event_fate: Callable[[str, str], Awaitable[BaseModel | None]] | None = None) -> FastAPI:
     app = FastAPI(title="clora gateway", docs_url=None, redoc_url=None)
     app.state.gateway = Gateway(config, customers, router, engine, capture, traces, configs, validate_lora,
-                                health_checks or {}, replay_report, purge_customer)
+                                health_checks or {}, replay_report, purge_customer, event_fate)
     install_error_handlers(app)
     document_bodies(app)
     for api_router in (chat.router, models.router, health.router, admin.router, customers_router):

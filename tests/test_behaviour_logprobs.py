@@ -3,21 +3,25 @@
 - Answers sampled at temperature 0.7 and top_p 0.9 are captured with their sampling parameters and
   with logprobs equal to the trainer's processed logprobs of the same tokens (mean gap < 0.01 nats);
   the raw logprobs (what vLLM returned before `processed_logprobs`) are far off.
-- A step whose logprob gap is above the tenant's bound is skipped, and its records are kept.
+- A step whose logprob gap is above the tenant's bound is skipped; the records that pushed it over
+  are quarantined and the tenant trains on the others and newer ones; a tenant whose every batch is
+  over is halted after `max_skipped_steps`, /healthz says why, and a new trainer config resumes it.
 - A tenant's first step starts from the adapter it is served when that has the configured shape,
   else from zero (and then samples from the base model, which a zero adapter is).
 """
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 import torch
 from prometheus_client import REGISTRY
 
 from clora.trainer.batching import sequence_logprobs
-from clora.trainer.loop import observe, step
+from clora.trainer.loop import observe, step, train
 from clora.trainer.lora import load_peft
+from clora.trainer.scheduler import Scheduler
 from clora.wire.feedback import TrainingRecord
 from clora.wire.interactions import Sampler
 from clora.wire.trainer_config import TenantConfig
@@ -61,46 +65,82 @@ async def test_captured_logprobs_are_the_trainers_processed_logprobs(gateway, br
     assert raw_gap > 0.05, raw_gap  # so the comparison can tell the two apart
 
 
-async def test_a_step_whose_logprob_gap_is_over_the_bound_is_skipped(gateway, broker, make_customer, redis_url,
-                                                                   tiny_model, tmp_path):
+async def test_a_batch_over_the_gap_bound_is_quarantined_and_the_tenant_moves_on(gateway, broker, admin, make_customer,
+                                                                                  redis_url, tiny_model, tmp_path):
     customer, key = make_customer("gap")
     client = client_for(gateway, key)
     traces = {client.chat.completions.with_raw_response.create(
         model="default", messages=[{"role": "user", "content": text}], max_tokens=12,
     ).headers["x-clora-trace-id"] for text in PROMPTS[:4]}
-    interactions = captured(broker, "clora.interactions", traces)
+    interactions = list(captured(broker, "clora.interactions", traces).values())
     redis_client = aioredis.Redis.from_url(redis_url)
     trainer = make_trainer(tiny_model, gateway, redis_client, tmp_path)
-    await trainer.io.configs.set(customer, TenantConfig(rank=8, alpha=16, records_per_step=4, max_logprob_gap=0.2))
+    config = TenantConfig(rank=8, alpha=16, records_per_step=4, max_logprob_gap=0.2)
+    await trainer.io.configs.set(customer, config)
 
-    def record(i: int, interaction, shift: float) -> TrainingRecord:
+    def record(i: int, interaction, shift: float, to: str = customer) -> TrainingRecord:
         choice = interaction.choices[0]
         wrong = interaction.model_copy(update={"choices": [choice.model_copy(
             update={"logprobs": [lp - shift for lp in choice.logprobs]})]})  # as if another policy sampled
-        return TrainingRecord(event_id=f"{customer}-{i}", customer=customer, trace_id=interaction.trace_id,
+        return TrainingRecord(event_id=f"{to}-{i}", customer=to, trace_id=interaction.trace_id,
                               kind="rating", source="operator", reward=1.0, created_at=0.0, interaction=wrong)
 
+    stuck, _ = make_customer("halt")  # its every batch is over the bound (the same answers, as base-model ones)
+    await trainer.io.configs.set(stuck, config)
     try:
-        await trainer.io.replay.push_many([record(i, r, 0.5) for i, r in enumerate(interactions.values())])
+        # Two answers whose logprobs another policy sampled, two true ones: the step is over the bound.
+        await trainer.io.replay.push_many([record(i, r, 0.5 if i < 2 else 0.0) for i, r in enumerate(interactions)])
         [report] = await step(trainer, [customer])
         assert report.skipped and "logprob gap" in report.skipped and report.version is None
-        assert report.result.gap.mean == pytest.approx(0.5, abs=0.01)
+        assert 0.2 < report.result.gap.mean < 0.5 and report.result.gap.max == pytest.approx(0.5, abs=0.01)
         assert (await trainer.io.client.versions(customer))["versions"] == []  # nothing published
-        assert await trainer.io.pending(customer) == 4  # the records wait
         assert trainer.store.tenants[customer].step == 0  # the update was not applied
+        # The two that pushed it over leave the buffer, with why; the true ones wait.
+        assert report.quarantined == 2 and await trainer.io.pending(customer) == 2
+        quarantined = await trainer.io.replay.quarantined(customer)
+        assert set(quarantined) == {f"{customer}-0", f"{customer}-1"}
+        assert all("logprob gap" in q.reason and q.record.trace_id in traces for q in quarantined.values())
+        replay = admin.get(f"/admin/customers/{customer}/replay").json()
+        assert replay["stats"]["quarantined"] == 2 and replay["stats"]["size"] == 2
+        fate = admin.get(f"/admin/customers/{customer}/feedback/{customer}-0").json()
+        assert fate["state"] == "quarantined" and "logprob gap" in fate["reason"], fate
         observe(report)  # exported as the trainer's metrics
-        assert REGISTRY.get_sample_value("clora_trainer_steps_total",
-                                         {"customer": customer, "outcome": "skipped"}) == 1
-        assert REGISTRY.get_sample_value("clora_trainer_logprob_gap_nats",
-                                         {"customer": customer, "stat": "mean"}) == pytest.approx(0.5, abs=0.01)
+        labels = {"customer": customer}
+        assert REGISTRY.get_sample_value("clora_trainer_steps_total", {**labels, "outcome": "skipped"}) == 1
+        assert REGISTRY.get_sample_value("clora_trainer_quarantined_records_total", labels) == 2
+        assert REGISTRY.get_sample_value("clora_trainer_logprob_gap_nats", {**labels, "stat": "max"}) == \
+            pytest.approx(0.5, abs=0.01)
 
-        # The same answers with their true logprobs: the step lands.
-        await trainer.io.replay.push_many([record(i + 10, r, 0.0) for i, r in enumerate(interactions.values())])
-        await trainer.io.replay.set_cursor(customer, 4)  # past the wrong ones
+        # No cursor moved by hand: the next step trains on the true answers.
         [report] = await step(trainer, [customer])
-        assert report.skipped is None and report.version == f"{customer}.v1"
+        assert report.skipped is None and report.version == f"{customer}.v1" and report.rated == 2
         assert report.result.gap.mean < 0.01
+
+        # A mismatch on every batch (as a trainer that does not compute what the engine serves
+        # would see): after `max_skipped_steps` in a row the tenant is halted, and health says why.
+        scheduler = Scheduler(max_skipped_steps=2)
+        for round_ in range(2):
+            await trainer.io.replay.push_many([record(10 * round_ + i, r, 0.5, stuck)
+                                               for i, r in enumerate(interactions)])
+            [report] = await train(trainer, scheduler, [stuck])
+            assert report.skipped and report.quarantined == 4
+            halted = await trainer.io.halts.all()
+            assert (stuck in halted) == (round_ == 1), halted
+        assert halted[stuck].skipped_steps == 2 and "logprob gap" in halted[stuck].reason
+        await trainer.io.replay.push_many([record(40, interactions[0], 0.0, stuck)])  # something new to learn
+        assert stuck not in {c.customer for c in await trainer.io.candidates()}
+        health = httpx.get(f"{gateway}/healthz", timeout=10).json()
+        assert health["status"] == "degraded" and health["training"]["ok"] is False
+        assert "logprob gap" in health["training"]["detail"]["halted"][stuck]["reason"]
+        # The operator's fix (here a bound that fits) resumes it.
+        resp = admin.put(f"/admin/customers/{stuck}/trainer-config",
+                         json=config.model_copy(update={"max_logprob_gap": 1.0}).model_dump())
+        assert resp.status_code == 200, resp.text
+        assert await trainer.io.halts.all() == {}
+        assert httpx.get(f"{gateway}/healthz", timeout=10).json()["training"]["ok"] is True
+        assert stuck in {c.customer for c in await trainer.io.candidates() if c.work > 0}
     finally:
+        await trainer.io.halts.resume(stuck)  # the session's stack is shared: leave its health as found
         await trainer.io.client.close()
         await redis_client.aclose()
 

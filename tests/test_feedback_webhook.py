@@ -159,6 +159,13 @@ def test_the_admin_replay_report_shows_what_reached_the_buffer(gateway, make_cus
     assert report["stats"]["by_kind"] == {"rating": 1, "reward": 1} and report["stats"]["capacity"] > 0
     assert {e["event_id"] for e in report["newest"]} == set(accepted.json()["event_ids"])
     assert all(e["trace_id"] == trace and e["consumed_by"] == [] and e["ingested_at"] for e in report["newest"])
+    assert (report["stats"]["waiting"], report["stats"]["dead_lettered"]) == (0, 0)
+    # Each event's fate, by its id: in the buffer (no version has trained on it yet).
+    for event_id in accepted.json()["event_ids"]:
+        fate = admin.get(f"/admin/customers/{name}/feedback/{event_id}").json()
+        assert (fate["state"], fate["trace_id"], fate["trained_by"]) == ("in_buffer", trace, []), fate
+    unknown = admin.get(f"/admin/customers/{name}/feedback/no-such-event")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "event_not_found"
     assert len(admin.get(f"/admin/customers/{name}/replay", params={"newest": 1}).json()["newest"]) == 1
     assert admin.get(f"/admin/customers/{name}/replay", params={"newest": 1000}).status_code == 400
     assert admin.get("/admin/customers/nobody-here/replay").status_code == 404

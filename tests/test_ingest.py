@@ -15,6 +15,7 @@ from clora.feedback.consumer import DeadLetter, IngestConfig, IngestConsumer
 from clora.feedback.replay import ReplayBuffer
 from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, TrainingRecord, joined_record
 from tests.helpers import read_topic
+from tests.test_capture import read_all
 from tests.test_capture import record as interaction
 
 
@@ -115,6 +116,73 @@ async def test_joins_waits_deduplicates_and_dead_letters(broker, redis_url):
     await client.aclose()
 
 
+async def test_feedback_waiting_through_an_ingestion_outage_is_joined_or_dead_lettered_and_counted(redis_url,
+                                                                                                   tmp_path):
+    """Two events wait for their interactions; the whole pipeline is down past the wait window (its
+    in-memory broker restarted empty, as `clora serve`'s does) while one interaction is sent again:
+    back up, that one joins (it was in the backlog) and the other is dead-lettered; the waiting and
+    dead counts and each event's fate say so throughout."""
+    from clora.core.services import start_broker
+    from clora.feedback.fates import EventFates
+
+    broker, port, config = own_broker(tmp_path)
+    config.max_wait_s = 4.0  # the first pass sees them waiting well inside it
+    client = aioredis.Redis.from_url(redis_url)
+    replay = ReplayBuffer(client)
+    fates = EventFates(client, config.group_id, replay)
+    producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+    customer = f"wait-{uuid.uuid4().hex[:6]}"
+    late, never = interaction(1, customer), interaction(2, customer)
+    joins, dies = feedback(late.trace_id, customer), feedback(never.trace_id, customer)
+    anchor = interaction(3, customer)  # ingested first: the consumer has joined its group
+
+    def send(topic: str, payload: bytes) -> None:
+        producer.send(topic, key=customer.encode(), value=payload)
+        producer.flush()
+
+    send(config.interactions_topic, anchor.model_dump_json().encode())
+    consumer = IngestConsumer(config, client, replay)
+    task = asyncio.create_task(consumer.supervise())
+    try:
+        await wait_for(lambda: client.exists(f"clora:interaction:{anchor.trace_id}"), 120, consumer, task)
+        send(config.feedback_topic, joins.model_dump_json().encode())
+        send(config.feedback_topic, dies.model_dump_json().encode())
+
+        async def both_waiting() -> bool:
+            return (await fates.counts(customer))[0] == 2
+        await wait_for(both_waiting, 60, consumer, task)
+        fate = await fates.lookup(customer, joins.event.event_id)
+        assert fate is not None and (fate.state, fate.trace_id) == ("waiting", late.trace_id)
+    finally:
+        consumer.stop()
+        await task
+    assert await client.ttl(f"clora:ingest:{{{config.group_id}}}:waiting:{never.trace_id}") == -1  # no TTL
+    producer.close()
+    broker.stop()
+    broker = start_broker(tmp_path / "b2", port=port)
+    producer = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+    send(config.interactions_topic, late.model_dump_json().encode())  # while ingestion is down
+    await asyncio.sleep(config.max_wait_s + 1)  # past the wait window
+    consumer = IngestConsumer(config, client, replay)
+    task = asyncio.create_task(consumer.supervise())
+    try:
+        async def settled() -> bool:
+            return (await fates.counts(customer)) == (0, 1)
+        await wait_for(settled, 60, consumer, task)
+        joined = await fates.lookup(customer, joins.event.event_id)
+        dead = await fates.lookup(customer, dies.event.event_id)
+    finally:
+        consumer.stop()
+        await task
+    assert joined is not None and joined.state == "in_buffer"
+    assert [r.event_id for r in await replay.sample(customer, 10)] == [joins.event.event_id]
+    assert dead is not None and dead.state == "dead" and f"no interaction for trace {never.trace_id}" in dead.reason
+    assert await fates.lookup(customer, "never-sent") is None
+    producer.close()
+    broker.stop()
+    await client.aclose()
+
+
 async def _size_is(replay: ReplayBuffer, customer: str, n: int) -> bool:
     return (await replay.stats(customer)).size >= n
 
@@ -155,14 +223,14 @@ async def test_ingestion_comes_back_after_redis_dies_and_delivers_what_arrived_m
 
         async def restarting() -> bool:
             return consumer.restarts >= 1 and consumer.health().state == "restarting"
-        await wait_for(restarting, 30)
+        await wait_for(restarting, 30, consumer, task)
         health = consumer.health()
         assert not health.ok and "Error" in health.detail["last_error"]
         await asyncio.sleep(1.0)
         assert not task.done()  # still trying, not gone
 
         service = start_redis(tmp_path / "data", tmp_path, port=port, persistent=True)
-        await wait_for(lambda: _size_is(replay, customer, 2), 60)
+        await wait_for(lambda: _size_is(replay, customer, 2), 60, consumer, task)
         assert {r.event_id for r in await replay.sample(customer, 10)} == {before.event.event_id,
                                                                           during.event.event_id}
         await wait_for(lambda: _true(consumer.health().ok), 30)
@@ -217,7 +285,7 @@ async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_bu
 
     async def stored() -> bool:
         return all([await client.exists(f"clora:interaction:{r.trace_id}") for r in served])
-    await wait_for(stored)
+    await wait_for(stored, 60, consumer, task)
     consumer.stop()
     await task
 
@@ -257,9 +325,9 @@ async def test_feedback_accepted_before_the_broker_restarts_empty_reaches_the_bu
 
 
 async def test_interactions_captured_before_the_broker_restarts_empty_are_ingested(redis_url, tmp_path):
-    """Acknowledged is not stored: capture keeps each acknowledged interaction in its outbox until
-    ingestion has it in Redis; the broker restarts empty before ingestion ran, and the keeper sends
-    them again (through the spool) until all are stored, then the outbox is empty."""
+    """Acknowledged is not stored: capture journals each interaction in its outbox until ingestion
+    has it in Redis; the broker restarts empty before ingestion ran, and the keeper sends them again
+    (through the spool) until all are stored, then the outbox is empty."""
     from clora.core.outbox import Outbox
     from clora.core.services import start_broker
     from clora.runtime.capture import Capture, InteractionOutboxKeeper
@@ -277,11 +345,10 @@ async def test_interactions_captured_before_the_broker_restarts_empty_are_ingest
     consumer = None
     try:
         for record in served:
-            capture.submit(record)
-        deadline = time.monotonic() + 60
-        while len(capture.outbox) < 5:  # all acknowledged by the first broker
-            assert time.monotonic() < deadline, "capture never sent"
-            await asyncio.sleep(0.1)
+            await capture.capture(record)
+        assert len(capture.outbox) == 5  # journaled before the answer would end
+        on_topic = await asyncio.to_thread(read_all, bootstrap, config.interactions_topic, 5)
+        assert sorted(r.trace_id for r in on_topic) == sorted(r.trace_id for r in served)  # the first broker has them
         broker.stop()
         broker = start_broker(tmp_path / "b2", port=port)
         consumer = IngestConsumer(config, client, ReplayBuffer(client))

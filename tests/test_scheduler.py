@@ -145,6 +145,16 @@ def test_a_failing_tenant_is_backed_off_exponentially_and_others_go_on():
     assert sorted(scheduler.pick(both)) == ["bad", "good"]
 
 
+def test_skipped_steps_count_in_a_row_until_the_limit_or_a_step_that_lands():
+    scheduler = Scheduler(max_skipped_steps=3)
+    assert [scheduler.skipped("a") for _ in range(2)] == [1, 2]
+    scheduler.succeeded("a")  # a step that lands: the count starts again
+    assert [scheduler.skipped("a") for _ in range(4)] == [1, 2, 3, 1]  # halted at 3; resumed, 3 more tries
+    assert scheduler.skipped("b") == 1  # per tenant
+    with pytest.raises(ValueError):
+        Scheduler(max_skipped_steps=0)
+
+
 async def test_a_failed_step_is_retried_tenant_by_tenant_and_only_the_failing_one_backs_off(monkeypatch):
     steps: list[list[str]] = []
 

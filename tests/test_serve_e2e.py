@@ -1,6 +1,7 @@
 """`clora serve` as a user runs it: embedded broker and Redis, CLI-made customer, openai SDK,
 capture on Kafka, feedback into the replay buffer, a published adapter, the engine SIGKILLed and
-brought back with its adapters."""
+brought back with its adapters, the whole of `clora serve` SIGKILLed right after an answer and
+feedback on it and started again."""
 
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
     env = {**os.environ, "CLORA_HOME": str(tmp_path / "home"), "CLORA_MODEL": str(tiny_model),
            "CLORA_PORT": str(free_port()), "CLORA_KV_CACHE_GIB": "1", "CLORA_MAX_MODEL_LEN": "1024",
            "CLORA_EVAL_INTERVAL_S": "2", "CLORA_TRAINER_METRICS_PORT": str(free_port())}
-    serve = subprocess.Popen([*CLORA, "serve"], env=env, stdout=open(tmp_path / "serve.out", "wb"),
-                             stderr=subprocess.STDOUT)
+    def start_serve() -> subprocess.Popen:  # its own process group, as a service manager would start it
+        return subprocess.Popen([*CLORA, "serve"], env=env, stdout=open(tmp_path / "serve.out", "ab"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    serve = start_serve()
     state_file = tmp_path / "home" / "serve.json"
     try:
         state = wait_until(lambda: state_file.exists() and json.loads(state_file.read_text()), 300, "serve.json")
@@ -102,7 +105,7 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         assert fb.status_code == 202, fb.text
 
         async def buffered() -> list:
-            client_ = aioredis.Redis.from_url(state["redis_url"])
+            client_ = aioredis.Redis.from_url(json.loads(state_file.read_text())["redis_url"])
             try:
                 return await ReplayBuffer(client_).sample("e2e", 5)
             finally:
@@ -182,6 +185,26 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         again = wait_until(lambda: [p for p in trainers() if p.pid != first[0].pid], 60, "trainer restarted")
         assert len(again) == 1
 
+        # The whole of clora serve is SIGKILLed right after an answer and a 202 for feedback on it
+        # (the interaction still in capture's memory, the broker in-memory), then started again on
+        # the same home: the event reaches the buffer within 60 s of healthy, and its fate says so.
+        raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES, max_tokens=4)
+        last_trace = raw.headers["x-clora-trace-id"]
+        fb = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                        json={"trace_id": last_trace, "rating": "up"})
+        assert fb.status_code == 202, fb.text
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait(30)
+        last_event = fb.json()["event_ids"][0]
+        serve = start_serve()
+        wait_until(lambda: json.loads(state_file.read_text())["pid"] == serve.pid, 300, "serve.json of the restart")
+        wait_until(lambda: healthy(url), 300, "healthy after the restart")
+        wait_until(lambda: last_event in {r.event_id for r in asyncio.run(buffered())}, 60,
+                   "feedback accepted before the SIGKILL in the buffer")
+        admin = {"Authorization": f"Bearer {(tmp_path / 'home' / 'admin_key').read_text().strip()}"}
+        fate = httpx.get(f"{url}/admin/customers/e2e/feedback/{last_event}", headers=admin, timeout=30).json()
+        assert fate["state"] in ("in_buffer", "trained") and fate["trace_id"] == last_trace, fate
+
         children = psutil.Process(serve.pid).children(recursive=True)
         serve.send_signal(signal.SIGINT)
         assert serve.wait(60) == 0
@@ -190,5 +213,5 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         assert not state_file.exists()
     finally:
         if serve.poll() is None:
-            serve.kill()
+            os.killpg(serve.pid, signal.SIGKILL)
         print((tmp_path / "serve.out").read_text()[-3000:])

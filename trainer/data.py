@@ -33,6 +33,7 @@ from clora.agents.catalog import make_env
 from clora.agents.envs import Completion, Episode, EpisodicEnvironment, is_episodic
 from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
+from clora.core.halts import TrainingHalts
 from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore, TenantState
@@ -114,6 +115,7 @@ class TrainerIO:
         self.store, self.client, self.replay, self.configs = store, client, replay, configs
         self.customers, self.tokenizer, self.base_model = customers, tokenizer, base_model
         self.served_base = served_base  # the base model's name on the server
+        self.halts = TrainingHalts(replay.redis)  # tenants whose training is halted: not candidates
         # Held while a tenant's weights change (optimizer step until published) and while a rollout
         # reads which version to sample: a rollout never pairs one version's name with other weights.
         self.policy_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -262,9 +264,9 @@ class TrainerIO:
     async def candidates(self) -> list[Candidate]:
         """Every customer with its work: a full step's worth with an environment, else its new
         records in steps (nothing below `min_records` until the oldest has waited `max_record_wait_s`)."""
-        configs = await self.configs.all()
+        configs, halted = await self.configs.all(), await self.halts.all()
         out = []
-        for customer in [c.name for c in await self.customers.list()]:
+        for customer in [c.name for c in await self.customers.list() if c.name not in halted]:
             config = configs.get(customer) or TenantConfig()
             samples = bool(config.environment and config.weights.onpolicy)
             if samples:
@@ -289,6 +291,11 @@ class TrainerIO:
         self.store.mark_published(customer, checkpoint, published["version"])
         log.info("customer %s: step %s published as %s", customer, checkpoint.name, published["name"])
         return published["name"]
+
+    async def quarantine(self, customer: str, records: list[TrainingRecord], reason: str) -> int:
+        """Records that pushed a step over the logprob-gap bound, out of the buffer into its
+        quarantine (never read again); returns how many."""
+        return await self.replay.quarantine(customer, [r.event_id for r in records], reason)
 
     async def consumed(self, data: TenantData, version: str) -> None:
         """The records `version` learnt from, and the replay buffer's cursor past the new ones."""

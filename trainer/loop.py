@@ -12,8 +12,10 @@
         (Rollouts that do lag are trained as off-policy by one version: step.py.)
   step: sample each tenant's rollouts unless sampled ahead, gather its data (data.py), copy its
         state onto the device, backward of every loss (step.py); then per tenant: skip it if its
-        logprob gap says the trainer does not see what the server sampled, else AdamW, copy back,
-        checkpoint and publish (data.py). Its report says which share of its wall time the engine
+        logprob gap says the trainer does not see what the server sampled (the records over the
+        bound are quarantined, so the tenant moves on to newer ones; after
+        `max_skipped_steps` skips in a row it is halted, /healthz says why), else AdamW, copy
+        back, checkpoint and publish (data.py). Its report says which share of its wall time the engine
         spent sampling for the trainer and the trainer computing (`Timeline`).
 
 Everything it runs with is one frozen `TrainRun`, resolved once by the command.
@@ -57,6 +59,10 @@ RECORDS = Counter("clora_trainer_records_total", "Production records trained on,
                   "ratio_free: rated answers; correction: SFT)", ["customer", "path"])
 GAP = Gauge("clora_trainer_logprob_gap_nats", "|trainer - vLLM| logprob on tokens the trained weights sampled, "
             "last step", ["customer", "stat"])
+QUARANTINED = Counter("clora_trainer_quarantined_records_total", "Records moved to the replay buffer's quarantine: "
+                      "their logprob gap was over the tenant's bound", ["customer"])
+HALTED = Gauge("clora_trainer_halted", "1 while the tenant's training is halted (skipped steps in a row)",
+               ["customer"])
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class TrainRun:
     metrics_port: int = 0  # Prometheus endpoint; 0: none
     pipeline: bool = True  # sample the next step's rollouts while the current step computes
     threads: int = 0  # torch threads; 0: torch's default (resolved by from_settings)
+    max_skipped_steps: int = 5  # a tenant's steps skipped in a row (logprob gap) before it is halted
 
     @classmethod
     def from_settings(cls, settings: Settings, *, gateway_url: str, redis_url: str, model_dir: str | Path,
@@ -93,7 +100,7 @@ class TrainRun:
                    settings.trainer_dir, settings.trainer_keep_checkpoints, settings.replay_capacity,
                    settings.trainer_max_tenants, settings.trainer_idle_s, settings.trainer_max_inflight,
                    settings.served_base_name, settings.trainer_metrics_port, settings.trainer_pipeline,
-                   settings.trainer_threads or trainer_threads(device.type))
+                   settings.trainer_threads or trainer_threads(device.type), settings.trainer_max_skipped_steps)
 
 
 def trainer_threads(device_type: str) -> int:
@@ -209,6 +216,7 @@ class StepReport:
     result: TenantResult  # losses, records per loss path, logprob gap
     seconds: float
     skipped: str | None = None  # why the step was not applied
+    quarantined: int = 0  # records of a skipped step moved to the buffer's quarantine
     # Where the step's time went (the same for every tenant of a step): sampling and reading data
     # (the engine's part), the backward (the trainer's), then optimizer, checkpoint and publish.
     gather_s: float = 0.0
@@ -257,6 +265,9 @@ async def step(trainer: Trainer, customers: list[str], rollouts: dict[str, Rollo
         if gap is not None and gap > d.config.max_logprob_gap:
             report.skipped = (f"logprob gap {gap:.4f} nats (max {result.gap.max:.4f}, {result.gap.tokens} tokens) "
                               f"above max_logprob_gap {d.config.max_logprob_gap}")
+            # The records whose own gap is over the bound leave the buffer; the others are read again.
+            over = [d.rated[i] for i in result.gap.records_over(d.config.max_logprob_gap)]
+            report.quarantined = await io.quarantine(d.customer, over, report.skipped)
         else:
             async with io.policy_locks[d.customer]:
                 with timeline.busy("trainer"):
@@ -354,9 +365,7 @@ async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str],
     for report in reports:
         observe(report)
         if report.skipped:
-            delay = scheduler.failed(report.customer)
-            log.warning("customer %s: step %d skipped: %s; backing off %.0f s", report.customer, report.step,
-                        report.skipped, delay)
+            await skipped(trainer, scheduler, report)
             continue
         scheduler.succeeded(report.customer)
         reward = f"{report.mean_reward:.3f}" if report.mean_reward is not None else "-"
@@ -371,9 +380,30 @@ async def train(trainer: Trainer, scheduler: Scheduler, customers: list[str],
     return reports
 
 
+async def skipped(trainer: Trainer, scheduler: Scheduler, report: StepReport) -> None:
+    """A skipped step: records quarantined, the tenant tries its newer ones at once; nothing
+    quarantined (the gap was its rollouts'), it is backed off. Too many in a row: halted."""
+    customer = report.customer
+    in_a_row = scheduler.skipped(customer)
+    if in_a_row >= scheduler.max_skipped_steps:
+        await trainer.io.halts.halt(customer, report.skipped or "", in_a_row)
+        HALTED.labels(customer).set(1)
+        log.error("customer %s: training halted after %d skipped steps in a row (last: %s); set its trainer config "
+                  "again or restart the trainer to resume", customer, in_a_row, report.skipped)
+    elif report.quarantined:
+        log.warning("customer %s: step %d skipped: %s; %d records quarantined", customer, report.step,
+                    report.skipped, report.quarantined)
+    else:
+        delay = scheduler.failed(customer)
+        log.warning("customer %s: step %d skipped: %s; backing off %.0f s", customer, report.step,
+                    report.skipped, delay)
+
+
 def observe(report: StepReport) -> None:
     """The step's outcome, records per loss path and logprob gap, as metrics."""
     STEPS.labels(report.customer, "skipped" if report.skipped else "published").inc()
+    if report.quarantined:
+        QUARANTINED.labels(report.customer).inc(report.quarantined)
     for path, count in report.result.paths.items():
         RECORDS.labels(report.customer, path).inc(count)
     gap = report.result.gap
@@ -415,12 +445,14 @@ async def main(run: TrainRun) -> None:
     async with connect(run) as trainer:
         log.info("trainer up on %s, %s (gateway %s)", run.device, run.dtype, run.gateway_url)
         await trainer.io.recover_all()  # checkpoints a previous run wrote but did not get to publish
+        await trainer.io.halts.clear()  # a restart (a fixed deployment, say) resumes halted tenants
 
         async def candidates() -> list[Candidate]:  # serving first: no training while it is saturated
             load = await trainer.io.client.load()
             busy = load["requests_in_flight"] > run.max_inflight or not load["engine_ready"]
             return [] if busy else await trainer.io.candidates()
 
-        async for _ in drive(trainer, Scheduler(run.max_tenants), candidates, stop, pipeline=run.pipeline,
+        scheduler = Scheduler(run.max_tenants, max_skipped_steps=run.max_skipped_steps)
+        async for _ in drive(trainer, scheduler, candidates, stop, pipeline=run.pipeline,
                              idle_s=run.idle_s):
             pass

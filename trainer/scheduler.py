@@ -3,7 +3,8 @@
 Every tenant with something to learn from (an environment, or enough new feedback) earns credit
 each round in proportion to its priority and pending work; the step takes the tenants with the most
 credit, up to `max_tenants` (all of them when they fit: one batched step serves them all). A tenant
-whose step failed is backed off exponentially, so it never holds up the others. `peek` says who
+whose step failed is backed off exponentially, so it never holds up the others; steps skipped in a
+row are counted (the loop halts a tenant at `max_skipped_steps`). `peek` says who
 the next pick would be, changing nothing: the pipelined loop samples their rollouts ahead.
 """
 
@@ -25,10 +26,11 @@ class Candidate:
 
 class Scheduler:
     def __init__(self, max_tenants: int = 8, base_backoff_s: float = 5.0, max_backoff_s: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic):
-        if max_tenants < 1:
-            raise ValueError("max_tenants must be at least 1")
-        self.max_tenants = max_tenants
+                 clock: Callable[[], float] = time.monotonic, max_skipped_steps: int = 5):
+        if max_tenants < 1 or max_skipped_steps < 1:
+            raise ValueError("max_tenants and max_skipped_steps must be at least 1")
+        self.max_tenants, self.max_skipped_steps = max_tenants, max_skipped_steps
+        self.skips: dict[str, int] = defaultdict(int)
         self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
         self.clock = clock
         self.credit: dict[str, float] = defaultdict(float)
@@ -66,6 +68,16 @@ class Scheduler:
         self.backoff_until[customer] = self.clock() + delay
         return delay
 
+    def skipped(self, customer: str) -> int:
+        """Counts a skipped step; returns how many in a row (from 1 again once it reaches the limit:
+        the tenant is then halted, and a resumed one gets the whole count again)."""
+        self.skips[customer] += 1
+        in_a_row = self.skips[customer]
+        if in_a_row >= self.max_skipped_steps:
+            self.skips.pop(customer)
+        return in_a_row
+
     def succeeded(self, customer: str) -> None:
         self.failures.pop(customer, None)
         self.backoff_until.pop(customer, None)
+        self.skips.pop(customer, None)

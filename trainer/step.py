@@ -82,8 +82,12 @@ class Gap:
     total: float = 0.0
     max: float = 0.0
     outside: int = 0  # tokens vLLM sampled that the trainer's top-k/top-p set excludes (not in the mean)
+    # Per rated record (its index in `TenantData.rated`): (total, tokens), so that a step over the
+    # bound can tell which records pushed it there (they are quarantined, the others kept).
+    records: dict[int, tuple[float, int]] = field(default_factory=dict)
 
-    def add(self, trainer_N: torch.Tensor, served_N: torch.Tensor) -> None:
+    def add(self, trainer_N: torch.Tensor, served_N: torch.Tensor, rows_N: torch.Tensor | None = None) -> None:
+        """`rows_N`: each token's rated record, when the tokens are records' (not on-policy groups')."""
         trainer_N, served_N = trainer_N.detach().float().cpu(), served_N.detach().float().cpu()
         finite = torch.isfinite(trainer_N) & torch.isfinite(served_N)
         diff = (trainer_N[finite] - served_N[finite]).abs()
@@ -92,10 +96,20 @@ class Gap:
             self.tokens += diff.numel()
             self.total += float(diff.sum())
             self.max = max(self.max, float(diff.max()))
+            if rows_N is not None:
+                rows = rows_N.detach().cpu()[finite]
+                for row in rows.unique().tolist():
+                    total, tokens = self.records.get(row, (0.0, 0))
+                    mine = diff[rows == row]
+                    self.records[row] = (total + float(mine.sum()), tokens + mine.numel())
 
     @property
     def mean(self) -> float | None:
         return self.total / self.tokens if self.tokens else None
+
+    def records_over(self, bound: float) -> list[int]:
+        """The rated records whose own mean gap is above `bound` (indices into `TenantData.rated`)."""
+        return sorted(row for row, (total, tokens) in self.records.items() if total / tokens > bound)
 
 
 @dataclass
@@ -324,7 +338,7 @@ def offpolicy_backward(model: nn.Module, layers: Layers, rated: list[TenantData]
         advantages_N = advantages_S[t].to(device)[rows_N]
         importance_N = torch.tensor([paths[t][r] == IMPORTANCE for r in rows_N.tolist()], device=device)
         current_N = torch.tensor([d.current[r] for r in rows_N.tolist()], device=device) & importance_N
-        results[t].gap.add(logp_N[current_N], behaviour_logp_N[current_N])
+        results[t].gap.add(logp_N[current_N], behaviour_logp_N[current_N], rows_N[current_N])
         # Each path's loss is a mean over its tokens; their sum, weighted by token shares, is the mean over all.
         loss = logp_N.new_zeros(())
         for mask, path_loss in ((importance_N, lambda m: off_policy_loss(logp_N[m], behaviour_logp_N[m],

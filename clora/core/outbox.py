@@ -6,6 +6,11 @@ never touches the disk and a burst of requests shares one fsync. A message stays
 names its id (its consumer has it stored); the keeper sends again whatever is left unconfirmed too
 long (at-least-once: consumers are idempotent by id), so a broker that restarted empty is refilled.
 
+A journal (`journal`) is the same with the fsync taken off the caller's path: the writer thread
+hands the messages to the operating system (write(2)) and answers; it fsyncs what it wrote at most
+`sync_every_s` later. What a SIGKILL of the process can lose: nothing; a machine crash: at most
+that last interval's writes.
+
 Files: `out-<seq>.jsonl` (messages) and `out-<seq>.done` (confirmed ids), both append-only; a
 sealed segment whose messages are all confirmed is deleted. Pending bytes are bounded: past
 `max_bytes`, `add` raises OutboxFull (the caller answers 503: its consumer is not keeping up).
@@ -58,8 +63,11 @@ class _Segment:
 
 
 class Outbox:
-    def __init__(self, directory: Path, max_bytes: int = 256 << 20, segment_bytes: int = SEGMENT_BYTES):
+    def __init__(self, directory: Path, max_bytes: int = 256 << 20, segment_bytes: int = SEGMENT_BYTES,
+                 sync_every_s: float = 0.2):
         self.dir = directory
+        self.sync_every_s = sync_every_s
+        self._unsynced: set[Path] = set()  # segments written by `journal` and not fsync'd since
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -115,20 +123,31 @@ class Outbox:
         added again). Raises OutboxFull past `max_bytes`."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._writes.put((messages, done, loop))
+        self._writes.put((messages, done, loop, True))
         return await done
 
-    def add_now(self, messages: list[OutboxMessage]) -> set[str]:
-        """`add` for a thread that may block on the disk (one write, one fsync)."""
-        (result,) = self._append([messages])
-        if isinstance(result, Exception):
-            raise result
-        return result
+    async def journal(self, messages: list[OutboxMessage], wait_s: float) -> bool:
+        """Handed to the operating system (write(2), fsync'd within `sync_every_s`), as `add`
+        otherwise. False when the write took longer than `wait_s` (a stalled disk): the caller goes
+        on, the write still lands. Raises OutboxFull past `max_bytes`."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._writes.put((messages, done, loop, False))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), wait_s)
+        except asyncio.TimeoutError:
+            done.add_done_callback(_quietly)
+            return False
+        return True
 
     def _write_loop(self) -> None:
+        last_sync = time.monotonic()
         while not self._stop.is_set() or not self._writes.empty():
+            if self._unsynced and time.monotonic() - last_sync >= self.sync_every_s:
+                self._sync_journal()
+                last_sync = time.monotonic()
             try:
-                work = [self._writes.get(timeout=0.1)]
+                work = [self._writes.get(timeout=min(0.1, self.sync_every_s))]
             except queue.Empty:
                 continue
             while True:
@@ -136,15 +155,32 @@ class Outbox:
                     work.append(self._writes.get_nowait())
                 except queue.Empty:
                     break
+            durable = any(sync for *_, sync in work)
             try:
-                results = self._append([messages for messages, _, _ in work])
+                results = self._append([messages for messages, *_ in work], fsync=durable)
             except Exception as exc:  # noqa: BLE001 - every waiting caller learns of it
                 results = [exc] * len(work)
-            for (_, done, loop), result in zip(work, results):
+            for (_, done, loop, _), result in zip(work, results):
                 loop.call_soon_threadsafe(_settle, done, result)
+        self._sync_journal()
 
-    def _append(self, batches: list[list[OutboxMessage]]) -> list[set[str] | Exception]:
-        """One write and one fsync for all the batches; each batch all in, or OutboxFull."""
+    def _sync_journal(self) -> None:
+        """fsync what `journal` wrote (the segments' files, opened again: the inode is what counts)."""
+        with self._lock:
+            paths, self._unsynced = self._unsynced, set()
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # every message confirmed and the segment deleted
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def _append(self, batches: list[list[OutboxMessage]], fsync: bool = True) -> list[set[str] | Exception]:
+        """One write (and one fsync, unless a journal's) for all the batches; each batch all in, or
+        OutboxFull."""
         results: list[set[str] | Exception] = []
         lines: list[bytes] = []
         with self._lock:
@@ -171,7 +207,11 @@ class Outbox:
                 with open(segment.path, "ab") as f:
                     f.write(blob)
                     f.flush()
-                    os.fsync(f.fileno())
+                    if fsync:
+                        os.fsync(f.fileno())
+                        self._unsynced.discard(segment.path)
+                    else:
+                        self._unsynced.add(segment.path)
                 segment.bytes += len(blob)
         return results
 
@@ -279,6 +319,12 @@ class OutboxKeeper:
             RESENT.labels(self.name).inc(len(stale))
         PENDING.labels(self.name).set(len(self.outbox))
         return confirmed, len(stale)
+
+
+def _quietly(future: asyncio.Future) -> None:
+    """A journal write nobody waits for any more: its error is logged, not left unretrieved."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("journal write failed after its caller went on: %s", future.exception())
 
 
 def _settle(future: asyncio.Future, result: object) -> None:

@@ -90,8 +90,12 @@ class Settings(BaseSettings):
     capture_batch_s: float = Field(default=0.5, ge=0, description="Records go to Kafka in batches at most this "
                                    "often: one broker round trip per batch, not per record.")
     spool_max_bytes: int = Field(default=1 << 30, description="On-disk spool bound.")
-    capture_outbox_max_bytes: int = Field(default=256 << 20, gt=0, description="Captured interactions the broker "
-                                          "acknowledged but ingestion has not stored yet, kept on disk to send again.")
+    capture_outbox_max_bytes: int = Field(default=256 << 20, gt=0, description="Captured interactions ingestion "
+                                          "has not stored yet, journaled on disk before the answer ends to send again.")
+    capture_journal_wait_s: float = Field(default=0.05, gt=0, description="How long an answer waits for its "
+                                          "record's journal write (a stalled disk): then it is served and counted.")
+    capture_sync_every_s: float = Field(default=0.2, gt=0, description="Journaled records are fsync'd at least "
+                                        "this often: what a machine crash (not a process kill) can lose.")
     capture_resend_after_s: float = Field(default=30.0, gt=0, description="A captured interaction ingestion has "
                                           "not stored this long after sending is sent to the broker again.")
 
@@ -139,6 +143,9 @@ class Settings(BaseSettings):
     trainer_idle_s: float = Field(default=5.0, description="Pause when no tenant has anything to learn.")
     trainer_max_inflight: int = Field(default=64, description="Serving requests in flight above which training waits.")
     trainer_keep_checkpoints: int = Field(default=5, description="Trainer state checkpoints kept per customer.")
+    trainer_max_skipped_steps: int = Field(default=5, ge=1, description=(
+        "A tenant's steps skipped in a row (logprob gap over its bound; the records over it quarantined) "
+        "before its training is halted and /healthz says why (set its trainer config again, or restart, to resume)."))
     trainer_metrics_port: int = Field(default=9464, ge=0, le=65535,
                                       description="Prometheus metrics of the trainer (steps, logprob gap); 0: off.")
 

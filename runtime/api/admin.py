@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 
+from clora.core.halts import TrainingHalts
 from clora.core.http import APIError, model_not_found
 from clora.core.tenant_configs import TenantConfigStore
 from clora.runtime.api.deps import (
@@ -131,11 +132,27 @@ async def customer_adapters(scope: AdminOf) -> dict:
 
 @router.get("/customers/{customer}/replay")
 async def customer_replay(scope: AdminOf, newest: int = Query(10, ge=0, le=100)) -> dict:
-    """The customer's replay buffer: size, capacity, records pushed, duplicates, evicted and
-    consumed, by kind; the `newest` records with the versions whose steps trained on them."""
+    """The customer's replay buffer: size, capacity, records pushed, duplicates, evicted, consumed
+    and quarantined (moved out by the trainer: logprob gap over the bound), by kind; feedback
+    `waiting` for its interaction and `dead_lettered` by ingestion; the `newest`
+    records with the versions whose steps trained on them."""
     if scope.gateway.replay_report is None:
         raise APIError(404, "This gateway has no replay buffers attached.", "replay_unavailable")
     return (await scope.gateway.replay_report(scope.customer, newest)).model_dump(mode="json")
+
+
+@router.get("/customers/{customer}/feedback/{event_id}")
+async def feedback_fate(scope: AdminOf, event_id: str) -> dict:
+    """What became of one feedback event: `accepted` (not yet handled by ingestion), `waiting` (for
+    its interaction), `in_buffer`, `trained` (`trained_by`: the versions whose steps used it),
+    `quarantined` or `dead` (`reason`, `at`), `evicted` (stored, then pushed out by newer records)."""
+    if scope.gateway.event_fate is None:
+        raise APIError(404, "This gateway has no feedback pipeline attached.", "replay_unavailable")
+    fate = await scope.gateway.event_fate(scope.customer, event_id)
+    if fate is None:
+        raise APIError(404, f"No feedback event {event_id!r} is known for this customer (never accepted, or "
+                            "forgotten: applied ids are kept a week).", "event_not_found")
+    return fate.model_dump(mode="json")
 
 
 @router.get("/customers/{customer}/trainer-config")
@@ -158,6 +175,8 @@ async def set_trainer_config(scope: AdminOf, body: TrainerConfigIn) -> dict:
                            "targets" if "target" in str(exc) else "rank") from None
     await _configs(scope).set(scope.customer, config)
     await scope.gateway.audit.record("trainer_config.set", scope.customer, config=config.model_dump())
+    if await TrainingHalts(_configs(scope).redis).resume(scope.customer):  # the operator's fix: try again
+        await scope.gateway.audit.record("training.resumed", scope.customer)
     return config.model_dump()
 
 

@@ -2,13 +2,14 @@
 
 Per request: authenticate the key -> validate the body -> resolve `model` to an adapter version
 the caller owns -> forward to vLLM asking for token ids and logprobs -> give the client what it
-asked for -> hand the full interaction to capture (never waiting on Kafka).
+asked for -> hand the full interaction to capture before the answer's last byte (journaled, so a
+crash right after the answer cannot lose it; never waiting on Kafka).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -16,7 +17,6 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import Counter, Histogram
-from starlette.background import BackgroundTask
 
 from clora.core.http import APIError, model_not_found
 from clora.runtime.adapters import AdapterVersion
@@ -34,7 +34,7 @@ TRACE_HEADER = "X-Clora-Trace-Id"
 REQUESTS = Counter("clora_requests_total", "Chat requests by status", ["status", "stream"])
 LATENCY = Histogram("clora_request_seconds", "Chat request latency through the gateway", ["stream"],
                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-Record = Callable[[list[int], list[CapturedChoice]], None]
+Record = Callable[[list[int], list[CapturedChoice]], Awaitable[None]]
 
 
 @router.post("/v1/chat/completions", openapi_extra=CHAT_BODY.openapi, response_model=None)
@@ -94,15 +94,13 @@ async def respond(gateway: Gateway, request: Request, customer: str, slot: Slot,
         finally:
             await stack.aclose()
 
-        async def record_answer() -> None:  # once the response is on the wire (async: no thread hop)
-            record(payload.get("prompt_token_ids") or [], captured_choices(payload))
-
         slot.done((payload.get("usage") or {}).get("total_tokens") or 0)
+        await record(payload.get("prompt_token_ids") or [], captured_choices(payload))  # before any byte of it
 
         REQUESTS.labels("200", "false").inc()
         LATENCY.labels("false").observe(time.time() - arrived)
         return Response(orjson.dumps(for_client(payload, trace_id, shown_model, wants)),
-                        media_type="application/json", headers=headers, background=BackgroundTask(record_answer))
+                        media_type="application/json", headers=headers)
     REQUESTS.labels("200", "true").inc()
     return StreamingResponse(relay(resp, stack, record, trace_id, shown_model, wants, arrived, slot),
                              media_type="text/event-stream", headers=headers)
@@ -111,10 +109,10 @@ async def respond(gateway: Gateway, request: Request, customer: str, slot: Slot,
 def recorder(gateway: Gateway, customer: str, version: AdapterVersion | None, chat: ChatRequest,
              raw: dict[str, Any], trace_id: str, arrived: float) -> Record:
     """How this request's interaction goes to capture once its answer is complete."""
-    def record(prompt_ids: list[int], choices: list[CapturedChoice]) -> None:
+    async def record(prompt_ids: list[int], choices: list[CapturedChoice]) -> None:
         if gateway.capture is None:
             return
-        gateway.capture.submit(InteractionRecord(
+        await gateway.capture.capture(InteractionRecord(
             trace_id=trace_id, customer=customer, adapter=version.name if version else None,
             adapter_version=version.version if version else None, base_model=gateway.config.base_model,
             request=CapturedRequest(messages=raw["messages"], tools=chat.tools, tool_choice=chat.tool_choice,
@@ -137,7 +135,7 @@ async def relay(resp: EngineResponse, stack: AsyncExitStack, record: Record, tra
                 # Captured before the client sees the end: a client that hangs up right
                 # after [DONE] cancels this generator at its next await.
                 if acc.complete():
-                    record(acc.prompt_token_ids, acc.choices())
+                    await record(acc.prompt_token_ids, acc.choices())
                     recorded = True
                 yield b"data: [DONE]\n\n"
                 continue
@@ -149,4 +147,4 @@ async def relay(resp: EngineResponse, stack: AsyncExitStack, record: Record, tra
         LATENCY.labels("true").observe(time.time() - arrived)
         slot.done(acc.tokens())
     if not recorded and acc.complete():  # an engine that ended the stream without [DONE]
-        record(acc.prompt_token_ids, acc.choices())
+        await record(acc.prompt_token_ids, acc.choices())

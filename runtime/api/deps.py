@@ -58,13 +58,15 @@ class Gateway:
     configs: TenantConfigStore | None = None  # trainer configs (the admin API sets them)
     validate_lora: Callable[[int, list[str]], None] | None = None  # raises AdapterRejected
     # Background components shown in /healthz (ingestion...): degraded ones do not make it a 503.
-    health_checks: dict[str, Callable[[], ComponentHealth]] = field(default_factory=dict)
+    health_checks: dict[str, Callable[[], ComponentHealth | Awaitable[ComponentHealth]]] = field(default_factory=dict)
     # A customer's replay buffer report (counters, newest records): the feedback stage's, set by
     # the composition root (the gateway does not import the stages above it).
     replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None
     # Deletes what the stages above keep of a customer (replay buffer, evals, trainer state);
     # returns counts for the answer. Set by the composition root, like `replay_report`.
     purge_customer: Callable[[str], Awaitable[dict]] | None = None
+    # What became of one feedback event (customer, event id), None when unknown: set like `replay_report`.
+    event_fate: Callable[[str, str], Awaitable[BaseModel | None]] | None = None
     limits: CustomerLimits = field(init=False)
     audit: AuditLog = field(init=False)
 

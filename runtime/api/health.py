@@ -1,9 +1,11 @@
 """Operations: `GET /healthz` (engine, capture and background components) and `GET /metrics`
 (Prometheus). Only an engine that cannot serve makes /healthz a 503 (a load balancer then takes the
-replica out); a lagging or restarting ingestion is reported as "degraded" with a 200: serving is
-unaffected, and pulling the replica would not help ingestion."""
+replica out); a lagging or restarting ingestion, or a tenant whose training is halted, is reported
+as "degraded" with a 200: serving is unaffected, and pulling the replica would not help."""
 
 from __future__ import annotations
+
+import inspect
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -17,7 +19,10 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 async def healthz(gateway: GatewayDep) -> JSONResponse:
     ready = gateway.engine.is_ready()
-    components = {name: check() for name, check in gateway.health_checks.items()}
+    components = {}
+    for name, check in gateway.health_checks.items():
+        health = check()
+        components[name] = await health if inspect.isawaitable(health) else health
     body = {"status": "ok" if ready and all(c.ok for c in components.values()) else "degraded", "engine": ready,
             "capture_connected": gateway.capture.connected() if gateway.capture else None,
             **{name: c.model_dump() for name, c in components.items()}}
