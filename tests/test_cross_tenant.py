@@ -32,7 +32,7 @@ def admin_routes(stack, victim: str, served: str) -> list[tuple[str, str, dict |
     for template, operations in stack.stack.server.config.app.openapi()["paths"].items():
         if not template.startswith("/admin"):
             continue
-        path = template.replace("{customer}", victim).replace("{name}", "ops")
+        path = template.replace("{customer}", victim).replace("{name}", "ops").replace("{event_id}", "ev-1")
         assert "{" not in path, f"a new path parameter in {template}: give it a value here"
         for method in operations:
             body = admin_body(template, served) if method in ("post", "put") else None
