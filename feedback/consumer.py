@@ -110,6 +110,14 @@ class IngestConsumer:
         self.restarts = 0
         self.last_error: str | None = None
         self.lag = 0
+        self._pass: asyncio.Task | None = None
+        self._cancel_armed = False
+
+    def cancel_mid_batch(self) -> None:
+        """Fault hook (`CLORA_FAULT_HOOKS`, tests and the soak only): the pass handling the next
+        non-empty batch is cancelled once its interactions are written and before anything is
+        committed, a crash at the worst point; the supervisor must start it again."""
+        self._cancel_armed = True
 
     # Waiting feedback belongs to this consumer group (another group on the same Redis has its own).
     def _waiting(self, trace_id: str) -> str:
@@ -149,25 +157,35 @@ class IngestConsumer:
         """Consume until stop(), again after each failure: waits `restart_backoff_s`, doubling
         while it keeps failing within a minute of starting. The Kafka consumer is kept and rewound
         to the committed offsets (a new group member would wait for the old one's session to
-        expire: minutes on the embedded broker); only a consumer that cannot rewind is replaced."""
+        expire: minutes on the embedded broker); only a consumer that cannot rewind is replaced.
+        Each pass is a task of its own: a pass cancelled while the supervisor is not (a bug, a
+        library cancelling what it should not, the fault hook) is a failure like any other."""
         backoff = self.config.restart_backoff_s
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
+                self._pass = asyncio.create_task(self._consume(), name="ingest-pass")
                 try:
-                    await self._consume()
+                    await self._pass
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise  # the supervisor itself is being stopped
+                    failure: BaseException = RuntimeError("the ingestion pass was cancelled")
                 except Exception as exc:  # noqa: BLE001 - whatever failed, ingestion must come back
-                    self.restarts += 1
-                    self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    self.state = "restarting"
-                    RESTARTS.inc()
-                    UP.set(0)
-                    log.exception("ingestion failed (restart %d in %.1f s)", self.restarts, backoff)
-                    if time.monotonic() - started > 60:
-                        backoff = self.config.restart_backoff_s  # it had stayed up: not a crash loop
-                    await asyncio.to_thread(self._stop.wait, backoff)
-                    backoff = min(backoff * 2, max_backoff_s)
-                    await asyncio.to_thread(self._rewind)
+                    failure = exc
+                else:
+                    continue
+                self.restarts += 1
+                self.last_error = f"{type(failure).__name__}: {str(failure)[:300]}"
+                self.state = "restarting"
+                RESTARTS.inc()
+                UP.set(0)
+                log.error("ingestion failed (restart %d in %.1f s)", self.restarts, backoff, exc_info=failure)
+                if time.monotonic() - started > 60:
+                    backoff = self.config.restart_backoff_s  # it had stayed up: not a crash loop
+                await asyncio.to_thread(self._stop.wait, backoff)
+                backoff = min(backoff * 2, max_backoff_s)
+                await asyncio.to_thread(self._rewind)
         finally:
             await asyncio.to_thread(self._close)
             self.state = "stopped"
@@ -271,6 +289,11 @@ class IngestConsumer:
             except (ValidationError, ValueError) as exc:
                 self._malformed(exc, tp, offset, value)
         released = await self._store_interactions(interactions)
+        if self._cancel_armed and messages:
+            self._cancel_armed = False
+            # What a cancel delivers at an await, here for certain (a cancel() could land in a poll,
+            # whose thread would go on using the consumer beside the restarted pass).
+            raise asyncio.CancelledError("fault hook: cancelled mid-batch")
         # Each released event leaves the customer's waiting index once its push is done (below).
         handled: list[str] = []  # the feedback messages' ids, for the webhook's outbox
         joins = [asyncio.create_task(self._join(released))] if released else []

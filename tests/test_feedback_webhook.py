@@ -154,7 +154,7 @@ def test_the_admin_replay_report_shows_what_reached_the_buffer(gateway, make_cus
     assert accepted.status_code == 202, accepted.text
     deadline = time.monotonic() + 60
     while (report := admin.get(f"/admin/customers/{name}/replay", params={"newest": 5}).json())["stats"]["size"] < 2:
-        assert time.monotonic() < deadline, report
+        assert time.monotonic() < deadline, (report, admin.get("/healthz").json().get("ingestion"))
         time.sleep(0.3)
     assert report["stats"]["by_kind"] == {"rating": 1, "reward": 1} and report["stats"]["capacity"] > 0
     assert {e["event_id"] for e in report["newest"]} == set(accepted.json()["event_ids"])
@@ -190,3 +190,36 @@ def test_a_requests_events_go_out_as_one_post_per_customer_each_under_the_size_l
     assert [p.customer for p, _ in posts[:2]] == ["a", "b"] and len(posts) > 3  # c's 600 KB split
     assert by_customer == {"a": ["a0", "a1", "a2"], "b": ["b0"], "c": [f"c{i}" for i in range(150)]}
     assert len({p.id for p, _ in posts}) == len(posts)
+
+
+async def test_redis_down_is_a_503_with_retry_after_not_a_500(tmp_path):
+    """Redis restarting (killed, its append-only file replaying) is an outage of a dependency: the
+    key cannot be checked, and the caller is told to retry (503 `redis_unavailable`, Retry-After),
+    not handed a 500 as if its request were at fault."""
+    import signal
+
+    from fastapi import FastAPI
+
+    from clora.core.http import install_error_handlers
+    from clora.core.services import start_redis
+    from clora.core.traces import TraceSigner
+    from clora.feedback.webhook import WebhookLimits, mount_feedback
+
+    valkey = start_redis(tmp_path / "data", tmp_path)
+    client = aioredis.Redis.from_url(valkey.url, socket_timeout=2)
+    app = FastAPI()
+    install_error_handlers(app)
+    mount_feedback(app, CustomerStore(client), TraceSigner(b"s" * 32), FeedbackPublisher("127.0.0.1:1", TOPIC),
+                   WebhookLimits())
+    valkey.process.proc.send_signal(signal.SIGKILL)
+    valkey.process.proc.wait()
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            resp = await http.post("/v1/feedback", headers={"Authorization": "Bearer sk-clora-never-seen"},
+                                   json={"trace_id": "t", "rating": "up"})
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["retry-after"] == "5" and resp.json()["error"]["code"] == "redis_unavailable"
+    finally:
+        await client.aclose()
+        valkey.stop()

@@ -243,6 +243,47 @@ async def test_ingestion_comes_back_after_redis_dies_and_delivers_what_arrived_m
     assert consumer.health().state == "stopped"
 
 
+async def test_an_ingestion_pass_cancelled_mid_batch_is_started_again_and_delivers_once(broker, redis_url):
+    """The pass is cancelled (the `CLORA_FAULT_HOOKS` hook) once a batch's interactions are written,
+    before its feedback is joined or anything committed: the supervisor counts a restart instead of
+    ending with the pass, the rewound consumer reads the batch again, and every event reaches the
+    buffer once."""
+    config = topics(uuid.uuid4().hex[:8])
+    config.bootstrap, config.restart_backoff_s = broker, 0.2
+    client = aioredis.Redis.from_url(redis_url)
+    replay = ReplayBuffer(client)
+    producer = KafkaProducer(bootstrap_servers=broker, acks="all")
+    customer = f"cxl-{uuid.uuid4().hex[:6]}"
+
+    def send_pair(n: int) -> FeedbackMessage:
+        served = interaction(n, customer)
+        rated = feedback(served.trace_id, customer)
+        producer.send(config.interactions_topic, key=customer.encode(), value=served.model_dump_json().encode())
+        producer.send(config.feedback_topic, key=customer.encode(), value=rated.model_dump_json().encode())
+        producer.flush()
+        return rated
+
+    consumer = IngestConsumer(config, client, replay)
+    task = asyncio.create_task(consumer.supervise())
+    try:
+        sent = [send_pair(0)]
+        await wait_for(lambda: _size_is(replay, customer, 1), 120, consumer, task)  # joins its group first
+        consumer.cancel_mid_batch()
+        sent += [send_pair(n) for n in range(1, 4)]
+        await wait_for(lambda: _true(consumer.restarts == 1), 60, consumer, task)
+        assert "cancelled" in consumer.health().detail["last_error"]
+        await wait_for(lambda: _size_is(replay, customer, 4), 60, consumer, task)
+        assert {r.event_id for r in await replay.sample(customer, 10)} == {m.event.event_id for m in sent}
+        assert (await replay.stats(customer)).pushed == 4
+        await wait_for(lambda: _true(consumer.health().state == "running"), 30, consumer, task)
+        assert consumer.restarts == 1 and not task.done()
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 30)
+        producer.close()
+        await client.aclose()
+
+
 async def _true(value: bool) -> bool:
     return value
 

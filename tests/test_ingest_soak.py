@@ -105,4 +105,5 @@ def test_nothing_lost_nothing_twice_across_kills(broker, redis_url, tmp_path):
         assert len(got[customer]) == len(set(got[customer])), f"{customer}: duplicates"
         assert set(got[customer]) == expected[customer], (
             f"{customer}: {len(expected[customer] - set(got[customer]))} missing, "
-            f"{len(set(got[customer]) - expected[customer])} unexpected")
+            f"{len(set(got[customer]) - expected[customer])} unexpected; the ingestion's log ends: "
+            + (tmp_path / "ingest.log").read_text()[-2000:])

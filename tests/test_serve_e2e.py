@@ -28,14 +28,23 @@ pytestmark = pytest.mark.slow
 CLORA = [sys.executable, "-m", "clora.cli.main"]
 
 
-def wait_until(predicate, timeout_s: float, what: str):
+def wait_until(predicate, timeout_s: float, what: str, where=None):
+    """`predicate()`'s first truthy value; a timeout says what it waited for and, given `where`,
+    where things stood (the ingestion's state, for a wait on the buffer)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.5)
-    raise TimeoutError(what)
+    raise TimeoutError(f"{what}; {where()}" if where else what)
+
+
+def ingestion(url: str) -> str:
+    try:
+        return f"ingestion: {httpx.get(f'{url}/healthz', timeout=5).json().get('ingestion')}"
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"/healthz: {exc!r}"
 
 
 def healthy(url: str) -> bool:
@@ -111,7 +120,8 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
             finally:
                 await client_.aclose()
 
-        records = wait_until(lambda: asyncio.run(buffered()), 120, "feedback in the replay buffer")
+        records = wait_until(lambda: asyncio.run(buffered()), 120, "feedback in the replay buffer",
+                             lambda: ingestion(url))
         assert records[0].event_id == fb.json()["event_ids"][0]
         assert records[0].completion_token_ids == record.choices[0].token_ids
 
@@ -200,7 +210,7 @@ def test_clora_serve_end_to_end(tiny_model: Path, make_adapter, tmp_path: Path):
         wait_until(lambda: json.loads(state_file.read_text())["pid"] == serve.pid, 300, "serve.json of the restart")
         wait_until(lambda: healthy(url), 300, "healthy after the restart")
         wait_until(lambda: last_event in {r.event_id for r in asyncio.run(buffered())}, 60,
-                   "feedback accepted before the SIGKILL in the buffer")
+                   "feedback accepted before the SIGKILL in the buffer", lambda: ingestion(url))
         admin = {"Authorization": f"Bearer {(tmp_path / 'home' / 'admin_key').read_text().strip()}"}
         fate = httpx.get(f"{url}/admin/customers/e2e/feedback/{last_event}", headers=admin, timeout=30).json()
         assert fate["state"] in ("in_buffer", "trained") and fate["trace_id"] == last_trace, fate

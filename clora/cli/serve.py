@@ -34,6 +34,8 @@ def serve(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(stack.server, "should_exit", True))
+        if settings.fault_hooks:  # the soak's ingestion fault, injected from outside the process
+            loop.add_signal_handler(signal.SIGUSR1, stack.ingest.cancel_mid_batch)
         try:
             await stack.serve()
         finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import orjson
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -70,6 +71,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(redis.exceptions.ConnectionError)  # also BusyLoadingError: an AOF being replayed
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Redis restarting is an outage of a dependency, not a bug of this request: retry shortly.
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, "A storage dependency is unavailable; retry shortly.", "redis_unavailable",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

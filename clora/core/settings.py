@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     eval_tolerance: float = Field(default=0.05, ge=0, le=1,
                                   description="A candidate may score this much below the served version.")
 
+    # Tests and the soak only.
+    fault_hooks: bool = Field(default=False, description="`clora serve` cancels its ingestion pass mid-batch on "
+                              "SIGUSR1 (a fault the soak injects from outside the process).")
+
     def child_env(self) -> dict[str, str]:
         """These settings as `CLORA_*` variables: a child process (the trainer) then runs with exactly
         them, whether they came from the environment or were set by the parent (the demo does)."""
