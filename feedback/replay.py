@@ -324,19 +324,26 @@ class ReplayBuffer:
         return raw.decode().split(",") if raw else []
 
     async def stats(self, customer: str) -> ReplayStats:
+        """One consistent snapshot (MULTI/EXEC over the customer's keys, one cluster slot): read one
+        by one, a push landing between the reads showed a size of 2 with no records by kind."""
         k = self._keys(customer)
-        raw = {key.decode(): int(v) for key, v in (await self.redis.hgetall(k["stats"])).items()}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(k["stats"]).zcard(k["order"]).hlen(k["consumed"]).hlen(k["quarantine"])
+            counters, size, consumed, quarantined = await pipe.execute()
+        raw = {key.decode(): int(v) for key, v in counters.items()}
         return ReplayStats(
-            customer=customer, size=await self.redis.zcard(k["order"]), capacity=await self.capacity(customer),
+            customer=customer, size=size, capacity=await self.capacity(customer),
             pushed=raw.get("pushed", 0), duplicates=raw.get("duplicates", 0), evicted=raw.get("evicted", 0),
             by_kind={key[5:]: v for key, v in raw.items() if key.startswith("kind:")},
-            consumed=await self.redis.hlen(k["consumed"]), quarantined=await self.redis.hlen(k["quarantine"]))
+            consumed=consumed, quarantined=quarantined)
 
     async def report(self, customer: str, newest: int = 10) -> ReplayReport:
-        """Counters, and the newest records with the versions that trained on them."""
+        """Counters, and the newest records with the versions that trained on them (read after the
+        counters: the records shown are at least those counted)."""
+        stats = await self.stats(customer)
         records = await self.sample(customer, newest) if newest > 0 else []
         consumed = [await self.consumed_by(customer, r.event_id) for r in records]
-        return ReplayReport(stats=await self.stats(customer), newest=[
+        return ReplayReport(stats=stats, newest=[
             ReplayEntry(event_id=r.event_id, trace_id=r.trace_id, kind=r.kind, source=r.source, reward=r.reward,
                         created_at=r.created_at, ingested_at=r.ingested_at, consumed_by=c)
             for r, c in zip(records, consumed)])
