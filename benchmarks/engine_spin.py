@@ -3,7 +3,7 @@
 vLLM's engine core and its worker pass each step through shared memory and busy-poll
 (`sched_yield`) for up to 1 s after each message, i.e. all the time the engine runs: a third
 process that wants a core, which on two cores is the co-located trainer's. `CLORA_ENGINE_SPIN_S`
-caps that poll (`clora.runtime.lora_plugin.limit_spin`); after it a reader blocks on vLLM's own
+caps that poll (`clora.runtime.engine.plugin.limit_spin`); after it a reader blocks on vLLM's own
 notification socket.
 
 One fresh engine per run, in a process of its own (the setting is read when vLLM's processes
@@ -115,8 +115,8 @@ def adapters(out: Path) -> list[Path]:
 
 async def latency(setting: str, dtype: str, work: Path) -> dict:
     """One engine alone (spin `setting`), chats one at a time: seconds each."""
-    from clora.runtime.engine import EngineManager
-    from clora.runtime.engine_config import EngineConfig
+    from clora.runtime.engine.config import EngineConfig
+    from clora.runtime.engine.manager import EngineManager
 
     config = EngineConfig(model=str(model_dir()), log_dir=work / "logs", cache_dir=REPO / ".clora" / "cache",
                           dtype=dtype, spin_s=None if setting == "vllm" else float(setting))
@@ -142,8 +142,8 @@ async def run(setting: str, dtype: str, rounds: int, steps: int, threads: int, w
     """One engine (spin `setting`: `vllm` = vLLM's own) and one trainer process, timed together."""
     import psutil
 
-    from clora.runtime.engine import EngineManager
-    from clora.runtime.engine_config import EngineConfig
+    from clora.runtime.engine.config import EngineConfig
+    from clora.runtime.engine.manager import EngineManager
 
     paths = adapters(work)
     config = EngineConfig(model=str(model_dir()), log_dir=work / "logs", cache_dir=REPO / ".clora" / "cache",
@@ -152,7 +152,7 @@ async def run(setting: str, dtype: str, rounds: int, steps: int, threads: int, w
     await engine.start()
     try:
         for i, path in enumerate(paths):
-            await engine.client.load_adapter(f"a{i}", path)
+            await engine.load_adapter(f"a{i}", path)
 
         async def chat(i: int, tag: int) -> None:
             resp = await engine.client.chat({"model": f"a{i % ADAPTERS}", "max_tokens": 48, "ignore_eos": True,

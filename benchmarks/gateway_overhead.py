@@ -36,6 +36,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 from clora.core.processes import free_port  # noqa: E402
 from clora.core.provenance import provenance  # noqa: E402
+from clora.wire.admin import Published  # noqa: E402
 
 console = Console()
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
@@ -168,7 +169,7 @@ async def swap_under_load(gateway: str, admin: dict, steady_keys: list[str], swa
             resp = await client.post(f"{gateway}/admin/customers/{swapper}/adapters", json={"path": str(path)})
             resp.raise_for_status()
             client_ms.append((time.perf_counter() - started) * 1000)
-            swaps_ms.append(resp.json()["swap_ms"])
+            swaps_ms.append(Published.model_validate_json(resp.content).swap_ms)
             await asyncio.sleep(1.0)
     during = list(latencies)
     stop.set()

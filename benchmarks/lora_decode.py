@@ -1,7 +1,7 @@
 """Decode speed on customers' adapters vs the base model, with and without clora's grouped LoRA ops.
 
 Three vLLM servers, one after another, each started as vLLM's API server (`vllm serve`) with exactly the arguments and
-environment `clora serve` gives its engine (runtime/engine_config.py; thread binding
+environment `clora serve` gives its engine (runtime/engine/config.py; thread binding
 VLLM_CPU_OMP_THREADS_BIND=auto for all three):
   grouped   LoRA on, clora's plugin on (CLORA_GROUPED_LORA=1, the default)
   vllm_ops  LoRA on, plugin off: vLLM 0.32's own CPU ops
@@ -48,7 +48,7 @@ from clora.core.models import ensure_default_model  # noqa: E402
 from clora.core.processes import free_port  # noqa: E402
 from clora.core.provenance import provenance  # noqa: E402
 from clora.core.settings import Settings  # noqa: E402
-from clora.runtime.engine_config import EngineConfig  # noqa: E402
+from clora.runtime.engine.config import EngineConfig  # noqa: E402
 
 console = Console(width=150)
 OUT = REPO / "benchmarks" / "results" / "lora_decode.json"

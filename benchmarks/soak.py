@@ -43,10 +43,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ValidationError
 
 from clora.bench import soak_tally as tally
 from clora.bench.harness import model_path
@@ -58,9 +60,11 @@ from clora.core.services import start_broker, start_redis
 from clora.core.settings import Settings
 from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
+from clora.wire.admin import CustomerVersions, EventFate
 from clora.wire.trainer_config import TenantConfig
 
 REPO = Path(__file__).resolve().parents[1]
+Answer = TypeVar("Answer", bound=BaseModel)
 PROGRAM = "python benchmarks/soak.py"
 QUESTIONS = ["What is a refund window?", "How do I reset my password?", "Which plan includes SSO?",
              "Can I export my data?", "Where do I find invoices?", "How do I add a teammate?"]
@@ -337,14 +341,16 @@ class Soak:
             evicted += (await replay.stats(name)).evicted
         return records, evicted
 
-    async def admin(self, path: str) -> dict:
+    async def admin(self, path: str, answer: type[Answer]) -> Answer | dict:
         """An admin API answer, or what went wrong (the result is written whatever the end looks like)."""
         key = (self.settings.home / "admin_key").read_text().strip()
         try:
             async with httpx.AsyncClient(base_url=self.serve.url, timeout=30,
                                          headers={"Authorization": f"Bearer {key}"}) as http:
-                return (await http.get(path)).json()
-        except (httpx.HTTPError, ValueError) as exc:
+                resp = await http.get(path)
+                resp.raise_for_status()
+                return answer.model_validate_json(resp.content)
+        except (httpx.HTTPError, ValidationError) as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def run(self, before_counting: Callable[["Soak"], Awaitable[None]] | None = None) -> dict:
@@ -378,11 +384,11 @@ class Soak:
         records, evicted = await self.stored()
         counts = tally.record_counts(self.accepted, records, evicted)
         missing = tally.lost_ids(self.accepted, records)
-        fates = {c: [await self.admin(f"/admin/customers/{c}/feedback/{i}") for i in ids[:5]]
+        fates = {c: [jsonable(await self.admin(f"/admin/customers/{c}/feedback/{i}", EventFate)) for i in ids[:5]]
                  for c, ids in missing.items()}  # what became of a few of the lost ones
         health = await self.serve.health()
-        versions = {name: len((await self.admin(f"/admin/customers/{name}/adapters")).get("versions", []))
-                    for name in self.keys}
+        listed = {name: await self.admin(f"/admin/customers/{name}/adapters", CustomerVersions) for name in self.keys}
+        versions = {name: len(v.versions) if isinstance(v, CustomerVersions) else v for name, v in listed.items()}
         codes = collections.Counter(f"{s.what} {s.status or CONNECTION}" for s in self.seen)
         kinds = sorted({k for s in self.rss for k in s if k != "at_s"})
         return {
@@ -422,3 +428,7 @@ if __name__ == "__main__":
     cli.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("rss_mb", "windows")}, indent=2))
     print(f"wrote {cli.out}")
+
+
+def jsonable(answer: BaseModel | dict) -> dict:
+    return answer.model_dump(mode="json") if isinstance(answer, BaseModel) else answer

@@ -40,8 +40,8 @@ from clora.feedback.replay import ReplayBuffer, ReplayReport
 from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 from clora.runtime.adapters import AdapterRegistry
 from clora.runtime.capture import Capture, InteractionOutboxKeeper
-from clora.runtime.engine import EngineManager
-from clora.runtime.engine_config import EngineConfig
+from clora.runtime.engine.config import EngineConfig
+from clora.runtime.engine.manager import EngineManager
 from clora.runtime.gateway import GatewayConfig, create_app
 from clora.runtime.limits import Limits, LimitStore
 from clora.runtime.routing import Router
@@ -124,9 +124,9 @@ class Stack:
         registry = AdapterRegistry(self.redis, s.adapters_dir, s.adapter_keep_versions)
         engine_config = EngineConfig.from_settings(s, model, self.run_dir)
         self.engine = EngineManager(engine_config)
-        router = Router(registry, self.engine.client, validate=engine_config.validate_adapter)
+        router = Router(registry, self.engine, validate=engine_config.validate_adapter)
         await router.restore()
-        self.engine.on_ready = lambda _client: router.reload_all()
+        self.engine.on_ready = router.reload_all
         self.capture = Capture(self.kafka_bootstrap, s.interactions_topic, Spool(s.spool_dir, s.spool_max_bytes),
                                queue_size=s.capture_queue_size, partitions=s.topic_partitions,
                                batch_s=s.capture_batch_s, journal_wait_s=s.capture_journal_wait_s,

@@ -58,8 +58,8 @@ class EvalJob:
     async def candidate(self, customer: str) -> tuple[str | None, str | None]:
         """(served version, newest version newer than it that the gate has not decided on yet)."""
         listed = await self.admin.versions(customer)
-        current = listed["current"]
-        numbers = {v["name"]: v["version"] for v in listed["versions"]}
+        current = listed.current
+        numbers = {v.name: v.version for v in listed.versions}
         await self.history.prune_scores(customer, {*numbers, self.base_name})  # versions pruned meanwhile
         floor = numbers.get(current, 0) if current else 0
         newer = sorted((n for n, number in numbers.items() if number > floor), key=numbers.get)
@@ -122,7 +122,7 @@ class EvalJob:
     # -- manual ----------------------------------------------------------------------------------------
     async def promote(self, customer: str, version: str, reason: str = "manual") -> Decision:
         """Serve `version` now, bypassing the gate (its score is recorded when a suite exists)."""
-        current = (await self.admin.versions(customer))["current"]
+        current = (await self.admin.versions(customer)).current
         suite = await self.suites.get(customer)
         scores = await asyncio.gather(self.score(customer, suite, current), self.score(customer, suite, version)) \
             if suite else (None, None)

@@ -10,17 +10,15 @@ evicted) and the webhook's outbox (accepted, not yet handled by ingestion).
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import orjson
 import redis.asyncio as aioredis
-from pydantic import BaseModel
 
 from clora.core.outbox import Outbox
 from clora.feedback.replay import ReplayBuffer
+from clora.wire.admin import EventFate
 
 DEAD_TTL_S = 7 * 24 * 3600
-State = Literal["accepted", "waiting", "in_buffer", "trained", "quarantined", "evicted", "dead"]
 
 
 def waiting_key(group_id: str, customer: str) -> str:
@@ -33,18 +31,6 @@ def dead_key(group_id: str, customer: str) -> str:
 
 def dead_entry(reason: str) -> bytes:
     return orjson.dumps({"reason": reason, "at": time.time()})
-
-
-class EventFate(BaseModel):
-    """`GET /admin/customers/{c}/feedback/{event_id}`."""
-
-    customer: str
-    event_id: str
-    state: State
-    trace_id: str | None = None
-    trained_by: list[str] = []  # adapter versions whose steps used it
-    reason: str | None = None  # dead or quarantined: why
-    at: float | None = None  # dead or quarantined: when
 
 
 class EventFates:

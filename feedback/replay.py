@@ -20,6 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
+from clora.wire.admin import ReplayEntry, ReplayReport, ReplayStats
 from clora.wire.feedback import Kind, SerializedRecord, TrainingRecord
 
 Policy = Literal["recent", "uniform", "prioritized"]
@@ -110,42 +111,10 @@ return moved
 """
 
 
-class ReplayStats(BaseModel):
-    customer: str
-    size: int
-    capacity: int
-    pushed: int
-    duplicates: int
-    evicted: int
-    by_kind: dict[str, int]
-    consumed: int
-    quarantined: int = 0  # held in its quarantine: moved out by the trainer, their logprob gap over the bound
-    waiting: int = 0  # feedback events ingestion holds until their interaction arrives
-    dead_lettered: int = 0  # feedback events ingestion dead-lettered (unjoinable; kept a week after the last)
-
-
 class QuarantinedRecord(BaseModel):
     reason: str
     at: float
     record: TrainingRecord
-
-
-class ReplayEntry(BaseModel):
-    """A record of the buffer as an operator sees it (its feedback, not the whole interaction)."""
-
-    event_id: str
-    trace_id: str
-    kind: str
-    source: str
-    reward: float | None
-    created_at: float
-    ingested_at: float | None
-    consumed_by: list[str]  # adapter versions whose training steps used it
-
-
-class ReplayReport(BaseModel):
-    stats: ReplayStats
-    newest: list[ReplayEntry]
 
 
 class ReplayBuffer:

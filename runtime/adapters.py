@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+
+from clora.wire.admin import AdapterVersion
 
 PROMOTED = "clora:adapter-promoted"  # names of every version ever served
 IDEMPOTENCY_TTL_S = 24 * 3600  # a publish retried within a day with the same key returns the same version
@@ -33,15 +34,6 @@ def _copy_adapter(source: Path, target: Path) -> None:
             shutil.copy2(item, tmp / item.name)
     tmp.chmod(0o755)
     tmp.rename(target)
-
-
-class AdapterVersion(BaseModel):
-    name: str
-    customer: str
-    version: int
-    path: str
-    created_at: float
-    source: str = "manual"
 
 
 class AdapterRegistry:

@@ -20,7 +20,7 @@ from pathlib import Path
 from prometheus_client import Gauge, Histogram
 
 from clora.runtime.adapters import AdapterRegistry, AdapterVersion
-from clora.runtime.engine_client import EngineClient
+from clora.runtime.engine import Engine
 
 log = logging.getLogger("clora.routing")
 SWAP_SECONDS = Histogram("clora_adapter_swap_seconds", "Load + switch of a new adapter version")
@@ -32,7 +32,7 @@ class ModelNotFound(LookupError):
 
 
 class Router:
-    def __init__(self, registry: AdapterRegistry, engine: EngineClient,
+    def __init__(self, registry: AdapterRegistry, engine: Engine,
                  validate: Callable[[Path], None] = lambda path: None):
         self.registry = registry
         self.engine = engine

@@ -93,7 +93,7 @@ async def test_a_batch_over_the_gap_bound_is_quarantined_and_the_tenant_moves_on
         [report] = await step(trainer, [customer])
         assert report.skipped and "logprob gap" in report.skipped and report.version is None
         assert 0.2 < report.result.gap.mean < 0.5 and report.result.gap.max == pytest.approx(0.5, abs=0.01)
-        assert (await trainer.io.client.versions(customer))["versions"] == []  # nothing published
+        assert (await trainer.io.client.versions(customer)).versions == []  # nothing published
         assert trainer.store.tenants[customer].step == 0  # the update was not applied
         # The two that pushed it over leave the buffer, with why; the true ones wait.
         assert report.quarantined == 2 and await trainer.io.pending(customer) == 2

@@ -16,7 +16,7 @@ from clora.bench.experiments import shared_batches
 
 pytestmark = pytest.mark.slow
 
-ENGINE_EXPORTS = ("CLORA_ENGINE_LOG", "CLORA_GROUPED_LORA")  # runtime/engine_config.py's env(), for vLLM's children
+ENGINE_EXPORTS = ("CLORA_ENGINE_LOG", "CLORA_GROUPED_LORA")  # runtime/engine/config.py's env(), for vLLM's children
 
 
 def test_the_running_lora_metric_tells_which_tenants_shared_a_batch():

@@ -80,8 +80,8 @@ def test_a_process_we_start_ourselves_is_not_taken_for_an_engine_child(tmp_path)
 ENGINE_THAT_CANNOT_START = """
 import asyncio, sys
 from pathlib import Path
-from clora.runtime.engine import EngineManager
-from clora.runtime.engine_config import EngineConfig
+from clora.runtime.engine.manager import EngineManager
+from clora.runtime.engine.config import EngineConfig
 from clora.core.processes import ServiceStartError
 
 async def main():

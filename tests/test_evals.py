@@ -95,10 +95,10 @@ def test_equal_candidate_is_promoted_and_rollback_restores(gateway, redis_url, m
     async def promote_then_rollback(job: EvalJob):
         await job.suites.set(name, suite)
         decision = await job.evaluate(name)
-        served_after_gate = (await job.admin.versions(name))["current"]
+        served_after_gate = (await job.admin.versions(name)).current
         pinned = await job.admin.pin(name, [])  # what the gate pinned through the admin API
         rolled = await job.rollback(name)
-        served_after_rollback = (await job.admin.versions(name))["current"]
+        served_after_rollback = (await job.admin.versions(name)).current
         return decision, served_after_gate, pinned, rolled, served_after_rollback, await job.history.decisions(name)
 
     decision, after_gate, pinned, rolled, after_rollback, history = run(gateway, redis_url, tmp_path,
@@ -133,7 +133,7 @@ def test_rollback_past_the_first_promotion_serves_the_base_model(gateway, redis_
 
     async def manual(job: EvalJob):
         promoted = await job.promote(name, version["name"])
-        served = (await job.admin.versions(name))["current"]
+        served = (await job.admin.versions(name)).current
         rolled = await job.rollback(name)
         try:
             await job.rollback(name)

@@ -5,8 +5,8 @@ teardown out, and the provenance every results file records."""
 from __future__ import annotations
 
 import asyncio
-import os
 import json
+import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The grouped CPU LoRA ops (runtime/lora_ops.py, runtime/lora_punica.py) against vLLM's torch ops.
+"""The grouped CPU LoRA ops (runtime/engine/lora_ops.py, runtime/engine/punica.py) against vLLM's torch ops.
 
 Random inputs: mixed adapters in one batch (contiguous runs and scattered rows), packed slices
 (qkv), a vocabulary wider than the output (expand clips), float32 buffers over bfloat16 weights, and
@@ -18,9 +18,10 @@ from vllm.lora.ops import torch_ops as vllm_ops
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.lora.punica_wrapper.utils import compute_meta
 
-from clora.runtime import lora_ops, lora_plugin
-from clora.runtime.lora_ops import TokenGroups
-from clora.runtime.lora_punica import GroupedPunicaWrapperCPU
+from clora.runtime.engine import lora_ops
+from clora.runtime.engine import plugin as lora_plugin
+from clora.runtime.engine.lora_ops import TokenGroups
+from clora.runtime.engine.punica import GroupedPunicaWrapperCPU
 
 SLOTS, RANK, HIDDEN = 4, 16, 64
 MIXES = {
@@ -236,7 +237,7 @@ def test_the_plugin_is_on_only_when_clora_asks():
 
 def test_the_engine_passes_the_setting_to_vllm_in_eager_mode_only(tmp_path, monkeypatch):
     from clora.core.settings import Settings
-    from clora.runtime.engine_config import EngineConfig
+    from clora.runtime.engine.config import EngineConfig
 
     def env(**settings) -> str:
         config = EngineConfig.from_settings(Settings(home=tmp_path, **settings), "model", tmp_path)
@@ -254,7 +255,7 @@ def test_the_engine_caps_vllms_spin_at_a_few_milliseconds_by_default(tmp_path):
     """benchmarks/engine_spin.py: vLLM's 1 s spin costs the co-located trainer (and the engine) a
     fifth of their time on two cores; the cap is the default, vLLM's own only when asked."""
     from clora.core.settings import Settings
-    from clora.runtime.engine_config import EngineConfig
+    from clora.runtime.engine.config import EngineConfig
 
     def env(**settings) -> dict[str, str]:
         return EngineConfig.from_settings(Settings(home=tmp_path, **settings), "model", tmp_path).env()

@@ -167,7 +167,7 @@ async def test_two_customers_learn_opposite_targets_and_serve_what_the_trainer_c
         for name in (low, high):
             assert gains(rewards[name]) > LEARNED, (name, [round(r, 3) for r in rewards[name]])
         versions = await trainer.io.client.versions(low)
-        assert versions["current"] == f"{low}.v{STEPS}" and len(versions["versions"]) == STEPS
+        assert versions.current == f"{low}.v{STEPS}" and len(versions.versions) == STEPS
 
         # The server's greedy answer under the published version is the trainer's own.
         prompt = [{"role": "user", "content": "Write about the sea."}]
@@ -230,7 +230,7 @@ async def test_pipelined_steps_learn_from_rollouts_sampled_while_the_other_half_
         for name in names:
             rewards = [r.mean_reward for reports in steps for r in reports if r.customer == name]
             assert len(rewards) == STEPS and gains(rewards) > LEARNED, (name, [round(r, 3) for r in rewards])
-        assert (await trainer.io.client.versions(names[0]))["current"] == f"{names[0]}.v{STEPS}"
+        assert (await trainer.io.client.versions(names[0])).current == f"{names[0]}.v{STEPS}"
     finally:
         await trainer.io.client.close()
         await redis_client.aclose()

@@ -1,11 +1,12 @@
-"""vLLM is imported by the engine manager (`clora.runtime.engine`) and, inside vLLM's own
-processes, by our vLLM plugin (`lora_plugin`, `lora_punica`: the grouped CPU LoRA path), and by no
-other module.
+"""vLLM is imported only inside the engine package (`clora.runtime.engine`, `runtime/engine/`):
+the engine manager, in our process, and our vLLM plugin (`plugin`, `punica`: the grouped CPU LoRA
+path) inside vLLM's. Everything else, the gateway included, sees the engine through the `Engine`
+protocol (`runtime/engine/protocol.py`), so a vLLM upgrade touches one folder.
 
 We use vLLM below its HTTP surface (its argument parser, `AsyncLLM`, `build_app`,
-`init_app_state`, its punica wrapper), which a vLLM upgrade may change; with these importers, an
-upgrade is their work, and every other module (the engine's config and client and the pure-torch
-`lora_ops` included) loads without vLLM.
+`init_app_state`, its punica wrapper), which a vLLM upgrade may change. The package's own
+protocol, config, client and pure-torch `lora_ops` load without vLLM, and so does the package
+itself (its imports of vLLM stay inside functions or in modules only vLLM loads).
 Modules are read as text (AST), never imported, so an import that only runs inside a function is
 found too.
 """
@@ -13,11 +14,13 @@ found too.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 from tests.test_layers import module_files
 
 ENGINE = "clora.runtime.engine"
-ALLOWED = {ENGINE, "clora.runtime.lora_plugin", "clora.runtime.lora_punica"}
+IMPORTERS = {f"{ENGINE}.manager", f"{ENGINE}.plugin", f"{ENGINE}.punica"}  # the modules that do import it
 DYNAMIC_IMPORTERS = {"import_module", "__import__"}  # importlib.import_module("vllm..."), __import__("vllm")
 
 
@@ -50,18 +53,33 @@ def vllm_imports(module: str, source: str) -> list[str]:
     return found
 
 
+def in_engine_package(module: str) -> bool:
+    return module == ENGINE or module.startswith(f"{ENGINE}.")
+
+
 def violations(sources: dict[str, str]) -> list[str]:
-    """Every vLLM import outside the engine manager and the plugin."""
-    return [problem for module, source in sorted(sources.items()) if module not in ALLOWED
+    """Every vLLM import outside the engine package."""
+    return [problem for module, source in sorted(sources.items()) if not in_engine_package(module)
             for problem in vllm_imports(module, source)]
 
 
-def test_only_the_engine_manager_and_the_plugin_import_vllm():
+def test_only_the_engine_package_imports_vllm():
     sources = {module: path.read_text() for module, path in module_files().items()}
-    assert ALLOWED | {"clora.runtime.engine_config", "clora.runtime.engine_client", "clora.runtime.lora_ops"} \
-        <= sources.keys()
-    assert all(vllm_imports(module, sources[module]) for module in ALLOWED), "the checker finds their vLLM imports"
+    assert IMPORTERS | {ENGINE, f"{ENGINE}.protocol", f"{ENGINE}.config", f"{ENGINE}.client", f"{ENGINE}.lora_ops",
+                        f"{ENGINE}.child"} <= sources.keys()
+    assert all(vllm_imports(module, sources[module]) for module in IMPORTERS), "the checker finds their vLLM imports"
     assert violations(sources) == []
+
+
+def test_serving_and_the_engine_package_load_without_vllm():
+    """Importing the package (its protocol, config, client and ops) and the whole of serving loads
+    no vLLM module: the package's imports of vLLM stay lazy, so serving runs beside a fake engine."""
+    modules = ["clora.runtime.engine", "clora.runtime.engine.config", "clora.runtime.engine.client",
+               "clora.runtime.engine.lora_ops", "clora.runtime.gateway", "clora.runtime.routing", "clora.stack"]
+    probe = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[-2000:]
 
 
 PLANTED = '''
@@ -73,11 +91,12 @@ async def build():
 '''
 
 
-def test_a_planted_vllm_import_inside_a_function_is_found():
+def test_a_planted_vllm_import_outside_the_engine_package_is_found():
     sources = {module: path.read_text() for module, path in module_files().items()}
-    sources["clora.runtime.engine_client"] += PLANTED
+    sources["clora.runtime.routing"] += PLANTED
+    sources["clora.runtime.engine.client"] += PLANTED  # inside the package: allowed
     problems = violations(sources)
-    assert len(problems) == 1 and problems[0].startswith("clora.runtime.engine_client:"), problems
+    assert len(problems) == 1 and problems[0].startswith("clora.runtime.routing:"), problems
     assert problems[0].endswith("imports `vllm.entrypoints`")
 
 

@@ -170,17 +170,16 @@ class TrainerIO:
         """A new tenant's state: the weights of the adapter it is served now when they have the shape
         the config asks for (training continues from what customers see), else a fresh adapter."""
         state = self.store.create(customer, layers, spec_of(config), config.seed)
-        listed = await self.client.versions(customer)
-        served = next((v for v in listed["versions"] if v["name"] == listed.get("current")), None)
+        served = (await self.client.versions(customer)).served()
         if served is None:
             return state
-        start = await asyncio.to_thread(self._load_adapter, Path(served["path"]))
-        reason = self.store.adopt(customer, start, served["version"]) if isinstance(start, LoRAWeights) else start
+        start = await asyncio.to_thread(self._load_adapter, Path(served.path))
+        reason = self.store.adopt(customer, start, served.version) if isinstance(start, LoRAWeights) else start
         if reason is None:
-            log.info("customer %s: training starts from the served adapter %s", customer, served["name"])
+            log.info("customer %s: training starts from the served adapter %s", customer, served.name)
         else:
             log.warning("customer %s: the served adapter %s does not fit the trainer config (%s): training starts "
-                        "from zero (the base model)", customer, served["name"], reason)
+                        "from zero (the base model)", customer, served.name, reason)
         return state
 
     @staticmethod
@@ -288,9 +287,9 @@ class TrainerIO:
         origin = f"trainer:{checkpoint.name}"
         published = await self.client.publish(customer, checkpoint / "adapter", origin, switch,
                                               publish_key(checkpoint))
-        self.store.mark_published(customer, checkpoint, published["version"])
-        log.info("customer %s: step %s published as %s", customer, checkpoint.name, published["name"])
-        return published["name"]
+        self.store.mark_published(customer, checkpoint, published.version)
+        log.info("customer %s: step %s published as %s", customer, checkpoint.name, published.name)
+        return published.name
 
     async def quarantine(self, customer: str, records: list[TrainingRecord], reason: str) -> int:
         """Records that pushed a step over the logprob-gap bound, out of the buffer into its
@@ -311,12 +310,12 @@ class TrainerIO:
             return
         origin = f"trainer:{checkpoint.name}"
         listed = await self.client.versions(customer)
-        match = next((v for v in listed["versions"] if v.get("source") == origin), None)
+        match = next((v for v in listed.versions if v.source == origin), None)
         if match is None:
             config = await self.config(customer)
             match = await self.client.publish(customer, checkpoint / "adapter", origin, not config.gated,
                                               publish_key(checkpoint))
-        self.store.mark_published(customer, checkpoint, match["version"])
+        self.store.mark_published(customer, checkpoint, match.version)
 
     async def recover_all(self) -> None:
         """Publish any checkpoint a previous run wrote but did not get to publish."""

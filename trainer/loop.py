@@ -449,7 +449,7 @@ async def main(run: TrainRun) -> None:
 
         async def candidates() -> list[Candidate]:  # serving first: no training while it is saturated
             load = await trainer.io.client.load()
-            busy = load["requests_in_flight"] > run.max_inflight or not load["engine_ready"]
+            busy = load.requests_in_flight > run.max_inflight or not load.engine_ready
             return [] if busy else await trainer.io.candidates()
 
         scheduler = Scheduler(run.max_tenants, max_skipped_steps=run.max_skipped_steps)

@@ -22,16 +22,16 @@ def adapters_publish(customer: str, path: Path, candidate: bool = typer.Option(
     out = call_admin(Settings(), lambda admin: admin.publish(customer, path, origin="manual",
                                                              switch=not candidate), WHY)
     if candidate:
-        console.print(f"{customer}: candidate [bold]{out['name']}[/] registered (not served yet)")
+        console.print(f"{customer}: candidate [bold]{out.name}[/] registered (not served yet)")
     else:
-        console.print(f"{customer} now served by [bold]{out['name']}[/] (load + switch {out['swap_ms']:.0f} ms)")
+        console.print(f"{customer} now served by [bold]{out.name}[/] (load + switch {out.swap_ms:.0f} ms)")
 
 
 @adapters_app.command("route")
 def adapters_route(customer: str, adapter: str) -> None:
     """Switch a customer to one of its versions (promote or roll back)."""
     out = call_admin(Settings(), lambda admin: admin.route(customer, adapter), WHY)
-    console.print(f"{customer} now served by [bold]{out['name']}[/]")
+    console.print(f"{customer} now served by [bold]{out.name}[/]")
 
 
 @adapters_app.command("list")
@@ -39,6 +39,6 @@ def adapters_list(customer: str) -> None:
     """A customer's adapter versions; the current one is marked."""
     out = call_admin(Settings(), lambda admin: admin.versions(customer), WHY)
     table = Table("version", "current", "source", "path")
-    for v in out["versions"]:
-        table.add_row(v["name"], "*" if v["name"] == out["current"] else "", v["source"], v["path"])
+    for v in out.versions:
+        table.add_row(v.name, "*" if v.name == out.current else "", v.source, v.path)
     console.print(table)

@@ -7,7 +7,7 @@ first), which is where such a process is told to log to the engine log and die w
 
 from __future__ import annotations
 
-from clora.core.processes import become_engine_child, spawned_for_engine
+from clora.runtime.engine.child import become_engine_child, spawned_for_engine
 
 if spawned_for_engine():  # a process vLLM spawned from `clora serve`: before anything else is imported
     become_engine_child()

@@ -19,9 +19,9 @@ trainer_config_app = typer.Typer(help="A customer's training configuration: show
 WHY = "configs are checked against its engine"
 
 
-def _print(customer: str, config: dict) -> None:
+def _print(customer: str, config: TenantConfig) -> None:
     table = Table("setting", "value", title=f"trainer config of {customer}")
-    for key, value in config.items():
+    for key, value in config.model_dump().items():
         table.add_row(key, json.dumps(value))
     console.print(table)
 
@@ -55,7 +55,7 @@ def set_(customer: str, assignments: list[str] = typer.Argument(..., help="KEY=V
     async def action(admin):
         current = await admin.trainer_config(customer)
         try:
-            config = TenantConfig.model_validate({**current, **changes})
+            config = TenantConfig.model_validate({**current.model_dump(), **changes})
         except ValidationError as exc:
             first = exc.errors()[0]
             raise fail(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
@@ -64,6 +64,6 @@ def set_(customer: str, assignments: list[str] = typer.Argument(..., help="KEY=V
                 make_env(config.environment)  # the trainer must be able to build it
             except ValueError as exc:
                 raise fail(str(exc)) from None
-        return await admin.set_trainer_config(customer, config.model_dump())
+        return await admin.set_trainer_config(customer, config)
 
     _print(customer, call_admin(settings, action, WHY))

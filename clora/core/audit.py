@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
+
+from clora.wire.admin import AuditEntry
 
 KEY = "clora:audit"
 KEEP = 100_000
-
-
-class AuditEntry(BaseModel):
-    at: float = Field(default_factory=time.time)
-    actor: str  # "admin": the admin key (one key today; named actors when there are several)
-    action: str  # e.g. "customer.create", "adapter.publish", "route.set"
-    customer: str | None = None
-    detail: dict[str, Any] = {}
 
 
 class AuditLog:

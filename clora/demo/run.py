@@ -118,7 +118,7 @@ class Demo:
         admin = RuntimeClient(stack.gateway_url, admin_key(self.settings))
         for name, rule_spec in DEMO_RULES.items():
             key = await store.create(name)
-            await admin.set_trainer_config(name, trainer_config(self.options).model_dump())
+            await admin.set_trainer_config(name, trainer_config(self.options))
             suite = EvalSuite(environment=f"preference:{rule_spec}", n=self.options.eval_prompts,
                               max_tokens=self.options.max_tokens, split="gate")
             await suites.set(name, suite)  # what the promotion gate scores
@@ -164,8 +164,7 @@ class Demo:
         deadline = time.monotonic() + self.options.training_wait_s
         while time.monotonic() < deadline:
             for name in self.tenants:
-                listed = await job.admin.versions(name)
-                self.tenants[name].published = max((v["version"] for v in listed["versions"]), default=0)
+                self.tenants[name].published = (await job.admin.versions(name)).newest_number()
             if all(t.published > before[name] for name, t in self.tenants.items()):
                 return
             await asyncio.sleep(1.0)
@@ -181,11 +180,11 @@ class Demo:
     async def refresh(self, job: EvalJob, name: str) -> None:
         tenant = self.tenants[name]
         listed = await job.admin.versions(name)
-        tenant.published = max((v["version"] for v in listed["versions"]), default=0)
-        served_score = (await job.score(name, tenant.suite, listed["current"])).score
-        if tenant.served != listed["current"] or not tenant.evals:
+        tenant.published = listed.newest_number()
+        served_score = (await job.score(name, tenant.suite, listed.current)).score
+        if tenant.served != listed.current or not tenant.evals:
             tenant.evals.append((self.minutes(), served_score))
-        tenant.served, tenant.score = listed["current"], served_score
+        tenant.served, tenant.score = listed.current, served_score
 
     def target_gain(self, name: str) -> float:
         """The gain a customer must show: less for one taught by scores alone (a weaker signal)."""

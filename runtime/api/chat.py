@@ -22,7 +22,7 @@ from clora.core.http import APIError, model_not_found
 from clora.runtime.adapters import AdapterVersion
 from clora.runtime.api.deps import CHAT_BODY, Gateway, gateway_of
 from clora.runtime.api.upstream import send_upstream, sse_data
-from clora.runtime.engine_client import EngineResponse
+from clora.runtime.engine import EngineResponse
 from clora.runtime.limits import Slot
 from clora.runtime.protocol import NON_SAMPLING, ChatRequest, sampler_of
 from clora.runtime.responses import ClientWants, StreamAccumulator, for_client
@@ -82,7 +82,7 @@ async def respond(gateway: Gateway, request: Request, customer: str, slot: Slot,
     await slot.wait_turn()  # the customer's share of the engine, when others compete for it
     stack = AsyncExitStack()
     try:
-        resp = await send_upstream(stack, gateway.router, gateway.engine.client, version, upstream,
+        resp = await send_upstream(stack, gateway.router, gateway.engine, version, upstream,
                                    gateway.config.upstream_timeout_s)
     except BaseException:
         await stack.aclose()

@@ -6,10 +6,9 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from fastapi import Depends, Request
-from pydantic import BaseModel, Field
 
 from clora.core.audit import AuditLog
 from clora.core.customers import CustomerStore
@@ -18,19 +17,21 @@ from clora.core.http import APIError, Body, JsonBody, bearer, unauthorized
 from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
 from clora.runtime.capture import Capture
-from clora.runtime.engine_client import EngineClient
+from clora.runtime.engine import Engine
 from clora.runtime.limits import CustomerLimits, LimitOverride, Limits
 from clora.runtime.protocol import ChatRequest, unsupported_fields
 from clora.runtime.routing import Router
+from clora.wire.admin import (
+    CustomerBody,
+    EventFate,
+    KeyBody,
+    OperatorBody,
+    PinBody,
+    PublishBody,
+    ReplayReport,
+    RouteBody,
+)
 from clora.wire.trainer_config import TenantConfig
-
-
-class Engine(Protocol):
-    client: EngineClient
-
-    def is_ready(self) -> bool: ...
-
-    def accepts_seed(self) -> bool: ...
 
 
 @dataclass
@@ -61,12 +62,12 @@ class Gateway:
     health_checks: dict[str, Callable[[], ComponentHealth | Awaitable[ComponentHealth]]] = field(default_factory=dict)
     # A customer's replay buffer report (counters, newest records): the feedback stage's, set by
     # the composition root (the gateway does not import the stages above it).
-    replay_report: Callable[[str, int], Awaitable[BaseModel]] | None = None
+    replay_report: Callable[[str, int], Awaitable[ReplayReport]] | None = None
     # Deletes what the stages above keep of a customer (replay buffer, evals, trainer state);
     # returns counts for the answer. Set by the composition root, like `replay_report`.
     purge_customer: Callable[[str], Awaitable[dict]] | None = None
     # What became of one feedback event (customer, event id), None when unknown: set like `replay_report`.
-    event_fate: Callable[[str, str], Awaitable[BaseModel | None]] | None = None
+    event_fate: Callable[[str, str], Awaitable[EventFate | None]] | None = None
     limits: CustomerLimits = field(init=False)
     audit: AuditLog = field(init=False)
 
@@ -148,34 +149,6 @@ Admin = Annotated[Gateway, Depends(require_admin)]  # admin routes about no cust
 # -- request bodies --------------------------------------------------------------------------------
 def _request_limit(request: Request) -> int:
     return gateway_of(request).config.max_request_bytes
-
-
-class PublishBody(BaseModel):
-    path: str
-    origin: str = Field(default="manual", max_length=200, description="Who made it (the trainer names its checkpoint).")
-    switch: bool = Field(default=True, description="Serve it now; false = a candidate for the promotion gate.")
-
-
-class RouteBody(BaseModel):
-    adapter: str
-
-
-class CustomerBody(BaseModel):
-    name: str = Field(min_length=1, max_length=63, description="a-z 0-9 _ -, starting with a letter or digit.")
-
-
-class KeyBody(BaseModel):
-    revoke_existing: bool = Field(default=False, description="Revoke the customer's other keys (a rotation).")
-
-
-class OperatorBody(BaseModel):
-    name: str = Field(min_length=1, max_length=63)
-    customers: list[str] = Field(min_length=1, max_length=10_000, description="Customers whose traces it may rate.")
-
-
-class PinBody(BaseModel):
-    pin: list[str] = Field(default_factory=list, description="Versions kept through pruning from now on.")
-    unpin: list[str] = Field(default_factory=list, description="Versions pruning may delete again.")
 
 
 CHAT_BODY = JsonBody(ChatRequest, _request_limit, object_only=True)

@@ -12,14 +12,13 @@ import orjson
 
 from clora.core.http import APIError
 from clora.runtime.adapters import AdapterVersion
-from clora.runtime.engine_client import EngineClient, EngineResponse, EngineUnavailable
-from clora.runtime.engine_config import AdapterRejected
+from clora.runtime.engine import AdapterRejected, Engine, EngineResponse, EngineUnavailable
 from clora.runtime.routing import Router
 
 log = logging.getLogger("clora.gateway")
 
 
-async def send_upstream(stack: AsyncExitStack, router: Router, client: EngineClient,
+async def send_upstream(stack: AsyncExitStack, router: Router, engine: Engine,
                         version: AdapterVersion | None, body: dict, timeout_s: float | None = None) -> EngineResponse:
     """Forward under a lease on the version; if the engine lost the adapter, reload once and retry.
     The engine must start its answer within `timeout_s` (a whole answer: all of it; a stream: its
@@ -33,7 +32,7 @@ async def send_upstream(stack: AsyncExitStack, router: Router, client: EngineCli
                                 "has been told.", "adapter_unavailable") from None
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: no task of its own per request
-                resp = await client.chat(body)
+                resp = await engine.chat(body)
         except EngineUnavailable as exc:
             raise APIError(503, f"The engine is restarting; retry shortly ({exc}).", "engine_unavailable",
                            headers={"Retry-After": "5"}) from None

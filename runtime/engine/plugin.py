@@ -1,4 +1,4 @@
-"""clora's vLLM plugin: LoRA on CPU through the grouped ops (`lora_punica.py`), and engine
+"""clora's vLLM plugin: LoRA on CPU through the grouped ops (`punica.py`), and engine
 processes that do not busy-poll each other for long (`limit_spin`).
 
 vLLM runs every `vllm.general_plugins` entry point in each of its processes before it builds the
@@ -31,7 +31,7 @@ log = logging.getLogger("vllm.clora")  # vLLM's logger tree: lands in the engine
 
 ENV = "CLORA_GROUPED_LORA"
 SPIN_ENV = "CLORA_ENGINE_SPIN_S"
-WRAPPER = "clora.runtime.lora_punica.GroupedPunicaWrapperCPU"
+WRAPPER = "clora.runtime.engine.punica.GroupedPunicaWrapperCPU"
 
 # What GroupedPunicaWrapperCPU overrides or reads, with vLLM 0.32's parameter names.
 EXPECTED = {

@@ -4,7 +4,7 @@ vLLM builds one punica wrapper per model and calls it from every LoRA layer: `up
 per step with the batch's adapter mapping, then `add_lora_linear` (shrink then expand, per packed
 slice), `add_lora_embedding` and `add_lora_logits`. We group the batch's rows by adapter slot in
 `update_metadata` and run every op on those groups; a batch without adapters skips the LoRA work in
-decode too (vLLM's CPU wrapper checks that in prefill only). Installed by `lora_plugin.register`.
+decode too (vLLM's CPU wrapper checks that in prefill only). Installed by `plugin.register`.
 
 Imports vLLM: loaded only inside vLLM's processes, by the plugin, after its version check.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from clora.runtime import lora_ops
-from clora.runtime.lora_ops import TokenGroups
+from clora.runtime.engine import lora_ops
+from clora.runtime.engine.lora_ops import TokenGroups
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):

@@ -21,7 +21,7 @@ slot -1 as the *last* slot, so there a base-model row picks up whichever adapter
 slot once every slot is in use (tests/test_lora_ops.py shows it); this module does what vLLM's GPU
 kernels do and skips them.
 
-Pure torch, no vLLM: the vLLM side (`lora_punica.py`) calls these from its punica wrapper.
+Pure torch, no vLLM: the vLLM side (`punica.py`) calls these from its punica wrapper.
 """
 
 from __future__ import annotations

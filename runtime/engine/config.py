@@ -14,6 +14,7 @@ from pathlib import Path
 
 from clora.core.models import CHAT_TEMPLATE
 from clora.core.settings import Settings
+from clora.runtime.engine.protocol import AdapterRejected
 
 # The loopback address: the in-process app's ASGI scope, and the diagnosis port vLLM's app is served on.
 HOST = "127.0.0.1"
@@ -21,10 +22,6 @@ HOST = "127.0.0.1"
 # PEFT module names -> the packed vLLM module that serves them.
 _PEFT_TO_VLLM = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
-
-
-class AdapterRejected(ValueError):
-    """The adapter does not fit this engine (rank, modules, files); callers answer 4xx."""
 
 
 @dataclass
@@ -111,11 +108,11 @@ class EngineConfig:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
-            # Our vLLM plugin (lora_plugin.py) reads it in the engine core. Its adapter grouping is
+            # Our vLLM plugin (plugin.py) reads it in the engine core. Its adapter grouping is
             # decided in Python per step, which a compiled graph would freeze: eager mode only.
             "CLORA_GROUPED_LORA": "1" if self.grouped_lora and self.enforce_eager else "0",
         } | ({} if self.spin_s is None else {
-            # The plugin caps how long vLLM's processes busy-poll each other (lora_plugin.limit_spin).
+            # The plugin caps how long vLLM's processes busy-poll each other (plugin.limit_spin).
             "CLORA_ENGINE_SPIN_S": repr(float(self.spin_s))})
 
     def _logging_config(self) -> Path:

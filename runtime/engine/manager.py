@@ -12,9 +12,10 @@ in diagnosis mode (`CLORA_ENGINE_DIAGNOSIS_HTTP`) is it also served as is on a l
 (`url`, no key, as `vllm serve` would) for the benchmarks' straight-to-vLLM path.
 
 This is the only module of clora that imports vLLM in our process (tests/test_vllm_boundary.py;
-the grouped LoRA plugin, `lora_plugin.py`/`lora_punica.py`, runs inside vLLM's): its API is used
-below its HTTP surface, so a vLLM upgrade should need changes here and in the plugin only. What the
-engine is started with is in `engine_config.py`; how its app is called, in `engine_client.py`.
+the grouped LoRA plugin, `plugin.py`/`punica.py`, runs inside vLLM's): its API is used below its
+HTTP surface, so a vLLM upgrade should need changes in this package only. What the engine is
+started with is in `config.py`; how its app is called, in `client.py`. Serving sees this class
+through the `Engine` protocol (`protocol.py`).
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from clora.core.processes import ServiceStartError, free_port, tail_line
-from clora.runtime.engine_client import ChatAnswer, ChatCall, EngineClient
-from clora.runtime.engine_config import HOST, EngineConfig
+from clora.runtime.engine.client import EngineClient
+from clora.runtime.engine.config import HOST, EngineConfig
+from clora.runtime.engine.protocol import ChatAnswer, ChatCall, EngineResponse
 
 log = logging.getLogger("clora.engine")
 
-OnReady = Callable[[EngineClient], Awaitable[None]]
+OnReady = Callable[[], Awaitable[None]]
 
 
 class EngineManager:
@@ -67,6 +70,21 @@ class EngineManager:
 
         return not current_platform.is_cpu()
 
+    async def chat(self, body: dict) -> EngineResponse:
+        return await self.client.chat(body)
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        await self.client.load_adapter(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.client.unload_adapter(name)
+
+    async def healthy(self) -> bool:
+        return await self.client.healthy()
+
+    async def served_models(self) -> list[str]:
+        return await self.client.served_models()
+
     def engine_core_pids(self) -> list[int]:
         """The engine core process(es): what dies when the engine crashes."""
         manager = getattr(getattr(getattr(self.engine, "engine_core", None), "resources", None), "engine_manager", None)
@@ -94,7 +112,7 @@ class EngineManager:
             raise ServiceStartError(f"vllm failed to start: {cause[:300]} [log: {self.config.log_path}]") from exc
         log.info("vLLM ready after %.1fs", time.monotonic() - started)
         if self.on_ready:
-            await self.on_ready(self.client)
+            await self.on_ready()
         self.ready.set()
 
     def _prepare_vllm_environment(self) -> None:

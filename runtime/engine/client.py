@@ -5,7 +5,7 @@ cores), so the gateway calls the app object directly (ASGI) for the LoRA admin e
 health, and chat requests go one level lower still: straight to vLLM's chat handler
 (`ChatCall`), past the app's routing, middleware and JSON round trip (~1 ms of Python per
 request on 2 cores). This module knows only the ASGI protocol and the shapes of the answers, not
-vLLM itself: the app and the chat call are handed in by the engine manager (`engine.py`), which
+vLLM itself: the app and the chat call are handed in by the engine manager (`manager.py`), which
 builds them and sets them to None while the engine is down.
 """
 
@@ -13,89 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from clora.runtime.engine_config import HOST, AdapterRejected
+from clora.runtime.engine.config import HOST
+from clora.runtime.engine.protocol import AdapterRejected, ChatCall, EngineResponse, EngineUnavailable
 
 log = logging.getLogger("clora.engine")
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is down or restarting; callers answer 503."""
-
-
-@dataclass
-class ChatAnswer:
-    """What vLLM's chat handler gave: a whole answer (`payload`), a stream of SSE events
-    (`stream`), or an error (`status` and its JSON `body`)."""
-
-    status: int
-    payload: dict | None = None
-    stream: AsyncIterator[str] | None = None
-    body: bytes = b""
-
-
-ChatCall = Callable[[dict], Awaitable[ChatAnswer]]
-
-
-class EngineResponse:
-    """One answer of vLLM's: status first, then the body as it is produced (streams too)."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.media_type: str | None = "application/json"
-        self.started = asyncio.Event()
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.gone = asyncio.Event()  # the caller is done: vLLM sees a disconnect (aborts a stream)
-        self.payload: dict | None = None  # a whole answer from the chat handler, already parsed
-        self.stream: AsyncIterator[str] | None = None  # a stream from the chat handler
-
-    @classmethod
-    def of(cls, answer: ChatAnswer) -> EngineResponse:
-        resp = cls()
-        resp.status, resp.payload, resp.stream = answer.status, answer.payload, answer.stream
-        if answer.stream is None:
-            if answer.payload is None:
-                resp.chunks.put_nowait(answer.body)
-            resp.chunks.put_nowait(None)
-        resp.started.set()
-        return resp
-
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        """The body's chunks as they are made (a stream's events arrive as they are made)."""
-        if self.stream is not None:
-            async for event in self.stream:
-                yield event.encode()
-            return
-        while (chunk := await self.chunks.get()) is not None:
-            yield chunk
-
-    async def json(self) -> dict:
-        """A whole answer, parsed."""
-        return self.payload if self.payload is not None else orjson.loads(await self.read())
-
-    async def read(self) -> bytes:
-        """The whole body."""
-        return b"".join([chunk async for chunk in self.iter_any()])
-
-    async def text(self) -> str:
-        """The whole body as text, for error messages."""
-        return (await self.read()).decode(errors="replace")
-
-    def release(self) -> None:
-        """The caller is done: the app sees a disconnect, so an unread stream is aborted in vLLM."""
-        self.gone.set()
-
-    async def aclose(self) -> None:
-        """`release`, and a stream from the chat handler closed: vLLM aborts what is unread."""
-        self.release()
-        if self.stream is not None and hasattr(self.stream, "aclose"):
-            await self.stream.aclose()
 
 
 def _scope(method: str, path: str, body: bytes) -> dict:
