@@ -2,7 +2,7 @@
 #   make demo    set up .venv and run `clora demo` on embedded defaults (the main job)
 #   make test    set up .venv and run every test (CI runs exactly this)
 # `make serve` sets up and starts the runtime alone.
-.PHONY: setup demo serve test bench bench-gateway bench-feedback bench-trainer
+.PHONY: setup demo serve test unit bench bench-gateway bench-feedback bench-trainer
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,9 @@ serve: setup
 
 test: setup
 	.venv/bin/python -m pytest -ra
+
+unit: setup  # the logic tests alone: no vLLM, broker or Redis, no child process (tests/conftest.py)
+	.venv/bin/python -m pytest -ra -m "not integration"
 
 bench: bench-gateway bench-feedback bench-trainer
 

@@ -2,11 +2,18 @@
 stack (vLLM serving a tiny random Llama with SmolLM2's tokenizer + the gateway) per session.
 
 Factories hand out customers (with keys) and LoRA adapters for that tiny model.
+
+Two lanes. A test that uses a real-stack fixture (`REAL_STACK`) is marked `integration` here; a
+module that starts processes or vLLM itself says so with `pytestmark`. `pytest -m "not integration"`
+(`make unit`) runs the rest, the logic tests, in seconds; and fails the session if any of them
+started a child process (an audit hook sees every spawn), so the lane stays what it says.
+`make test` (CI) runs both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -23,6 +30,46 @@ from clora.stack import Stack
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".clora" / "cache"  # survives between runs; never committed
 ADMIN_KEY = "sk-clora-admin-test"
+REAL_STACK = {"broker", "redis_url", "stack", "gateway", "engine", "admin", "make_customer", "sync_redis"}
+SPAWN_EVENTS = {"subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn",
+                "pty.spawn"}
+_spawned: list[str] = []
+_running = [""]  # the test being run, named in the report of a spawn
+
+
+def unit_lane(config: pytest.Config) -> bool:
+    return "not integration" in (config.option.markexpr or "")
+
+
+def _watch_spawns(event: str, args: tuple) -> None:
+    if event in SPAWN_EVENTS:
+        _spawned.append(f"{_running[0] or 'collection'}: {event} {str(args[0] if args else '')[:160]}")
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    _running[0] = nodeid
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if unit_lane(config):
+        sys.addaudithook(_watch_spawns)  # for the rest of the process: hooks cannot be removed
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_STACK & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The unit lane fails if anything in it started a process (a test that belongs in `integration`)."""
+    if unit_lane(session.config) and _spawned:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"the unit lane started {len(_spawned)} child process(es); mark those tests `integration`:",
+                 *_spawned[:20]]
+        if reporter is not None:
+            reporter.write_line("\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
