@@ -3,8 +3,9 @@ stack (vLLM serving a tiny random Llama with SmolLM2's tokenizer + the gateway) 
 
 Factories hand out customers (with keys) and LoRA adapters for that tiny model.
 
-Two lanes. A test that uses a real-stack fixture (`REAL_STACK`) is marked `integration` here; a
-module that starts processes or vLLM itself says so with `pytestmark`. `pytest -m "not integration"`
+Two lanes. A test that uses a real-stack fixture (`REAL_STACK`), is `slow` or is in one of the
+`INTEGRATION_MODULES` is marked `integration` here; any other test that starts a process says so
+with `@pytest.mark.integration`. `pytest -m "not integration"`
 (`make unit`) runs the rest, the logic tests, in seconds; and fails the session if any of them
 started a child process (an audit hook sees every spawn), so the lane stays what it says.
 `make test` (CI) runs both.
@@ -33,6 +34,14 @@ ADMIN_KEY = "sk-clora-admin-test"
 REAL_STACK = {"broker", "redis_url", "stack", "gateway", "engine", "admin", "make_customer", "sync_redis"}
 SPAWN_EVENTS = {"subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn",
                 "pty.spawn"}
+# Modules whose tests start servers or processes of their own, or import vLLM, without a fixture
+# saying so (a whole module: the test ids that start nothing stay with it for now).
+INTEGRATION_MODULES = {
+    "test_engine_process": "spawns engine processes", "test_services": "starts valkey and children",
+    "test_lora_ops": "compares with vLLM's own ops", "test_capture": "starts its own broker",
+    "test_ingest": "starts its own broker and valkey", "test_feedback_webhook": "stops and starts brokers",
+    "test_namespace": "imports in fresh interpreters", "test_trainer_memory": "measures fresh interpreters",
+}
 _spawned: list[str] = []
 _running = [""]  # the test being run, named in the report of a spawn
 
@@ -55,10 +64,17 @@ def pytest_configure(config: pytest.Config) -> None:
         sys.addaudithook(_watch_spawns)  # for the rest of the process: hooks cannot be removed
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The unit lane does not even import these modules (importing vLLM runs `uname`)."""
+    return True if unit_lane(config) and collection_path.stem in INTEGRATION_MODULES else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if REAL_STACK & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.integration)
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        if (REAL_STACK & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow")
+                or module in INTEGRATION_MODULES):
+            item.add_marker(pytest.mark.integration)  # the slow ones start servers of their own
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

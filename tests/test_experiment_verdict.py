@@ -165,6 +165,7 @@ def test_settings_changed_lists_overridden_settings_and_trainer_config_fields(mo
     assert "sk-secret" not in command() and "pw@" not in command()
 
 
+@pytest.mark.integration  # starts a process
 def test_provenance_names_the_revision_the_machine_and_the_start():
     record = provenance("python benchmarks/x.py", config=TenantConfig(rank=8))
     assert len(record["git_revision"]) == 40 and isinstance(record["git_dirty"], bool)

@@ -78,6 +78,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.integration  # starts a process
 def test_journaled_messages_survive_a_sigkill_of_their_process(tmp_path):
     """`journal` returns once write(2) has the message: a process killed right after keeps every
     one (the fsync it never ran only matters to a machine crash)."""

@@ -33,6 +33,7 @@ def test_top_k_keeps_ties_and_top_p_always_keeps_the_most_likely():
     assert kept(z, torch.tensor([0]), torch.tensor([1e-9])).sum() == 1
 
 
+@pytest.mark.integration  # starts a process (vLLM runs `file` on import)
 def test_masks_match_vllms_sampler_on_random_logits():
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 

@@ -41,6 +41,7 @@ def failure(router: Router, engine: FakeEngine, version: AdapterVersion | None, 
 
 def test_a_version_is_loaded_on_first_use_and_reloaded_once_after_the_engine_lost_it(tmp_path):
     engine, router, version = parts(tmp_path)
+    router.routes["acme"] = version  # served to its customer: kept loaded between requests
 
     async def scenario():
         first = await ask(router, engine, version)

@@ -17,6 +17,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_layers import module_files
 
 ENGINE = "clora.runtime.engine"
@@ -71,6 +73,7 @@ def test_only_the_engine_package_imports_vllm():
     assert violations(sources) == []
 
 
+@pytest.mark.integration  # starts a process
 def test_serving_and_the_engine_package_load_without_vllm():
     """Importing the package (its protocol, config, client and ops) and the whole of serving loads
     no vLLM module: the package's imports of vLLM stay lazy, so serving runs beside a fake engine."""
