@@ -13,8 +13,8 @@ demo: setup
 serve: setup
 	.venv/bin/clora serve
 
-test: setup
-	.venv/bin/python -m pytest -ra
+test: setup  # two workers: the in-process stack's tests on one, the runtimes of their own beside (tests/conftest.py)
+	.venv/bin/python -m pytest -ra -n 2 --dist loadgroup
 
 unit: setup  # the logic tests alone: no vLLM, broker or Redis, no child process (tests/conftest.py)
 	.venv/bin/python -m pytest -ra -m "not integration"

@@ -8,12 +8,16 @@ Two lanes. A test that uses a real-stack fixture (`REAL_STACK`), is `slow` or is
 with `@pytest.mark.integration`. `pytest -m "not integration"`
 (`make unit`) runs the rest, the logic tests, in seconds; and fails the session if any of them
 started a child process (an audit hook sees every spawn), so the lane stays what it says.
-`make test` (CI) runs both.
+`make test` (CI) runs both, on two pytest-xdist workers: every test of the in-process stack on one
+(`xdist_group("stack")`: one vLLM per session, as before), the tests that start runtimes of their own
+first (`OWN_RUNTIME`, minutes each) so the longest work starts earliest, each worker's engines on a
+core of their own (`CLORA_CPU_THREADS_BIND`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import uuid
@@ -32,6 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".clora" / "cache"  # survives between runs; never committed
 ADMIN_KEY = "sk-clora-admin-test"
 REAL_STACK = {"broker", "redis_url", "stack", "gateway", "engine", "admin", "make_customer", "sync_redis"}
+ON_THE_STACK = {"stack", "gateway", "engine", "admin", "make_customer"}  # the session's one in-process stack
+# Modules whose tests start `clora serve`, `clora demo` or `clora bench` runtimes of their own (CI
+# minutes each), longest first: collected first, so two workers start on them before the short ones.
+OWN_RUNTIME = ("test_soak", "test_serve_e2e", "test_bench_experiments", "test_demo")
 SPAWN_EVENTS = {"subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn",
                 "pty.spawn"}
 # Modules whose tests start servers or processes of their own, or import vLLM, without a fixture
@@ -62,6 +70,10 @@ def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if unit_lane(config):
         sys.addaudithook(_watch_spawns)  # for the rest of the process: hooks cannot be removed
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...: this worker's engines get a core
+    if worker:  # of their own (vLLM's `auto` binds every engine to the same core)
+        os.environ.pop("COLUMNS", None)  # xdist's 80 would fix the width of consoles made at import
+        os.environ.setdefault("CLORA_CPU_THREADS_BIND", str(int(worker.removeprefix("gw")) % (os.cpu_count() or 1)))
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -69,12 +81,29 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return True if unit_lane(config) and collection_path.stem in INTEGRATION_MODULES else None
 
 
+def _module(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into scheduling units
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
-        if (REAL_STACK & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow")
-                or module in INTEGRATION_MODULES):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if REAL_STACK & fixtures or item.get_closest_marker("slow") or _module(item) in INTEGRATION_MODULES:
             item.add_marker(pytest.mark.integration)  # the slow ones start servers of their own
+        if ON_THE_STACK & fixtures:
+            item.add_marker(pytest.mark.xdist_group("stack"))
+    rank = {module: i for i, module in enumerate(OWN_RUNTIME)}
+    items.sort(key=lambda item: rank.get(_module(item), len(rank)))  # stable: the rest keep their order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under `--dist loadgroup` a grouped test's id carries its group: if it does not, xdist scatters
+    the stack's tests and every worker starts a stack of its own (pytest-xdist#1386). Say so."""
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(f"xdist_group ignored for {len(lost)} tests (e.g. {lost[0]}): pytest-xdist#1386")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -152,6 +152,8 @@ def test_the_experiment_runs_the_trainer_configs_defaults_but_its_shape():
 
 
 def test_settings_changed_lists_overridden_settings_and_trainer_config_fields(monkeypatch, tmp_path):
+    for name in [k for k in os.environ if k.startswith("CLORA_")]:  # the shell's, or the test worker's
+        monkeypatch.delenv(name)
     monkeypatch.setenv("CLORA_DTYPE", "bfloat16")
     monkeypatch.setenv("CLORA_ADMIN_KEY", "sk-secret")
     monkeypatch.setenv("CLORA_REDIS_URL", "redis://user:pw@127.0.0.1:6379/0")
