@@ -89,7 +89,7 @@ def test_demo_runs_rounds_trains_gates_and_reports(tiny_model: Path, tmp_path: P
 
 
 def test_a_round_starts_only_if_it_and_the_final_report_fit():
-    from clora.demo.run import Budget
+    from clora.demo.options import Budget
 
     budget = Budget(minutes=14.5, report=2.0)
     assert budget.fits_a_round(12.5)  # before any round: only the report must fit

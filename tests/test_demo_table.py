@@ -16,8 +16,9 @@ from rich.live import Live
 
 from clora.agents.preference import PreferenceEnv
 from clora.core.settings import Settings
+from clora.demo.options import DemoOptions
 from clora.demo.report import CustomerReport, DemoReport
-from clora.demo.run import Demo, DemoOptions, Tenant, print_report
+from clora.demo.run import Demo, Tenant, print_report
 from clora.evals.gate import Decision
 from clora.evals.suites import EvalSuite
 
@@ -128,7 +129,7 @@ def test_the_live_view_in_a_log_ends_its_line_before_the_report(tmp_path):
 
 def test_the_report_lists_the_demo_settings_that_differ_from_the_products(tmp_path, monkeypatch):
     from clora.core.provenance import settings_changed
-    from clora.demo.run import demo_settings, trainer_config
+    from clora.demo.options import demo_settings, trainer_config
 
     for name in [n for n in os.environ if n.startswith("CLORA_")]:
         monkeypatch.delenv(name)

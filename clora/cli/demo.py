@@ -22,7 +22,8 @@ def demo(minutes: float = typer.Option(14.5, help="Time budget for the whole run
                                                          "[default: <CLORA_HOME>/demo/<start time>/].")) -> None:
     """Simulated customers with hidden preferences learn live: traffic, operator feedback, training,
     the promotion gate; ends with a report (table, JSON, PNG). Starts everything on embedded defaults."""
-    from clora.demo.run import DemoOptions, run_demo  # torch and matplotlib load only for the demo
+    from clora.demo.options import DemoOptions
+    from clora.demo.run import run_demo  # torch and matplotlib load only for the demo
 
     settings = Settings()
     if serve_state(settings):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 from rich import box
 from rich.console import Console
@@ -13,6 +15,7 @@ from rich.table import Table
 
 from clora.core.provenance import machine  # noqa: F401 - re-exported: scripts once imported it from here
 from clora.evals.gate import Decision
+from clora.evals.scoring import EvalScore
 
 
 class CustomerReport(BaseModel):
@@ -163,3 +166,22 @@ def print_report(report: DemoReport, console: Console, paths: tuple[Path, Path])
                   f"taught by ratings or rewards alone), content kept (at least 0.8 of the base model's), no rule "
                   f"adopted from another customer.")
     console.print(f"Report: {paths[0]}\nPlot: {paths[1]}", markup=False, highlight=False)  # paths, verbatim
+
+
+def interval_of(score: EvalScore) -> tuple[float, float]:
+    """A score's 90% interval (scores cached before intervals were kept: none, so the whole range)."""
+    return (score.low, score.high) if score.low is not None and score.high is not None else (0.0, 1.0)
+
+
+def trainer_records(port: int) -> dict[str, dict[str, int]]:
+    """Per customer, the records the trainer used by loss path, from its metrics endpoint."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "clora_trainer_records_total":
+                out.setdefault(sample.labels["customer"], {})[sample.labels["path"]] = int(sample.value)
+    return out
