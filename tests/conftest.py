@@ -39,7 +39,7 @@ REAL_STACK = {"broker", "redis_url", "stack", "gateway", "engine", "admin", "mak
 ON_THE_STACK = {"stack", "gateway", "engine", "admin", "make_customer"}  # the session's one in-process stack
 # Modules whose tests start `clora serve`, `clora demo` or `clora bench` runtimes of their own (CI
 # minutes each), longest first: collected first, so two workers start on them before the short ones.
-OWN_RUNTIME = ("test_soak", "test_serve_e2e", "test_bench_experiments", "test_demo")
+OWN_RUNTIME = ("test_soak", "test_serve_e2e", "test_bench_experiments", "test_upgrade", "test_demo")
 SPAWN_EVENTS = {"subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn",
                 "pty.spawn"}
 # Modules whose tests start servers or processes of their own, or import vLLM, without a fixture
