@@ -68,7 +68,7 @@ async def main(args: argparse.Namespace) -> dict:
         stack, settings, model = runtime.stack, runtime.settings, runtime.model
         origin = provenance(PROGRAM, settings, config, started_at=started_at) | {"command": ran_as}
         client = admin_chat_client(stack.gateway_url, admin_key(settings), CUSTOMER)
-        evals.append({"step": 0, **await evaluate(client, args.level, args.episodes, settings.served_base_name)})
+        evals.append({"step": 0, **await evaluate(client, args.level, args.episodes, settings.serving.served_base_name)})
         print(f"step 0: held-out reward {evals[-1]['reward']:.3f}", flush=True)
         for n in range(1, args.steps + 1):
             started = time.perf_counter()

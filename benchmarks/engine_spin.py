@@ -48,7 +48,7 @@ def model_dir() -> Path:
     from clora.core.settings import Settings
 
     settings = Settings()
-    return Path(resolve_model(settings.model, settings.cache_dir))
+    return Path(resolve_model(settings.serving.model, settings.cache_dir))
 
 
 def trainer(dtype: str, steps: int, threads: int) -> dict:
@@ -56,9 +56,10 @@ def trainer(dtype: str, steps: int, threads: int) -> dict:
     import torch
 
     from clora.trainer.adapter_store import TenantState
-    from clora.trainer.data import Group, TenantData, Turn
-    from clora.trainer.loop import load_model
+    from clora.trainer.data import TenantData
     from clora.trainer.lora import LoRASpec, new_weights
+    from clora.trainer.model import load_model
+    from clora.trainer.rollouts import Group, Turn
     from clora.trainer.step import backward
     from clora.wire.interactions import Sampler
     from clora.wire.trainer_config import TenantConfig
@@ -99,8 +100,8 @@ def adapters(out: Path) -> list[Path]:
     """Random rank-16 adapters (small B, so answers stay text-like), PEFT format."""
     import torch
 
-    from clora.trainer.loop import load_model
     from clora.trainer.lora import LoRASpec, new_weights, save_peft
+    from clora.trainer.model import load_model
 
     _, layers, _ = load_model(model_dir(), "cpu", "float32")
     paths = []
@@ -205,10 +206,10 @@ def main() -> None:
     from clora.core.settings import Settings
 
     settings = Settings()
-    dtype = args.dtype or settings.dtype
-    from clora.trainer.loop import trainer_threads
+    dtype = args.dtype or settings.serving.dtype
+    from clora.trainer.run import trainer_threads
 
-    default_threads = str(settings.trainer_threads or trainer_threads("cpu"))
+    default_threads = str(settings.trainer.threads or trainer_threads("cpu"))
     threads = [int(t) for t in (args.trainer_threads or default_threads).split(",")]
     if args.trainer:
         print(json.dumps(trainer(dtype, args.steps, threads[0])), flush=True)

@@ -45,8 +45,8 @@ from gateway_overhead import REPO, create_customer, pct, start_serve  # noqa: E4
 from clora.core.models import DEFAULT_MODEL_NAME, ensure_default_model  # noqa: E402
 from clora.core.provenance import provenance  # noqa: E402
 from clora.trainer.batching import sequence_logprobs  # noqa: E402
-from clora.trainer.loop import load_model  # noqa: E402
 from clora.trainer.lora import LoRASpec, LoRAWeights, MultiLoRALinear, Segment, bind, new_weights, save_peft  # noqa: E402
+from clora.trainer.model import load_model  # noqa: E402
 from clora.trainer.sampling import is_raw  # noqa: E402
 from clora.wire.interactions import Sampler  # noqa: E402
 

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from clora.bench.harness import bench_runtime, inline_trainer
 from clora.core.provenance import command, provenance
-from clora.trainer.loop import Timeline, Trainer, drive
+from clora.trainer.loop import Trainer, drive
 from clora.trainer.scheduler import Candidate, Scheduler
+from clora.trainer.timeline import Timeline
 from clora.wire.trainer_config import TenantConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,8 +40,8 @@ def worker(setting: str, dtype: str, passes: int, prompt: int, rows: int, comple
     from clora.core.models import resolve_model
     from clora.core.settings import Settings
     from clora.trainer.batching import PrefixGroup, shared_prefix_logprobs
-    from clora.trainer.loop import fix_mmap_threshold, return_freed_host_memory
     from clora.trainer.lora import LoRASpec, inject, new_weights
+    from clora.trainer.model import fix_mmap_threshold, return_freed_host_memory
 
     if setting == "fixed-128k":
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
@@ -49,7 +49,7 @@ def worker(setting: str, dtype: str, passes: int, prompt: int, rows: int, comple
         fix_mmap_threshold()
     torch.set_num_threads(1)
     settings = Settings()
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(settings.model, settings.cache_dir),
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(settings.serving.model, settings.cache_dir),
                                                  dtype=getattr(torch, dtype)).eval()
     layers = inject(model)
     for p in model.parameters():
@@ -91,7 +91,7 @@ def main() -> None:
     from clora.core.settings import Settings
 
     settings = Settings()
-    dtype = args.dtype or settings.dtype
+    dtype = args.dtype or settings.serving.dtype
     shape = [args.passes, args.prompt, args.rows, args.completion]
     if args.worker:
         print(json.dumps(worker(args.worker, dtype, *shape)))

@@ -52,7 +52,7 @@ async def test_the_trainer_samples_arithmetic_episodes_through_the_admin_api(gat
     config = TenantConfig(environment="arithmetic:1", group_size=4, prompts_per_step=2, max_new_tokens=24,
                           temperature=1.0)
     try:
-        groups = await trainer.io.sample_groups(customer, config, random.Random(3), "base")
+        groups = await trainer.io.sampler.groups(customer, config, random.Random(3), "base")
     finally:
         await trainer.io.client.close()
         await redis_client.aclose()

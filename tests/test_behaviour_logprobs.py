@@ -19,8 +19,9 @@ import torch
 from prometheus_client import REGISTRY
 
 from clora.trainer.batching import sequence_logprobs
-from clora.trainer.loop import observe, step, train
+from clora.trainer.loop import sample, step, train
 from clora.trainer.lora import load_peft
+from clora.trainer.report import observe
 from clora.trainer.scheduler import Scheduler
 from clora.wire.feedback import TrainingRecord
 from clora.wire.interactions import Sampler
@@ -159,7 +160,7 @@ async def test_the_first_step_starts_from_the_served_adapter_when_it_fits(gatewa
             config = TenantConfig(rank=rank, alpha=32.0, environment="token-range:0-24576", prompts_per_step=1,
                                   group_size=2, max_new_tokens=4)
             await trainer.io.configs.set(customer, config)
-            data = await trainer.io.gather(customer, trainer.layers)
+            data = await trainer.io.gather(customer, await sample(trainer, customer))
             state = trainer.store.tenants[customer]
             name = next(iter(served.a))
             if adopted:

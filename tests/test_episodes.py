@@ -15,10 +15,12 @@ from clora.agents.arithmetic import TOOLS, ArithmeticEpisode, Problem
 from clora.agents.envs import Completion
 from clora.trainer.adapter_store import TenantState
 from clora.trainer.batching import sequence_logprobs, shared_prefix_logprobs
-from clora.trainer.data import Group, TenantData, Turn
+from clora.trainer.data import TenantData
 from clora.trainer.lora import LoRASpec, Segment, bind, inject, new_weights
 from clora.trainer.losses import group_advantages, policy_gradient_loss, ppo_clip_loss
-from clora.trainer.step import GROUP_PASS_FACTOR, backward, onpolicy_rows
+from clora.trainer.onpolicy import GROUP_PASS_FACTOR, onpolicy_rows
+from clora.trainer.rollouts import Group, Turn
+from clora.trainer.step import backward
 from clora.wire.interactions import Sampler
 from clora.wire.trainer_config import TenantConfig
 
@@ -161,7 +163,7 @@ def test_groups_whose_episodes_all_scored_the_same_take_no_pass(base, monkeypatc
     """A group whose episodes all scored the same has advantage 0: PPO gives it no gradient, so it
     takes no pass (a low-reward task's step is mostly such groups), yet its tokens stay in the
     token mean; with a KL term it still pulls towards the base model, so it is passed."""
-    from clora.trainer import step as step_module
+    from clora.trainer import onpolicy as step_module
     model, layers, tokenizer = base
     rng = random.Random(3)
     varied = arithmetic_group(tokenizer, rng, 4, SAMPLED)

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from clora.trainer.adapter_store import TenantState
-from clora.trainer.data import Group, TenantData, Turn
+from clora.trainer.data import TenantData
 from clora.trainer.lora import LoRASpec, inject, new_weights
+from clora.trainer.rollouts import Group, Turn
 from clora.trainer.step import backward
 from clora.wire.feedback import TrainingRecord
 from clora.wire.interactions import CapturedChoice, CapturedRequest, InteractionRecord, Sampler

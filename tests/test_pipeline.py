@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from clora.trainer.adapter_store import TenantState
 from clora.trainer.batching import PrefixGroup, shared_prefix_logprobs
-from clora.trainer.data import Group, TenantData
-from clora.trainer.loop import Timeline
+from clora.trainer.data import TenantData
 from clora.trainer.lora import LoRASpec, inject, new_weights
+from clora.trainer.rollouts import Group
 from clora.trainer.step import backward
+from clora.trainer.timeline import Timeline
 from clora.wire.interactions import Sampler
 from clora.wire.trainer_config import TenantConfig
 

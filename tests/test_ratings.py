@@ -15,10 +15,11 @@ import torch
 from clora.trainer.adapter_store import AdapterStore
 from clora.trainer.batching import sequence_logprobs
 from clora.trainer.data import TenantData
-from clora.trainer.loop import load_model
 from clora.trainer.lora import Segment, bind, spec_of
+from clora.trainer.model import load_model
 from clora.trainer.optim import adamw_step
-from clora.trainer.step import IMPORTANCE, RATIO_FREE, backward, greedy
+from clora.trainer.records import IMPORTANCE, RATIO_FREE
+from clora.trainer.step import backward, greedy
 from clora.wire.feedback import TrainingRecord
 from clora.wire.interactions import CapturedChoice, CapturedRequest, InteractionRecord, Sampler
 from clora.wire.trainer_config import TenantConfig

@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from clora.trainer import loop
+from clora.trainer.results import TenantResult
 from clora.trainer.scheduler import Candidate, Scheduler
-from clora.trainer.step import TenantResult
 
 
 class Clock:
@@ -198,7 +198,7 @@ async def test_a_lone_record_trains_once_it_has_waited_max_record_wait_s(redis_u
     client = aioredis.Redis.from_url(redis_url)
     customers, configs, replay = CustomerStore(client), TenantConfigStore(client), ReplayBuffer(client)
     runtime = RuntimeClient("http://127.0.0.1:9", "unused")
-    io = TrainerIO(AdapterStore(tmp_path), runtime, replay, configs, customers, tokenizer=None, base_model="m")
+    io = TrainerIO(AdapterStore(tmp_path), runtime, replay, configs, customers, tokenizer=None)
     waited, fresh, many = (f"wait-{uuid.uuid4().hex[:6]}" for _ in range(3))
     for name in (waited, fresh, many):
         await customers.create(name)

@@ -11,8 +11,9 @@ import torch
 
 from clora.core.settings import Settings
 from clora.trainer.batching import sequence_logprobs
-from clora.trainer.loop import TrainRun, load_model
 from clora.trainer.lora import LoRASpec, Segment, bind, new_weights
+from clora.trainer.model import load_model
+from clora.trainer.run import TrainRun
 
 
 def run_for(tmp_path: Path, **settings) -> TrainRun:

@@ -24,10 +24,13 @@ from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore
 from clora.trainer.batching import sequence_logprobs
 from clora.trainer.data import TrainerIO
-from clora.trainer.loop import StepReport, Trainer, drive, load_model, step
+from clora.trainer.loop import Trainer, drive, step
 from clora.trainer.lora import Segment, bind, spec_of
+from clora.trainer.model import load_model
+from clora.trainer.report import StepReport
 from clora.trainer.scheduler import Candidate, Scheduler
 from clora.trainer.step import greedy
+from clora.trainer.versions import Publisher
 from clora.wire.trainer_config import TenantConfig
 from tests.conftest import ADMIN_KEY
 from tests.test_gateway import client_for
@@ -57,9 +60,9 @@ def make_trainer(tiny_model: Path, gateway: str, redis_client, root: Path) -> Tr
     """Wired as `clora train`'s main wires it (the model loaded the same way, on the CPU)."""
     model, layers, tokenizer = load_model(tiny_model, "cpu")
     store = AdapterStore(root)
-    io = TrainerIO(store, RuntimeClient(gateway, ADMIN_KEY), ReplayBuffer(redis_client),
-                   TenantConfigStore(redis_client), CustomerStore(redis_client), tokenizer, base_model=str(tiny_model))
-    return Trainer(model, layers, store, io)
+    runtime, configs = RuntimeClient(gateway, ADMIN_KEY), TenantConfigStore(redis_client)
+    io = TrainerIO(store, runtime, ReplayBuffer(redis_client), configs, CustomerStore(redis_client), tokenizer)
+    return Trainer(model, layers, store, io, Publisher(store, runtime, configs, str(tiny_model)))
 
 
 def trainer_greedy(trainer: Trainer, customer: str, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -20,7 +20,7 @@ if not sys.platform.startswith("linux"):
 PROBE = """
 import ctypes, json, resource, sys
 import psutil
-from clora.trainer.loop import fix_mmap_threshold, return_freed_host_memory
+from clora.trainer.model import fix_mmap_threshold, return_freed_host_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

@@ -16,18 +16,16 @@ from clora.trainer.adapter_store import AdapterStore, TenantState
 from clora.trainer.batching import (
     PrefixGroup,
     TenantBatch,
-    length_buckets,
     multi_tenant_backward,
-    pack,
-    pack_groups,
-    padded_tokens,
     sequence_logprobs,
     shared_prefix_logprobs,
 )
-from clora.trainer.data import Group, TenantData
+from clora.trainer.data import TenantData
 from clora.trainer.lora import LoRASpec, Segment, bind, inject, load_peft, new_weights, save_peft
 from clora.trainer.losses import group_advantages, kl_to_reference, ppo_clip_loss, sft_loss
 from clora.trainer.optim import adamw_step
+from clora.trainer.packing import length_buckets, pack, pack_groups, padded_tokens
+from clora.trainer.rollouts import Group
 from clora.trainer.step import backward
 from clora.wire.interactions import Sampler
 from clora.wire.trainer_config import TenantConfig

@@ -5,16 +5,20 @@ trained is copied onto the device for its step and copied back after it. Copies,
 round trip is bit-exact, and a step that fails on the device leaves the tenant's master state as it
 was (the device copy is dropped).
 
+The store is the one owner of every tenant's state, and of the lock that serialises changes to it.
+
 State is checkpointed per training step (temp dir + rename: a checkpoint is whole or absent) with the
 adapter in PEFT format beside it, and the latest checkpoint is restored after a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import shutil
 import tempfile
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +65,12 @@ class AdapterStore:
         self.keep_checkpoints = keep_checkpoints
         self.pin = self.device.type == "cuda"
         self.tenants: dict[str, TenantState] = {}
+        # Held while a tenant's weights change (optimizer step until published) and while a rollout
+        # reads which version to sample: a rollout never pairs one version's name with other weights.
+        self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def lock(self, customer: str) -> asyncio.Lock:
+        return self.locks[customer]
 
     # -- life of a tenant ---------------------------------------------------------------------
     def create(self, customer: str, layers: dict[str, MultiLoRALinear], spec: LoRASpec, seed: int = 0) -> TenantState:

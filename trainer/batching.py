@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clora.trainer.lora import LoRAWeights, MultiLoRALinear, Segment, bind
+from clora.trainer.packing import length_buckets, pack
 from clora.trainer.sampling import Processing, processed_logprobs
 from clora.wire.interactions import Sampler
 
@@ -37,10 +38,6 @@ if TYPE_CHECKING:  # types only
     from transformers.cache_utils import Cache
 
 CHUNK_TOKENS = 512
-# A shared-prefix pass's rows go through at most this many forwards, cut by length; each forward
-# beyond the first must save more padding than this many tokens' worth of fixed cost.
-MAX_BUCKETS = 4
-BUCKET_OVERHEAD_TOKENS = 64
 
 
 @dataclass
@@ -139,41 +136,6 @@ def segments_of(weights: list[LoRAWeights | None]) -> list[Segment]:
     return segments
 
 
-def length_buckets(lengths: list[int], max_buckets: int = MAX_BUCKETS,
-                   overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Row indices cut into at most `max_buckets` buckets, each padded to its own longest row, so
-    that padded tokens plus `overhead` per bucket (a forward of its own) are fewest: the buckets are
-    runs of the rows sorted by length (found by dynamic programming). Indices ascend in a bucket."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sizes = [lengths[i] for i in order]
-    n = len(sizes)
-    if n == 0:
-        return []
-    inf = float("inf")
-    # best[b][j]: least cost of rows order[:j] in b buckets; cut[b][j]: where the last one starts.
-    best = [[inf] * (n + 1) for _ in range(max_buckets + 1)]
-    cut = [[0] * (n + 1) for _ in range(max_buckets + 1)]
-    best[0][0] = 0
-    for b in range(1, max_buckets + 1):
-        for j in range(1, n + 1):
-            for i in range(b - 1, j):
-                cost = best[b - 1][i] + (j - i) * sizes[j - 1] + overhead
-                if cost < best[b][j]:
-                    best[b][j], cut[b][j] = cost, i
-    b = min(range(1, max_buckets + 1), key=lambda k: best[k][n])
-    buckets, j = [], n
-    while b:
-        i = cut[b][j]
-        buckets.append(sorted(order[i:j]))
-        b, j = b - 1, i
-    return buckets[::-1]
-
-
-def padded_tokens(lengths: list[int]) -> int:
-    """Tokens a forward over these rows computes once they are cut into `length_buckets`."""
-    return sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths))
-
-
 def _rows_of_cache(cache: Cache, indices: torch.Tensor) -> Cache:
     """A view of the prompt cache expanded to `indices` (its rows' groups), the original untouched:
     each length bucket continues from its own copy, all of them in the autograd graph."""
@@ -244,23 +206,6 @@ def shared_prefix_logprobs(model: nn.Module, layers: dict[str, MultiLoRALinear],
     return Completions(logprobs, rows_t)
 
 
-def pack_groups(groups: list[PrefixGroup], max_tokens: int) -> list[list[int]]:
-    """Group indices in order, cut into passes whose padded size (prompts plus completions) stays
-    within max_tokens; a group larger than that gets a pass of its own."""
-    passes: list[list[int]] = [[]]
-    prompt_width = completion_width = 0
-    for i, g in enumerate(groups):
-        width = max(len(r) for r in g.rows())
-        pw, cw = max(prompt_width, len(g.prompt)), max(completion_width, width)
-        rows = sum(len(groups[j].completions) for j in passes[-1]) + len(g.completions)
-        if passes[-1] and (len(passes[-1]) + 1) * pw + rows * cw > max_tokens:
-            passes.append([])
-            pw, cw = len(g.prompt), width
-        passes[-1].append(i)
-        prompt_width, completion_width = pw, cw
-    return [p for p in passes if p]
-
-
 @dataclass
 class TenantBatch:
     """One tenant's rows for a step."""
@@ -277,21 +222,6 @@ class TenantBatch:
 # loss_fn(tenant index, logprobs of some of its completion tokens, their row indices within the
 # tenant's batch) -> mean loss over those tokens.
 LossFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def pack(batches: list[TenantBatch], max_tokens: int) -> list[list[tuple[int, int]]]:
-    """(tenant, row) pairs in order, cut into passes whose padded size stays within max_tokens."""
-    passes: list[list[tuple[int, int]]] = [[]]
-    width = 0
-    for t, batch in enumerate(batches):
-        for r, (p, c) in enumerate(zip(batch.prompts, batch.completions)):
-            new_width = max(width, len(p) + len(c))
-            if passes[-1] and (len(passes[-1]) + 1) * new_width > max_tokens:
-                passes.append([])
-                new_width = len(p) + len(c)
-            passes[-1].append((t, r))
-            width = new_width
-    return [p for p in passes if p]
 
 
 def multi_tenant_backward(model: nn.Module, layers: dict[str, MultiLoRALinear], batches: list[TenantBatch],

@@ -1,20 +1,17 @@
-"""The trainer's I/O: what a step learns from, and where its results go. No torch maths here.
+"""What a step learns from, read from the gateway and the replay buffer. No torch maths here, and
+nothing published (versions.py publishes).
 
-  - `rollouts`: per tenant, on-policy groups sampled through the gateway's admin API under the
-    version holding the newest weights (the newest published one, else the base model) and scored
-    by its environment (for a multi-turn environment, K episodes per task played out turn by turn,
-    each turn a request with the tools the agent uses). Sampled ahead (pipelined, while the
-    trainer computes the step before), they keep a copy of the weights that sampled them: if that
-    step changes the tenant's weights, its groups are one version off-policy (see step.py). A
-    tenant's first state starts from the adapter it is served when that has the configured shape
-    (else from zero, saying so).
+  - `rollouts`: per tenant, on-policy groups (rollouts.py) sampled under the version holding the
+    newest weights (the newest published one, else the base model). Sampled ahead (pipelined,
+    while the trainer computes the step before), they keep a copy of the weights that sampled
+    them: if that step changes the tenant's weights, its groups are one version off-policy (see
+    step.py). A tenant's first state starts from the adapter it is served when that has the
+    configured shape (else from zero, saying so).
   - `gather`: the step's data: the rollouts, and new rated answers and corrections from the
     replay buffer, topped up with older ones (prioritized: corrections first) when few are new.
     Read only when the step starts, so a record is never taken by two steps.
-  - `publish`: checkpoint (state + PEFT adapter, whole or absent), then a new version through the
-    admin API with origin `trainer:step-N`; `consumed` records which records it learnt from.
-  - `recover`: after a restart, a checkpoint written but not (known to be) published is published,
-    unless a version with its origin exists already.
+  - `consumed` / `quarantine`: after the step, which records a version learnt from, and which
+    records were moved out (their logprob gap was over the tenant's bound).
   - `candidates`: who has something to learn from, for the scheduler.
 """
 
@@ -22,15 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from clora.agents.catalog import make_env
-from clora.agents.envs import Completion, Episode, EpisodicEnvironment, is_episodic
 from clora.core.admin_client import RuntimeClient
 from clora.core.customers import CustomerStore
 from clora.core.halts import TrainingHalts
@@ -38,47 +30,12 @@ from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.trainer.adapter_store import AdapterStore, TenantState
 from clora.trainer.lora import LoRAWeights, MultiLoRALinear, load_peft, spec_of
+from clora.trainer.rollouts import Group, Rollouts, RolloutSampler
 from clora.trainer.scheduler import Candidate
 from clora.wire.feedback import TrainingRecord
-from clora.wire.interactions import CapturedChoice, Sampler
 from clora.wire.trainer_config import TenantConfig
 
 log = logging.getLogger("clora.trainer")
-
-
-@dataclass
-class Turn:
-    """A later turn of a multi-turn episode: the prompt the server saw (the conversation so far,
-    tool results included) and what it sampled."""
-
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float]
-
-
-@dataclass
-class Group:
-    """K completions of one prompt, as the server sampled them, with their rewards; for a
-    multi-turn environment, the first turns of K episodes of one task, each episode's later turns
-    in `later` and its final reward in `rewards`."""
-
-    prompt_token_ids: list[int]
-    completions: list[list[int]]
-    logprobs: list[list[float]]  # vLLM's, per completion token: the sampling policy's (processed)
-    rewards: list[float]
-    sampler: Sampler  # what they were sampled with (every turn)
-    later: list[list[Turn]] = field(default_factory=list)  # per completion: its episode's later turns
-
-
-@dataclass
-class Rollouts:
-    """A tenant's on-policy groups for a step, sampled by its weights published as `version`
-    (None: the base model), under the tenant's config of that moment."""
-
-    config: TenantConfig
-    groups: list[Group]
-    version: int | None
-    weights: LoRAWeights | None = None  # a copy of the weights that sampled them, if kept (pipelined)
 
 
 @dataclass
@@ -111,14 +68,12 @@ class TenantData:
 
 class TrainerIO:
     def __init__(self, store: AdapterStore, client: RuntimeClient, replay: ReplayBuffer, configs: TenantConfigStore,
-                 customers: CustomerStore, tokenizer, base_model: str, served_base: str = "base"):
+                 customers: CustomerStore, tokenizer, served_base: str = "base"):
         self.store, self.client, self.replay, self.configs = store, client, replay, configs
-        self.customers, self.tokenizer, self.base_model = customers, tokenizer, base_model
+        self.customers, self.tokenizer = customers, tokenizer
         self.served_base = served_base  # the base model's name on the server
+        self.sampler = RolloutSampler(client)
         self.halts = TrainingHalts(replay.redis)  # tenants whose training is halted: not candidates
-        # Held while a tenant's weights change (optimizer step until published) and while a rollout
-        # reads which version to sample: a rollout never pairs one version's name with other weights.
-        self.policy_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def config(self, customer: str) -> TenantConfig:
         return await self.configs.get(customer) or TenantConfig()
@@ -128,22 +83,18 @@ class TrainerIO:
         """The tenant's on-policy groups under its newest version (none without an environment);
         its state is restored or created (shaped after `layers`). `keep_weights`: with a copy of
         the weights that sample them (a rollout sampled ahead of the step that trains on it)."""
-        async with self.policy_locks[customer]:
+        async with self.store.lock(customer):
             config = await self.config(customer)
             state = self.store.get(customer) or await self.first_state(customer, layers, config)
-            if state.published_version is None and state.step > 0:
-                await self.recover(customer)  # an earlier publish failed: its step must not be skipped
             version, model = state.published_version, self.policy_model(customer, state)
             weights = state.weights.copy() if keep_weights else None
         groups = []
         if config.environment and config.weights.onpolicy:
-            groups = await self.sample_groups(customer, config, state.rng, model)
+            groups = await self.sampler.groups(customer, config, state.rng, model)
         return Rollouts(config, groups, version, weights)
 
-    async def gather(self, customer: str, layers: dict[str, MultiLoRALinear],
-                     rollouts: Rollouts | None = None) -> TenantData:
-        """The tenant's data for a step: its rollouts (sampled now unless given) and its records."""
-        rollouts = rollouts or await self.rollouts(customer, layers)
+    async def gather(self, customer: str, rollouts: Rollouts) -> TenantData:
+        """The tenant's data for a step: its rollouts and its records."""
         config, state = rollouts.config, self.store.get(customer)
         data = TenantData(customer, config, rollouts.groups, baseline=state.reward_baseline)
         if rollouts.groups and rollouts.version != state.published_version:
@@ -194,57 +145,6 @@ class TrainerIO:
         promotion gate perhaps not the one served yet), or the base model for a fresh adapter."""
         return f"{customer}.v{state.published_version}" if state.published_version else self.served_base
 
-    async def sample_groups(self, customer: str, config: TenantConfig, rng: random.Random,
-                            model: str = "default") -> list[Group]:
-        env = make_env(config.environment)
-        if is_episodic(env):
-            tasks = env.tasks(rng, config.prompts_per_step)
-            return list(await asyncio.gather(*[self.sample_episodes(customer, config, env, task, model)
-                                               for task in tasks]))
-        prompts = env.prompts(rng, config.prompts_per_step)
-        samples = await asyncio.gather(*[
-            self.client.sample(customer, messages, n=config.group_size, max_tokens=config.max_new_tokens,
-                               temperature=config.temperature, model=model) for messages in prompts])
-        groups = []
-        for messages, sampled in zip(prompts, samples):
-            choices = [c for c in sampled.choices if c.token_ids]
-            rewards = [env.reward(messages, completion_of(c)) for c in choices]
-            groups.append(Group(sampled.prompt_token_ids, [c.token_ids for c in choices],
-                                [c.logprobs for c in choices], rewards, Sampler(temperature=config.temperature)))
-        return groups
-
-    async def sample_episodes(self, customer: str, config: TenantConfig, env: EpisodicEnvironment, task: Any,
-                              model: str) -> Group:
-        """K episodes of one task: their shared first request sampled K times at once, then each
-        episode's later turns (tool results fed back) one request at a time, concurrently."""
-        episodes = [env.episode(task) for _ in range(config.group_size)]
-        request = episodes[0].next_request() or {}
-        messages, fields = request.pop("messages"), request
-        sampler = Sampler(temperature=config.temperature,
-                          constrained="tool_choice" in fields or "response_format" in fields)
-        sampled = await self.client.sample(customer, messages, n=config.group_size, max_tokens=config.max_new_tokens,
-                                           temperature=config.temperature, model=model, **fields)
-        played = [(e, c) for e, c in zip(episodes, sampled.choices) if c.token_ids]
-        for episode, choice in played:
-            episode.observe(completion_of(choice))
-        later = await asyncio.gather(*[self.play_out(customer, config, e, model) for e, _ in played])
-        return Group(sampled.prompt_token_ids, [c.token_ids for _, c in played], [c.logprobs for _, c in played],
-                     [e.reward for e, _ in played], sampler, list(later))
-
-    async def play_out(self, customer: str, config: TenantConfig, episode: Episode, model: str) -> list[Turn]:
-        """An episode's turns after the first, until it is over (a turn that sampled nothing ends it)."""
-        turns: list[Turn] = []
-        while (request := episode.next_request()) is not None:
-            messages = request.pop("messages")
-            sampled = await self.client.sample(customer, messages, n=1, max_tokens=config.max_new_tokens,
-                                               temperature=config.temperature, model=model, **request)
-            choice = sampled.choices[0]
-            if not choice.token_ids:
-                break
-            turns.append(Turn(sampled.prompt_token_ids, choice.token_ids, choice.logprobs))
-            episode.observe(completion_of(choice))
-        return turns
-
     def target_ids(self, record: TrainingRecord) -> list[int]:
         """A correction as the tokens the model should have produced, ending its turn."""
         text = str(record.correction["content"])
@@ -278,19 +178,6 @@ class TrainerIO:
             out.append(Candidate(customer, work, config.priority, samples))
         return out
 
-    # -- versions --------------------------------------------------------------------------------
-    async def publish(self, customer: str, switch: bool = True) -> str:
-        """Checkpoint (state + PEFT adapter, whole or absent), then publish it as a new version
-        (served now, or a candidate for the promotion gate). The origin names the checkpoint, so a
-        restart can tell whether it was published already."""
-        checkpoint = self.store.checkpoint(customer, self.base_model)
-        origin = f"trainer:{checkpoint.name}"
-        published = await self.client.publish(customer, checkpoint / "adapter", origin, switch,
-                                              publish_key(checkpoint))
-        self.store.mark_published(customer, checkpoint, published.version)
-        log.info("customer %s: step %s published as %s", customer, checkpoint.name, published.name)
-        return published.name
-
     async def quarantine(self, customer: str, records: list[TrainingRecord], reason: str) -> int:
         """Records that pushed a step over the logprob-gap bound, out of the buffer into its
         quarantine (never read again); returns how many."""
@@ -300,39 +187,3 @@ class TrainerIO:
         """The records `version` learnt from, and the replay buffer's cursor past the new ones."""
         await self.replay.mark_consumed(data.customer, [r.event_id for r in data.rated + data.corrections], version)
         await self.replay.set_cursor(data.customer, data.cursor)
-
-    async def recover(self, customer: str) -> None:
-        """After a restart: a checkpoint written but not (known to be) published gets published."""
-        self.store.discard_partial(customer)
-        state = self.store.get(customer)
-        checkpoint = self.store.latest_checkpoint(customer)
-        if state is None or checkpoint is None or state.published_version is not None:
-            return
-        origin = f"trainer:{checkpoint.name}"
-        listed = await self.client.versions(customer)
-        match = next((v for v in listed.versions if v.source == origin), None)
-        if match is None:
-            config = await self.config(customer)
-            match = await self.client.publish(customer, checkpoint / "adapter", origin, not config.gated,
-                                              publish_key(checkpoint))
-        self.store.mark_published(customer, checkpoint, match.version)
-
-    async def recover_all(self) -> None:
-        """Publish any checkpoint a previous run wrote but did not get to publish."""
-        root = self.store.root
-        for directory in sorted(root.iterdir()) if root.exists() else []:
-            if directory.is_dir():
-                await self.recover(directory.name)
-
-
-def publish_key(checkpoint: Path) -> str:
-    """One checkpoint's idempotency key: its name and when its adapter was written (a tenant whose
-    state was reset writes `step-1` again, a different checkpoint)."""
-    written = next((checkpoint / "adapter").glob("*.safetensors")).stat().st_mtime_ns
-    return f"trainer:{checkpoint.name}:{written}"
-
-
-def completion_of(choice: CapturedChoice) -> Completion:
-    """A sampled choice as an environment scores it."""
-    return Completion(str(choice.message.get("content") or ""), choice.token_ids, choice.finish_reason,
-                      choice.message.get("tool_calls"))

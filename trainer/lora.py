@@ -135,6 +135,9 @@ class MultiLoRALinear(nn.Module):
         return delta.reshape(*x.shape[:-1], self.base.out_features)
 
 
+Layers = dict[str, "MultiLoRALinear"]  # the model's LoRA-wrapped projections, by module name
+
+
 def inject(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, MultiLoRALinear]:
     """Wrap every targeted Linear (frozen base weights); returns the wrappers by module name."""
     for param in model.parameters():
