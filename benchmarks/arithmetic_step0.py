@@ -37,7 +37,7 @@ async def main(args: argparse.Namespace) -> dict:
         levels = []
         for level in args.levels:
             suite = EvalSuite(environment=f"arithmetic:{level}", n=args.episodes, max_tokens=48)
-            result = await score(client, suite, settings.served_base_name)
+            result = await score(client, suite, settings.serving.served_base_name)
             completed = sum("(completed)" in a for a in result.answers)
             levels.append({"level": level, "episodes": result.n, "reward": result.score,
                            "completed_episodes": completed, "seconds": round(result.seconds, 1),

@@ -86,7 +86,7 @@ class Server:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         settings = Settings(home=home)
-        config = EngineConfig.from_settings(settings, str(model), home / name)
+        config = EngineConfig.from_settings(settings.serving, str(model), home / name, settings.cache_dir)
         config.grouped_lora = grouped
         config.max_cpu_loras = 16
         argv = server_argv(config, lora) + ["--host", "127.0.0.1", "--port", str(self.port)]

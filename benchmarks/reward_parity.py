@@ -59,7 +59,7 @@ async def measure(seeds: list[int], steps: int, model: str | None = None) -> dic
                 runs = await trainer.run(run_experiments, names, seeds, steps, mode == "pipelined")
             rewards[mode], seconds[mode] = [e.rewards for e in runs], round(time.perf_counter() - started, 1)
             print(f"{mode}: {seconds[mode]} s, rewards {rewards[mode]}", flush=True)
-        dtypes = {"engine": runtime.settings.dtype, "trainer": runtime.train_run().dtype}
+        dtypes = {"engine": runtime.settings.serving.dtype, "trainer": runtime.train_run().dtype}
         model = runtime.model.rsplit("/", 1)[-1]
     return {"rewards": rewards, "seconds": seconds, "dtype": dtypes, "model": model, "settings": runtime.settings,
             "tenant": options.tenant(0)}  # every tenant's config but for its seed

@@ -96,7 +96,7 @@ class Serve:
     def __init__(self, settings: Settings, log: Path):
         self.env = {**os.environ, **settings.child_env()}
         self.log, self.state_file = log, settings.state_file
-        self.url = f"http://{settings.host}:{settings.port}"
+        self.url = f"http://{settings.serving.host}:{settings.serving.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -154,7 +154,7 @@ class Soak:
         self.redis_port = free_port()
         self.valkey = start_redis(self.home / "valkey", self.home / "valkey-log-0", port=self.redis_port)
         base = Settings()
-        self.settings = base.model_copy(update={
+        self.settings = base.updated(**{
             "home": self.home / "serve", "model": model_path(self.args.model, base.cache_dir), "port": free_port(),
             "kafka_bootstrap": self.broker.url, "redis_url": self.valkey.url, "eval_interval_s": 0.0,
             "feedback_resend_after_s": 10.0, "capture_resend_after_s": 10.0, "trainer_metrics_port": 0,
@@ -392,7 +392,7 @@ class Soak:
         codes = collections.Counter(f"{s.what} {s.status or CONNECTION}" for s in self.seen)
         kinds = sorted({k for s in self.rss for k in s if k != "at_s"})
         return {
-            "benchmark": "soak", "model": Path(self.settings.model).name,
+            "benchmark": "soak", "model": Path(self.settings.serving.model).name,
             **recorded,
             "minutes": round(loaded_s / 60, 2), "customers": self.args.customers, "requests": self.requests,
             "faults": dict(collections.Counter(w.kind for w in self.windows)),

@@ -26,7 +26,7 @@ from clora.core.models import resolve_model
 from clora.core.outbox import Outbox
 from clora.core.processes import ChildProcess, free_port
 from clora.core.services import EmbeddedService, start_broker, start_redis
-from clora.core.settings import Settings
+from clora.core.settings import FeedbackSettings, Settings, StoreSettings
 from clora.core.state import admin_key, trace_secret
 from clora.core.tenant_configs import TenantConfigStore
 from clora.core.traces import TraceSigner
@@ -50,25 +50,25 @@ from clora.runtime.spool import Spool
 log = logging.getLogger("clora.stack")
 
 
-def ingest_config(settings: Settings, bootstrap: str) -> IngestConfig:
-    return IngestConfig(bootstrap=bootstrap, interactions_topic=settings.interactions_topic,
-                        feedback_topic=settings.feedback_topic, dead_letter_topic=settings.dead_letter_topic,
-                        group_id=settings.ingest_group, partitions=settings.topic_partitions,
-                        interaction_ttl_s=settings.interaction_ttl_s,
-                        max_wait_s=settings.feedback_max_wait_s, fetch_wait_s=settings.ingest_fetch_wait_s,
-                        max_poll_records=settings.ingest_max_poll_records, max_lag=settings.ingest_max_lag)
+def ingest_config(stores: StoreSettings, feedback: FeedbackSettings, bootstrap: str) -> IngestConfig:
+    return IngestConfig(bootstrap=bootstrap, interactions_topic=stores.interactions_topic,
+                        feedback_topic=stores.feedback_topic, dead_letter_topic=stores.dead_letter_topic,
+                        group_id=feedback.ingest_group, partitions=stores.topic_partitions,
+                        interaction_ttl_s=feedback.interaction_ttl_s, max_wait_s=feedback.max_wait_s,
+                        fetch_wait_s=feedback.ingest_fetch_wait_s, max_poll_records=feedback.ingest_max_poll_records,
+                        max_lag=feedback.ingest_max_lag)
 
 
 def redis_url(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:
-    if settings.redis_url:
-        return settings.redis_url, None
+    if settings.stores.redis_url:
+        return settings.stores.redis_url, None
     service = start_redis(settings.home / "redis", log_dir)
     return service.url, service
 
 
 def kafka_bootstrap(settings: Settings, log_dir: Path) -> tuple[str, EmbeddedService | None]:
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap, None
+    if settings.stores.kafka_bootstrap:
+        return settings.stores.kafka_bootstrap, None
     service = start_broker(log_dir)
     return service.url, service
 
@@ -116,35 +116,36 @@ class Stack:
         self.services += [redis_service] if redis_service else []
         self.kafka_bootstrap, broker = kafka_bootstrap(s, self.run_dir)
         self.services += [broker] if broker else []
-        model = str(await asyncio.to_thread(resolve_model, s.model, s.cache_dir))
+        model = str(await asyncio.to_thread(resolve_model, s.serving.model, s.cache_dir))
         self.model = model
 
         self.redis = aioredis.Redis.from_url(self.redis_url)
         customers = CustomerStore(self.redis)
-        registry = AdapterRegistry(self.redis, s.adapters_dir, s.adapter_keep_versions)
-        engine_config = EngineConfig.from_settings(s, model, self.run_dir)
+        registry = AdapterRegistry(self.redis, s.adapters_dir, s.serving.adapter_keep_versions)
+        engine_config = EngineConfig.from_settings(s.serving, model, self.run_dir, s.cache_dir)
         self.engine = EngineManager(engine_config)
         router = Router(registry, self.engine, validate=engine_config.validate_adapter)
         await router.restore()
         self.engine.on_ready = router.reload_all
-        self.capture = Capture(self.kafka_bootstrap, s.interactions_topic, Spool(s.spool_dir, s.spool_max_bytes),
-                               queue_size=s.capture_queue_size, partitions=s.topic_partitions,
-                               batch_s=s.capture_batch_s, journal_wait_s=s.capture_journal_wait_s,
-                               outbox=Outbox(s.capture_outbox_dir, s.capture_outbox_max_bytes,
-                                             sync_every_s=s.capture_sync_every_s)).start()
+        spool = Spool(s.spool_dir, s.serving.spool_max_bytes)
+        self.capture = Capture(self.kafka_bootstrap, s.stores.interactions_topic, spool,
+                               queue_size=s.serving.capture_queue_size, partitions=s.stores.topic_partitions,
+                               batch_s=s.serving.capture_batch_s, journal_wait_s=s.serving.capture_journal_wait_s,
+                               outbox=Outbox(s.capture_outbox_dir, s.serving.capture_outbox_max_bytes,
+                                             sync_every_s=s.serving.capture_sync_every_s)).start()
         await self.engine.start()
 
-        config = GatewayConfig(base_model=model, served_base_name=s.served_base_name,
-                               max_request_bytes=s.max_request_bytes, admin_key=admin_key(s),
-                               upstream_timeout_s=s.upstream_timeout_s, max_tokens_cap=s.max_tokens_cap or None,
-                               limits=Limits(s.customer_max_concurrent, s.customer_requests_per_s,
-                                             s.customer_tokens_per_min),
-                               fair_share_requests=s.fair_share_requests)
+        config = GatewayConfig(base_model=model, served_base_name=s.serving.served_base_name,
+                               max_request_bytes=s.serving.max_request_bytes, admin_key=admin_key(s),
+                               upstream_timeout_s=s.serving.upstream_timeout_s, max_tokens_cap=s.serving.max_tokens_cap or None,
+                               limits=Limits(s.serving.customer_max_concurrent, s.serving.customer_requests_per_s,
+                                             s.serving.customer_tokens_per_min),
+                               fair_share_requests=s.serving.fair_share_requests)
         traces = TraceSigner(trace_secret(s))
-        replay = ReplayBuffer(self.redis, s.replay_capacity, s.replay_min_share)
-        self.ingest = IngestConsumer(ingest_config(s, self.kafka_bootstrap), self.redis, replay)
-        self.outbox = Outbox(s.outbox_dir, s.feedback_outbox_max_bytes)
-        fates = EventFates(self.redis, s.ingest_group, replay, self.outbox)
+        replay = ReplayBuffer(self.redis, s.feedback.replay_capacity, s.feedback.replay_min_share)
+        self.ingest = IngestConsumer(ingest_config(s.stores, s.feedback, self.kafka_bootstrap), self.redis, replay)
+        self.outbox = Outbox(s.outbox_dir, s.feedback.outbox_max_bytes)
+        fates = EventFates(self.redis, s.feedback.ingest_group, replay, self.outbox)
 
         async def replay_report(customer: str, newest: int) -> ReplayReport:
             report = await replay.report(customer, newest)
@@ -155,29 +156,29 @@ class Stack:
                          health_checks={"ingestion": self.ingest.health,
                                         "training": TrainingHalts(self.redis).health}, replay_report=replay_report,
                          purge_customer=lambda customer: self._purge(customer, replay), event_fate=fates.lookup)
-        self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.feedback_topic, s.topic_partitions,
+        self.feedback = FeedbackPublisher(self.kafka_bootstrap, s.stores.feedback_topic, s.stores.topic_partitions,
                                           outbox=self.outbox)
         for customer, override in (await LimitStore(self.redis).all()).items():  # customers' own limits
             app.state.gateway.limits.set_own(customer, override)
-        limits = WebhookLimits(s.feedback_max_body_bytes, s.feedback_events_per_s, s.feedback_burst)
+        limits = WebhookLimits(s.feedback.max_body_bytes, s.feedback.events_per_s, s.feedback.burst)
         mount_feedback(app, customers, traces, self.feedback, limits)
-        port = s.port or free_port(s.host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=port, log_level="warning",
+        port = s.serving.port or free_port(s.serving.host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=s.serving.host, port=port, log_level="warning",
                                                    access_log=False, lifespan="off"))
-        self.gateway_url = f"http://{s.host}:{port}"
+        self.gateway_url = f"http://{s.serving.host}:{port}"
         self.ingest_task = asyncio.create_task(self.ingest.supervise(), name="ingest")
         keeper = FeedbackOutboxKeeper(self.outbox, self.feedback, self.redis, self.ingest.handled_key,
-                              resend_after_s=s.feedback_resend_after_s)
+                              resend_after_s=s.feedback.resend_after_s)
         self.keeper_task = asyncio.create_task(keeper.run(self._stopping), name="outbox-keeper")
-        capture_keeper = InteractionOutboxKeeper(self.capture, self.redis, resend_after_s=s.capture_resend_after_s)
+        capture_keeper = InteractionOutboxKeeper(self.capture, self.redis, resend_after_s=s.serving.capture_resend_after_s)
         self.capture_keeper_task = asyncio.create_task(capture_keeper.run(self._stopping), name="capture-keeper")
         self._write_state()
-        if s.trainer_enabled:
+        if s.trainer.enabled:
             self.trainer = self._start_trainer(model)
             self.trainer_watch = asyncio.create_task(self._keep_trainer_running(), name="trainer-watch")
-        if s.eval_interval_s > 0:
-            self.evals = EvalJob.connect(self.redis, self.gateway_url, admin_key(s), s)
-            self.evals_task = asyncio.create_task(self.evals.run(self._stopping, s.eval_interval_s), name="evals")
+        if s.evals.interval_s > 0:
+            self.evals = EvalJob.connect(self.redis, self.gateway_url, admin_key(s), s.evals, s.serving.served_base_name)
+            self.evals_task = asyncio.create_task(self.evals.run(self._stopping, s.evals.interval_s), name="evals")
 
     async def _purge(self, customer: str, replay: ReplayBuffer) -> dict:
         """What the stages above serving keep of a customer (the admin API's customer delete)."""
@@ -185,7 +186,7 @@ class Stack:
         scores = await EvalHistory(self.redis).delete(customer)
         await SuiteStore(self.redis).delete(customer)
         await TrainingHalts(self.redis).resume(customer)
-        group = self.settings.ingest_group
+        group = self.settings.feedback.ingest_group
         await self.redis.delete(waiting_key(group, customer), dead_key(group, customer))
         await asyncio.to_thread(shutil.rmtree, self.settings.trainer_dir / customer, True)
         return {"replay_records": records, "eval_scores": scores}

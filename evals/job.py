@@ -14,7 +14,7 @@ import openai
 import redis.asyncio as aioredis
 
 from clora.core.admin_client import RuntimeClient
-from clora.core.settings import Settings
+from clora.core.settings import EvalSettings
 from clora.evals.gate import Best, Decision, EvalHistory, PromotionGate
 from clora.evals.scoring import EvalScore, SharedAnswers, admin_chat_client, greedy_chat, score
 from clora.evals.suites import EvalSuite, SuiteStore
@@ -114,10 +114,11 @@ class EvalJob:
                 await self.run_once()
 
     @classmethod
-    def connect(cls, redis: aioredis.Redis, gateway_url: str, admin_key: str, settings: Settings) -> "EvalJob":
+    def connect(cls, redis: aioredis.Redis, gateway_url: str, admin_key: str, evals: EvalSettings,
+                served_base: str) -> "EvalJob":
         """The job wired to a running runtime's Redis and gateway."""
         return cls(RuntimeClient(gateway_url, admin_key), SuiteStore(redis), EvalHistory(redis),
-                   PromotionGate(settings.eval_tolerance), gateway_url, admin_key, settings.served_base_name)
+                   PromotionGate(evals.tolerance), gateway_url, admin_key, served_base)
 
     # -- manual ----------------------------------------------------------------------------------------
     async def promote(self, customer: str, version: str, reason: str = "manual") -> Decision:

@@ -240,7 +240,7 @@ def test_the_engine_passes_the_setting_to_vllm_in_eager_mode_only(tmp_path, monk
     from clora.runtime.engine.config import EngineConfig
 
     def env(**settings) -> str:
-        config = EngineConfig.from_settings(Settings(home=tmp_path, **settings), "model", tmp_path)
+        config = EngineConfig.from_settings(Settings(home=tmp_path, **settings).serving, "model", tmp_path, tmp_path)
         return config.env()["CLORA_GROUPED_LORA"]
 
     monkeypatch.delenv("CLORA_GROUPED_LORA", raising=False)
@@ -258,7 +258,7 @@ def test_the_engine_caps_vllms_spin_at_a_few_milliseconds_by_default(tmp_path):
     from clora.runtime.engine.config import EngineConfig
 
     def env(**settings) -> dict[str, str]:
-        return EngineConfig.from_settings(Settings(home=tmp_path, **settings), "model", tmp_path).env()
+        return EngineConfig.from_settings(Settings(home=tmp_path, **settings).serving, "model", tmp_path, tmp_path).env()
 
     assert env()["CLORA_ENGINE_SPIN_S"] == "0.005"
     assert env(engine_spin_s=1.0)["CLORA_ENGINE_SPIN_S"] == "1.0"  # vLLM's own length

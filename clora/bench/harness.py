@@ -29,7 +29,8 @@ from clora.core.state import admin_key
 from clora.core.tenant_configs import TenantConfigStore
 from clora.feedback.replay import ReplayBuffer
 from clora.stack import Stack
-from clora.trainer.loop import Trainer, TrainRun, connect
+from clora.trainer.loop import Trainer, connect
+from clora.trainer.run import TrainRun
 from clora.wire.trainer_config import TenantConfig
 
 TINY = "tiny"  # a random-initialised 2-layer Llama with SmolLM2's tokenizer: mechanics in seconds
@@ -49,7 +50,7 @@ class BenchRuntime:
 
     @property
     def model(self) -> str:
-        return str(self.settings.model)
+        return str(self.settings.serving.model)
 
     def train_run(self) -> TrainRun:
         """What `clora train` would run with against this runtime."""
@@ -72,7 +73,7 @@ async def bench_runtime(customers: dict[str, TenantConfig], model: str | None = 
     stay for a look after a run; the rest (adapter versions, checkpoints: GBs after a sweep) goes."""
     base = Settings()
     home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
-    settings = base.model_copy(update={"home": home, "model": model_path(model or base.model, base.cache_dir),
+    settings = base.updated(**{"home": home, "model": model_path(model or base.serving.model, base.cache_dir),
                                        "port": 0, "trainer_enabled": False, "eval_interval_s": 0.0,
                                        **settings_update})
     stack = Stack(settings)

@@ -64,7 +64,7 @@ async def with_redis(settings: Settings, action: Callable[[aioredis.Redis], Awai
     """Run `action(redis)` against the runtime's Redis; start the embedded one if nothing runs."""
     state = serve_state(settings)
     service = None
-    url = settings.redis_url or (state or {}).get("redis_url")
+    url = settings.stores.redis_url or (state or {}).get("redis_url")
     if url is None:
         service = start_redis(settings.home / "redis", settings.runs_dir / "cli")
         url = service.url

@@ -17,8 +17,8 @@ from rich.table import Table
 from clora.cli.common import console, fail
 from clora.core.settings import Settings
 from clora.core.state import serve_state
-from clora.feedback.consumer import DeadLetter as FeedbackDeadLetter
 from clora.runtime.spool import DeadLetters
+from clora.wire.feedback import DeadLetter as FeedbackDeadLetter
 from clora.wire.feedback import feedback_customer
 from clora.wire.kafka import reliable_producer
 
@@ -35,7 +35,7 @@ def _capture_letters(settings: Settings) -> DeadLetters:
 
 
 def _bootstrap(settings: Settings) -> str:
-    bootstrap = settings.kafka_bootstrap or (serve_state(settings) or {}).get("kafka_bootstrap")
+    bootstrap = settings.stores.kafka_bootstrap or (serve_state(settings) or {}).get("kafka_bootstrap")
     if not bootstrap:
         raise fail("no broker: start `clora serve` or set CLORA_KAFKA_BOOTSTRAP")
     return bootstrap
@@ -46,7 +46,7 @@ def _feedback_consumer(settings: Settings, group: str | None) -> KafkaConsumer:
     read), from `group`'s committed offsets, else from the start."""
     consumer = KafkaConsumer(bootstrap_servers=_bootstrap(settings), group_id=group, auto_offset_reset="earliest",
                              enable_auto_commit=False, consumer_timeout_ms=3000, client_id="clora-dead-letters")
-    topic = settings.dead_letter_topic
+    topic = settings.stores.dead_letter_topic
     partitions = consumer.partitions_for_topic(topic) if topic in consumer.topics() else None
     assigned = [TopicPartition(topic, p) for p in sorted(partitions or [])]
     consumer.assign(assigned)
@@ -113,7 +113,7 @@ def _redrive_capture(settings: Settings, producer) -> int:
 
 
 def _redrive_feedback(settings: Settings, producer) -> int:
-    consumer = _feedback_consumer(settings, f"{settings.ingest_group}-redrive")
+    consumer = _feedback_consumer(settings, f"{settings.feedback.ingest_group}-redrive")
     sent = 0
     try:
         for message in consumer:

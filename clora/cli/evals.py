@@ -40,7 +40,7 @@ def eval_table(ctx: typer.Context) -> None:
         out = []
         for customer, suite in (await SuiteStore(client).all()).items():
             served = routes[customer].name if customer in routes else None
-            score = await history.cached_score(f"{customer}/{served or settings.served_base_name}",
+            score = await history.cached_score(f"{customer}/{served or settings.serving.served_base_name}",
                                                suite.fingerprint())
             last = (await history.decisions(customer, 1) or [None])[-1]
             out.append((customer, suite.environment or f"golden x{len(suite.golden)}", served or "base",
@@ -85,7 +85,8 @@ def _with_eval_job(action):
 
     async def main():
         client = aioredis.Redis.from_url(state["redis_url"])
-        job = EvalJob.connect(client, state["gateway_url"], admin_key(settings), settings)
+        job = EvalJob.connect(client, state["gateway_url"], admin_key(settings), settings.evals,
+                              settings.serving.served_base_name)
         try:
             return await action(job)
         finally:

@@ -20,15 +20,15 @@ def ingest() -> None:
     setup_logging()
     settings = Settings()
     state = serve_state(settings) or {}
-    bootstrap = settings.kafka_bootstrap or state.get("kafka_bootstrap")
-    url = settings.redis_url or state.get("redis_url")
+    bootstrap = settings.stores.kafka_bootstrap or state.get("kafka_bootstrap")
+    url = settings.stores.redis_url or state.get("redis_url")
     if not bootstrap or not url:
         raise fail("set CLORA_KAFKA_BOOTSTRAP and CLORA_REDIS_URL, or start `clora serve` first")
 
     async def main() -> None:
         client = aioredis.Redis.from_url(url)
-        consumer = IngestConsumer(ingest_config(settings, bootstrap), client,
-                                  ReplayBuffer(client, settings.replay_capacity, settings.replay_min_share))
+        consumer = IngestConsumer(ingest_config(settings.stores, settings.feedback, bootstrap), client,
+                                  ReplayBuffer(client, settings.feedback.replay_capacity, settings.feedback.replay_min_share))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, consumer.stop)

@@ -28,13 +28,13 @@ def serve(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
             await stack.start()
         console.print(Panel.fit(
             f"gateway  [bold]{stack.gateway_url}/v1[/]  (OpenAI-compatible)\n"
-            f"kafka    {stack.kafka_bootstrap}  topic {settings.interactions_topic}\n"
+            f"kafka    {stack.kafka_bootstrap}  topic {settings.stores.interactions_topic}\n"
             f"redis    {stack.redis_url}\nlogs     {stack.run_dir}\n"
             f"create a customer key: [bold]clora customers create NAME[/]", title="clora serve"))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(stack.server, "should_exit", True))
-        if settings.fault_hooks:  # the soak's ingestion fault, injected from outside the process
+        if settings.feedback.fault_hooks:  # the soak's ingestion fault, injected from outside the process
             loop.add_signal_handler(signal.SIGUSR1, stack.ingest.cancel_mid_batch)
         try:
             await stack.serve()

@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from clora.core.settings import Settings
+from clora.core.settings import Settings, variables
+from clora.core.settings import defaults as settings_defaults
 from clora.wire.trainer_config import TenantConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,11 +80,10 @@ def settings_changed(settings: Settings | None = None, config: BaseModel | None 
     default; `ignore`: config fields that vary by design and are recorded elsewhere (a seed)."""
     changed: dict[str, Any] = {}
     if settings is not None:
-        defaults = Settings.model_construct().model_dump(mode="json")  # field defaults, no environment read
-        defaults["home"] = str(Path(".clora").expanduser().resolve())  # as the validator resolves it
-        for name, value in settings.model_dump(mode="json").items():
-            if value != defaults.get(name):
-                changed[f"CLORA_{name.upper()}"] = _redacted(name, value)
+        defaults = settings_defaults()
+        for name, value in settings.values().items():
+            if value != defaults[name]:
+                changed[name] = _redacted(name.removeprefix("CLORA_"), value)
     if config is not None:
         defaults = _flat(type(config)().model_dump(mode="json"))
         for name, value in _flat(config.model_dump(mode="json")).items():
@@ -97,8 +97,8 @@ def command(program: str = "clora") -> str:
     secrets redacted). Only Settings' own: a process may export plumbing of its own
     (CLORA_ENGINE_LOG). Take it before an in-process engine starts: the engine exports settings
     for its children (CLORA_GROUPED_LORA) into this process's environment."""
-    names = {f"CLORA_{name.upper()}": name for name in Settings.model_fields}
-    env = [f"{k}={_redacted(names[k], v)}" for k, v in sorted(os.environ.items()) if k in names]
+    names = variables()
+    env = [f"{k}={_redacted(k.removeprefix('CLORA_'), v)}" for k, v in sorted(os.environ.items()) if k in names]
     return " ".join([*env, program, *sys.argv[1:]])
 
 

@@ -24,15 +24,15 @@ def serve_state(settings: Settings) -> dict | None:
 
 def admin_key(settings: Settings) -> str:
     """CLORA_ADMIN_KEY, else one generated on first start and kept (0600) in the data dir."""
-    if settings.admin_key:
-        return settings.admin_key
+    if settings.serving.admin_key:
+        return settings.serving.admin_key
     return _secret_file(settings.home / "admin_key", "sk-clora-admin-")
 
 
 def trace_secret(settings: Settings) -> bytes:
     """CLORA_TRACE_SECRET (shared by every gateway replica), else one generated and kept (0600)."""
-    if settings.trace_secret:
-        return settings.trace_secret.encode()
+    if settings.serving.trace_secret:
+        return settings.serving.trace_secret.encode()
     return _secret_file(settings.home / "trace_secret", "").encode()
 
 

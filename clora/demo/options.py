@@ -56,9 +56,9 @@ def demo_settings(base: Settings) -> Settings:
     """The runtime's settings: a fresh home per run (its own Redis data, adapters, trainer state),
     sharing the model cache, on free ports; and the few that differ from the product's for the
     demo's sake (the report's `settings_changed` records them; the README's demo section says why)."""
-    model = str(resolve_model(base.model, base.cache_dir))
+    model = str(resolve_model(base.serving.model, base.cache_dir))
     home = base.home / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    return base.model_copy(update={
+    return base.updated(**{
         "home": home, "model": model, "port": 0, "trainer_metrics_port": free_port(),
         "trainer_enabled": True,  # whatever the environment says: the demo is about training
         "eval_interval_s": 0.0,  # no periodic eval job: the demo runs the gate after each round's training

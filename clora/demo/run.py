@@ -102,7 +102,7 @@ class Demo:
 
         async def reference(messages) -> str:
             reply = await self.reference_client.chat.completions.create(
-                model=self.settings.served_base_name, messages=messages, max_tokens=self.options.max_tokens,
+                model=self.settings.serving.served_base_name, messages=messages, max_tokens=self.options.max_tokens,
                 temperature=0.0)
             return reply.choices[0].message.content or ""
 
@@ -214,7 +214,8 @@ class Demo:
 
     async def _learn(self, stack: Stack) -> DemoReport:
         operator = await self.enroll(stack)
-        job = EvalJob.connect(stack.redis, stack.gateway_url, admin_key(self.settings), self.settings)
+        job = EvalJob.connect(stack.redis, stack.gateway_url, admin_key(self.settings), self.settings.evals,
+                              self.settings.serving.served_base_name)
         try:
             self.phase = "scoring the base model on every customer's gate and report sets"
             names, scoring_started = list(self.tenants), self.minutes()
@@ -250,7 +251,7 @@ class Demo:
         finals = await asyncio.gather(*[job.score(n, self.tenants[n].report_suite, self.tenants[n].served)
                                         for n in names])
         gates = await asyncio.gather(*[job.score(n, self.tenants[n].suite, self.tenants[n].served) for n in names])
-        paths = trainer_records(self.settings.trainer_metrics_port)
+        paths = trainer_records(self.settings.trainer.metrics_port)
         customers = []
         for name, final, gate in zip(names, finals, gates):
             t, foreign = self.tenants[name], [r for other, r in rules.items() if other != name]

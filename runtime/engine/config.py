@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clora.core.models import CHAT_TEMPLATE
-from clora.core.settings import Settings
+from clora.core.settings import ServingSettings
 from clora.runtime.engine.protocol import AdapterRejected
 
 # The loopback address: the in-process app's ASGI scope, and the diagnosis port vLLM's app is served on.
@@ -48,18 +48,18 @@ class EngineConfig:
     diagnosis_http: bool = False  # also serve vLLM's app, unauthenticated, on a loopback port
 
     @classmethod
-    def from_settings(cls, settings: Settings, model: str, log_dir: Path) -> "EngineConfig":
+    def from_settings(cls, serving: ServingSettings, model: str, log_dir: Path, cache_dir: Path) -> "EngineConfig":
         """`clora serve`'s settings for the engine; the run dir holds its logs."""
         return cls(
-            model=model, log_dir=log_dir, cache_dir=settings.cache_dir,
-            served_base_name=settings.served_base_name, dtype=settings.dtype,
-            max_model_len=settings.max_model_len, max_loras=settings.max_loras,
-            max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
-            lora_target_modules=settings.lora_target_modules, kv_cache_gib=settings.kv_cache_gib,
-            cpu_threads_bind=settings.cpu_threads_bind, enforce_eager=settings.enforce_eager,
-            grouped_lora=settings.grouped_lora, spin_s=settings.engine_spin_s,
-            start_timeout_s=settings.engine_start_timeout_s, extra_args=settings.engine_extra_args,
-            diagnosis_http=settings.engine_diagnosis_http,
+            model=model, log_dir=log_dir, cache_dir=cache_dir,
+            served_base_name=serving.served_base_name, dtype=serving.dtype,
+            max_model_len=serving.max_model_len, max_loras=serving.max_loras,
+            max_cpu_loras=serving.max_cpu_loras, max_lora_rank=serving.max_lora_rank,
+            lora_target_modules=serving.lora_target_modules, kv_cache_gib=serving.kv_cache_gib,
+            cpu_threads_bind=serving.cpu_threads_bind, enforce_eager=serving.enforce_eager,
+            grouped_lora=serving.grouped_lora, spin_s=serving.engine_spin_s,
+            start_timeout_s=serving.engine_start_timeout_s, extra_args=serving.engine_extra_args,
+            diagnosis_http=serving.engine_diagnosis_http,
         )
 
     @property

@@ -5,7 +5,7 @@ vLLM runs every `vllm.general_plugins` entry point in each of its processes befo
 model, the engine core's worker included: that is where the punica wrapper is chosen. `register`
 points the CPU platform at `GroupedPunicaWrapperCPU` when
 
-- `CLORA_GROUPED_LORA` is on (`Settings.grouped_lora`; the engine sets it for vLLM from our
+- `CLORA_GROUPED_LORA` is on (`settings.serving.grouped_lora`; the engine sets it for vLLM from our
   settings, so a plain `vllm serve` on a machine that has clora installed is left alone),
 - the platform is the CPU (GPU platforms keep vLLM's own kernels), and
 - vLLM's CPU wrapper still has the methods and signatures the subclass overrides (checked here;
@@ -14,7 +14,7 @@ points the CPU platform at `GroupedPunicaWrapperCPU` when
 vLLM's engine core and its worker pass each step through shared memory and, after each message,
 spin (`sched_yield`) for 1 s waiting for the next one: while the engine runs, the core process
 spins on the second core for as long as the worker computes a step. Co-located with a trainer on
-two cores, that is the trainer's core; `CLORA_ENGINE_SPIN_S` (`Settings.engine_spin_s`, 5 ms by
+two cores, that is the trainer's core; `CLORA_ENGINE_SPIN_S` (`settings.serving.engine_spin_s`, 5 ms by
 default) caps the spin, after which a reader blocks on vLLM's own notification socket (its idle
 mode), waking within a fraction of a millisecond of a step that takes a hundred. Steps shorter
 than the window (a tiny model's) keep spinning: a wake-up per millisecond step would be felt.
