@@ -89,7 +89,7 @@ def serve_webhook(bootstrap: str, redis_url: str, port: int) -> None:
     from clora.core.http import install_error_handlers
     from clora.core.outbox import Outbox
     from clora.core.settings import Settings
-    from clora.feedback.consumer import handled_key
+    from clora.feedback.joins import handled_key
     from clora.feedback.outbox_keeper import FeedbackOutboxKeeper
     from clora.feedback.webhook import FeedbackPublisher, WebhookLimits, mount_feedback
 

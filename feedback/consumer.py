@@ -5,15 +5,8 @@ partition count, so with the range assignor a customer's interactions and feedba
 member. Per polled batch: every Redis write happens first, then the offsets are committed; a crash
 in between means redelivery, which the replay buffer absorbs (a push is idempotent by event id).
 
-- interaction -> kept in Redis with a TTL (feedback joins against it); releases feedback that was
-  waiting for it.
-  (Each polled batch is handled in a few pipelined round trips, not one per message.)
-- feedback -> joined with its interaction and pushed to the customer's buffer; if the interaction
-  has not arrived yet, the feedback waits in Redis (no TTL: however long ingestion is down) and is
-  counted per customer (`fates.waiting_key`); `max_wait_s` after it arrived, once ingestion has read
-  every interaction the broker holds (one still in the backlog may release it), it goes to the dead
-  letters with the reason and into the customer's dead index (`fates.dead_key`).
-- anything malformed or unjoinable -> the dead-letter topic with the reason; never a stop.
+Redis side (what is stored, joined, kept waiting, dead-lettered): joins.py. Anything malformed or
+unjoinable goes to the dead-letter topic with the reason; never a stop.
 
 `supervise` runs the consumer and starts it again (with backoff) when it fails: Redis or the
 broker gone, a bug. The new consumer resumes at the committed offsets, so what the failed one had
@@ -28,22 +21,20 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from clora.core.health import ComponentHealth
-from clora.feedback.fates import DEAD_TTL_S, dead_entry, dead_key, waiting_key
+from clora.feedback.joins import INGESTED, IngestConfig, Joins, Pending, parse_interaction
 from clora.feedback.replay import ReplayBuffer
-from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, joined_record, parse_feedback_value
-from clora.wire.interactions import InteractionRecord, interaction_key
+from clora.wire.feedback import DeadLetter, parse_feedback_value
+from clora.wire.interactions import InteractionRecord
 from clora.wire.kafka import ensure_topics, reliable_producer
 
 log = logging.getLogger("clora.ingest")
-INGESTED = Counter("clora_ingest_messages_total", "Messages handled by the ingestion consumer", ["topic", "outcome"])
 LAG = Gauge("clora_ingest_lag", "Messages behind the partition's high watermark", ["topic", "partition"])
 RESTARTS = Counter("clora_ingest_restarts_total", "Times the ingestion consumer failed and was started again")
 # A fetch returns once this much is waiting (~230 events' worth of feedback): under load batches fill in
@@ -54,52 +45,7 @@ FETCH_MIN_BYTES = 64 << 10
 # restarted member waits out its dead predecessor's session. The heartbeat runs in its own thread.
 SESSION_TIMEOUT_MS = 10_000
 JOIN_CHUNK = 1000  # feedback events matched and pushed per Redis round trip
-Pending = tuple[FeedbackEvent, FeedbackPost]  # a feedback event and the post it came in
 UP = Gauge("clora_ingest_up", "1 while the ingestion consumer runs, 0 while it is down or restarting")
-
-
-@dataclass
-class IngestConfig:
-    bootstrap: str
-    interactions_topic: str = "clora.interactions"
-    feedback_topic: str = "clora.feedback"
-    dead_letter_topic: str = "clora.feedback.dead"
-    group_id: str = "clora-ingest"
-    partitions: int = 4
-    interaction_ttl_s: int = 7 * 24 * 3600
-    max_wait_s: float = 300.0  # how long feedback may wait for its interaction
-    housekeeping_s: float = 1.0  # offsets committed and waiting feedback expired at most this often
-    fetch_wait_s: float = 0.25  # the broker holds a fetch until FETCH_MIN_BYTES or this long: batches, not a fetch per record
-    max_poll_records: int = 500  # records handled (and written to Redis) per batch
-    handled_ttl_s: float = 24 * 3600  # how long a handled feedback id is remembered for the outbox
-    max_lag: int = 10_000  # messages behind (all partitions) beyond which health says degraded
-    restart_backoff_s: float = 1.0  # first wait before a failed consumer starts again; doubles, up to 30 s
-
-
-def handled_key(group_id: str) -> str:
-    """Ids of the feedback messages the group has handled (every event stored, waiting or
-    dead-lettered): a post's id, a lone event's event_id; scored by when. The webhook's outbox
-    confirms against it."""
-    return f"clora:ingest:{{{group_id}}}:handled"
-
-
-class DeadLetter(BaseModel):
-    reason: str
-    topic: str
-    partition: int
-    offset: int
-    value_b64: str
-
-
-# Stored interactions are `<customer>\n<record JSON as captured>`: the join checks the owner and
-# embeds the JSON without parsing it.
-def _pack(interaction: InteractionRecord, raw: bytes) -> bytes:
-    return interaction.customer.encode() + b"\n" + raw
-
-
-def _unpack(stored: bytes) -> tuple[str, bytes]:
-    customer, _, raw = stored.partition(b"\n")
-    return customer.decode(), raw
 
 
 class IngestConsumer:
@@ -116,24 +62,17 @@ class IngestConsumer:
         self.lag = 0
         self._pass: asyncio.Task | None = None
         self._cancel_armed = False
+        self.joins = Joins(config, redis, replay, self._dead_letter)
+
+    @property
+    def handled_key(self) -> str:
+        return self.joins.handled_key
 
     def cancel_mid_batch(self) -> None:
         """Fault hook (`CLORA_FAULT_HOOKS`, tests and the soak only): the pass handling the next
         non-empty batch is cancelled once its interactions are written and before anything is
         committed, a crash at the worst point; the supervisor must start it again."""
         self._cancel_armed = True
-
-    # Waiting feedback belongs to this consumer group (another group on the same Redis has its own).
-    def _waiting(self, trace_id: str) -> str:
-        return f"clora:ingest:{{{self.config.group_id}}}:waiting:{trace_id}"
-
-    @property
-    def _deadlines(self) -> str:
-        return f"clora:ingest:{{{self.config.group_id}}}:deadlines"
-
-    @property
-    def handled_key(self) -> str:
-        return handled_key(self.config.group_id)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def connect(self) -> None:
@@ -290,10 +229,10 @@ class IngestConsumer:
                 feedback.append((tp, offset, value))
                 continue
             try:
-                interactions.append((self._parse_interaction(value), value))
+                interactions.append((parse_interaction(value), value))
             except (ValidationError, ValueError) as exc:
                 self._malformed(exc, tp, offset, value)
-        released = await self._store_interactions(interactions)
+        released = await self.joins.store_interactions(interactions)
         if self._cancel_armed and messages:
             self._cancel_armed = False
             # What a cancel delivers at an await, here for certain (a cancel() could land in a poll,
@@ -301,7 +240,7 @@ class IngestConsumer:
             raise asyncio.CancelledError("fault hook: cancelled mid-batch")
         # Each released event leaves the customer's waiting index once its push is done (below).
         handled: list[str] = []  # the feedback messages' ids, for the webhook's outbox
-        joins = [asyncio.create_task(self._join(released))] if released else []
+        joins = [asyncio.create_task(self.joins.join(released))] if released else []
         try:
             chunk: list[Pending] = []
             for i, (tp, offset, value) in enumerate(feedback):
@@ -313,123 +252,22 @@ class IngestConsumer:
                     chunk += [(event, post) for event in post.events]
                     handled.append(post.id)
                 if chunk and (len(chunk) >= JOIN_CHUNK or i == len(feedback) - 1):
-                    joins.append(asyncio.create_task(self._join(await self._match(chunk))))
+                    joins.append(asyncio.create_task(self.joins.join(await self.joins.match(chunk))))
                     chunk = []
         finally:  # every push finished (or failed) before anything is marked handled
             failures = [r for r in await asyncio.gather(*joins, return_exceptions=True) if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
         if released or handled:  # only now: a crash before this point redelivers, and the pushes are idempotent
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for trace in {event.trace_id for _, (event, _) in released}:
-                    pipe.delete(self._waiting(trace))
-                    pipe.zrem(self._deadlines, trace)
-                for _, (event, post) in released:
-                    pipe.hdel(waiting_key(self.config.group_id, post.customer), event.event_id or "")
-                if handled:
-                    pipe.zadd(self.handled_key, dict.fromkeys(handled, time.time()))
-                await pipe.execute()
+            await self.joins.mark_handled(released, handled)
 
     def _malformed(self, exc: Exception, tp: TopicPartition, offset: int, value: bytes) -> None:
         INGESTED.labels(tp.topic, "dead").inc()
         self._dead_letter(f"malformed: {str(exc).splitlines()[0][:300]}", tp.topic, tp.partition, offset, value)
 
-    @staticmethod
-    def _parse_interaction(value: bytes) -> InteractionRecord:
-        interaction = InteractionRecord.model_validate_json(value)
-        if not interaction.choices:
-            raise ValueError("interaction has no choices")
-        return interaction
-
-    async def _store_interactions(self, interactions: list[tuple[InteractionRecord, bytes]]
-                                  ) -> list[tuple[bytes, Pending]]:
-        """Keep each interaction (TTL) and return the feedback that was waiting for it."""
-        if not interactions:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for interaction, raw in interactions:
-                pipe.set(interaction_key(interaction.trace_id), _pack(interaction, raw),
-                         ex=self.config.interaction_ttl_s)
-                pipe.lrange(self._waiting(interaction.trace_id), 0, -1)
-            results = await pipe.execute()
-        INGESTED.labels(self.config.interactions_topic, "stored").inc(len(interactions))
-        released = []
-        for (interaction, raw), waiting in zip(interactions, results[1::2]):
-            for waiting_raw in waiting:
-                message = FeedbackMessage.model_validate_json(waiting_raw)
-                released.append((_pack(interaction, raw), (message.event, FeedbackPost.of(message))))
-        return released
-
-    async def _match(self, feedback: list[Pending]) -> list[tuple[bytes, Pending]]:
-        """Pair feedback with stored interactions; the rest waits (bounded) for its interaction."""
-        if not feedback:
-            return []
-        traces = list(dict.fromkeys(event.trace_id for event, _ in feedback))
-        # One MGET: a pipelined GET per trace cost a third of ingestion's CPU (each command packed
-        # and its reply parsed on its own). The keys hash to different slots: a single Redis node
-        # only, which is what clora runs (a Redis Cluster client would need MGET per slot).
-        stored = await self.redis.mget([interaction_key(trace) for trace in traces])
-        found = {trace: value for trace, value in zip(traces, stored) if value is not None}
-        pairs, missing = [], []
-        for pending in feedback:
-            stored = found.get(pending[0].trace_id)
-            if stored is None:
-                missing.append(pending)
-            else:
-                pairs.append((stored, pending))
-        if missing:
-            deadline = time.time() + self.config.max_wait_s
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for event, post in missing:  # no TTL: it leaves by joining or as a dead letter
-                    trace = event.trace_id
-                    pipe.rpush(self._waiting(trace), post.message(event).model_dump_json())
-                    pipe.zadd(self._deadlines, {trace: deadline}, nx=True)
-                    if event.event_id:
-                        pipe.hset(waiting_key(self.config.group_id, post.customer), event.event_id, trace)
-                await pipe.execute()
-            INGESTED.labels(self.config.feedback_topic, "waiting").inc(len(missing))
-        return pairs
-
-    async def _join(self, pairs: list[tuple[bytes, Pending]]) -> None:
-        records, now = [], time.time()
-        for stored, (event, post) in pairs:
-            owner, raw = _unpack(stored)
-            if owner != post.customer:
-                INGESTED.labels(self.config.feedback_topic, "dead").inc()
-                reason = "customer mismatch between feedback and interaction"
-                self._dead_letter(reason, self.config.feedback_topic, -1, -1,
-                                  post.message(event).model_dump_json().encode())
-                await self._index_dead(post.customer, event.event_id, reason)
-            else:
-                records.append(joined_record(event, post, raw, now))
-        pushed = await self.replay.push_serialized(records)
-        INGESTED.labels(self.config.feedback_topic, "joined").inc(sum(pushed))
-        INGESTED.labels(self.config.feedback_topic, "duplicate").inc(len(pushed) - sum(pushed))
-
     async def expire_waiting(self) -> None:
-        """Feedback whose interaction never came within max_wait_s goes to the dead letters (and the
-        customer's dead index), but only once every interaction the broker holds has been read: one
-        still in the backlog (ingestion was down) may release it. Handled ids older than
-        `handled_ttl_s` are forgotten."""
-        await self.redis.zremrangebyscore(self.handled_key, "-inf", time.time() - self.config.handled_ttl_s)
-        if not self._caught_up():
-            return
-        expired = await self.redis.zrangebyscore(self._deadlines, "-inf", time.time())
-        for trace in (t.decode() for t in expired):
-            reason = f"no interaction for trace {trace} within {self.config.max_wait_s:g}s"
-            waiting = [FeedbackMessage.model_validate_json(raw) for raw in await self.redis.lrange(self._waiting(trace),
-                                                                                                  0, -1)]
-            for message in waiting:
-                self._dead_letter(reason, self.config.feedback_topic, -1, -1, message.model_dump_json().encode())
-                INGESTED.labels(self.config.feedback_topic, "expired").inc()
-            await asyncio.to_thread(self._dead.flush, 30)  # acknowledged before the waiting copy goes
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for message in waiting:
-                    self._queue_dead_index(pipe, message.customer, message.event.event_id, reason)
-                    pipe.hdel(waiting_key(self.config.group_id, message.customer), message.event.event_id or "")
-                pipe.delete(self._waiting(trace))
-                pipe.zrem(self._deadlines, trace)
-                await pipe.execute()
+        """Waiting feedback past its deadline to the dead letters, once caught up (joins.py)."""
+        await self.joins.expire_waiting(self._caught_up(), lambda: self._dead.flush(timeout=30))
 
     def _caught_up(self) -> bool:
         """Every assigned interactions partition read up to its high watermark (as last fetched)."""
@@ -441,17 +279,6 @@ class IngestConsumer:
             if high is None or self._consumer.position(tp) < high:
                 return False
         return bool(parts)
-
-    def _queue_dead_index(self, pipe, customer: str, event_id: str | None, reason: str) -> None:
-        if event_id:
-            key = dead_key(self.config.group_id, customer)
-            pipe.hset(key, event_id, dead_entry(reason))
-            pipe.expire(key, DEAD_TTL_S)
-
-    async def _index_dead(self, customer: str, event_id: str | None, reason: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            self._queue_dead_index(pipe, customer, event_id, reason)
-            await pipe.execute()
 
     def _dead_letter(self, reason: str, topic: str, partition: int, offset: int, value: bytes) -> None:
         letter = DeadLetter(reason=reason, topic=topic, partition=partition, offset=offset,

@@ -11,7 +11,8 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from clora.core.outbox import Outbox, OutboxKeeper, OutboxMessage
+from clora.core.outbox import Outbox, OutboxMessage
+from clora.core.outbox_keeper import OutboxKeeper
 from clora.feedback.webhook import FeedbackPublisher
 
 

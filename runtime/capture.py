@@ -41,7 +41,8 @@ from kafka.errors import (
 )
 from prometheus_client import Counter, Gauge
 
-from clora.core.outbox import Outbox, OutboxFull, OutboxKeeper, OutboxMessage
+from clora.core.outbox import Outbox, OutboxFull, OutboxMessage
+from clora.core.outbox_keeper import OutboxKeeper
 from clora.runtime.spool import Spool, SpooledMessage
 from clora.wire.interactions import InteractionRecord, interaction_key
 from clora.wire.kafka import discard_producer, ensure_topics, reliable_producer

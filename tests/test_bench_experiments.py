@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clora.bench.experiments import shared_batches
+from clora.bench.rows import shared_batches
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from kafka import KafkaProducer
 from typer.testing import CliRunner
 
 from clora.cli.main import app
-from clora.feedback.consumer import DeadLetter
 from clora.runtime.spool import DeadLetters, SpooledMessage
+from clora.wire.feedback import DeadLetter
 from tests.helpers import read_topic
 from tests.test_capture import record
 

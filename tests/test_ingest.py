@@ -11,9 +11,9 @@ import uuid
 import redis.asyncio as aioredis
 from kafka import KafkaProducer
 
-from clora.feedback.consumer import DeadLetter, IngestConfig, IngestConsumer
+from clora.feedback.consumer import IngestConfig, IngestConsumer
 from clora.feedback.replay import ReplayBuffer
-from clora.wire.feedback import FeedbackEvent, FeedbackMessage, FeedbackPost, TrainingRecord, joined_record
+from clora.wire.feedback import DeadLetter, FeedbackEvent, FeedbackMessage, FeedbackPost, TrainingRecord, joined_record
 from tests.helpers import read_topic
 from tests.test_capture import read_all
 from tests.test_capture import record as interaction

@@ -1,4 +1,5 @@
-"""The import order of docs/design.md ("Layers"), enforced by reading every module's imports.
+"""The import order of docs/design.md ("Layers"), enforced by reading every module's imports; and
+no production module over 300 lines, unless its docstring says why it is one piece (one such).
 
 Modules are read as text (AST), never imported, so a wrong-way import is found even where it
 would only run in a function. The order itself is read from docs/design.md: the document and
@@ -21,6 +22,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_MODULE_LINES = 300
+ONE_PIECE = re.compile(r"^One piece: \S", re.M)  # a docstring paragraph saying why a long module stays whole
 STAGE_FOLDERS = ("runtime", "feedback", "agents", "trainer", "evals")
 
 
@@ -214,3 +217,41 @@ def test_planted_module_cycle_within_a_layer_is_found(tree):
     problems = violations(planted, packages, rules)
     assert any(p.startswith("import cycle between modules") and "clora.agents.envs" in p
                and "clora.agents.preference" in p for p in problems), problems
+
+
+def oversized(sources: dict[str, str]) -> list[str]:
+    """Modules over MAX_MODULE_LINES whose docstring does not say why they are one piece; and more
+    than one module kept whole that way."""
+    problems, whole = [], []
+    for module, source in sorted(sources.items()):
+        lines = len(source.splitlines())
+        if lines <= MAX_MODULE_LINES:
+            continue
+        if ONE_PIECE.search(ast.get_docstring(ast.parse(source)) or ""):
+            whole.append(module)
+        else:
+            problems.append(f"{module}: {lines} lines (at most {MAX_MODULE_LINES}, or a docstring paragraph "
+                            "'One piece: <why>')")
+    if len(whole) > 1:
+        problems.append(f"more than one module kept whole past {MAX_MODULE_LINES} lines: {', '.join(whole)}")
+    return problems
+
+
+def test_no_module_is_over_300_lines(tree):
+    sources, _, _ = tree
+    assert oversized(sources) == []
+
+
+def test_a_planted_long_module_is_found_unless_it_says_why_and_is_the_only_one(tree):
+    sources, _, _ = tree
+    body = "\n".join(f"X{i} = {i}" for i in range(296))
+    long = '"""A module."""\n\n' + body + "\n"
+    assert len(long.splitlines()) == 298
+    assert oversized({**sources, "clora.core.long": long}) == []  # 298 lines: fine
+    long += "Y = 1\nZ = 2\nW = 3\n"  # 301
+    [problem] = oversized({**sources, "clora.core.long": long})
+    assert problem.startswith("clora.core.long: 301 lines")
+    whole = long.replace('"""A module."""', '"""A module.\n\nOne piece: its parts share one lock."""')
+    assert oversized({**sources, "clora.core.long": whole}) == []
+    problems = oversized({**sources, "clora.core.long": whole, "clora.core.longer": whole})
+    assert problems == ["more than one module kept whole past 300 lines: clora.core.long, clora.core.longer"]

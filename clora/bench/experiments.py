@@ -36,23 +36,22 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
-import statistics
 import time
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable
 
 import httpx
-import numpy as np
 from pydantic import BaseModel, Field
 
 from clora.bench import verdict as rule
 from clora.bench.freshness import measure, train_until_stopped
 from clora.bench.harness import BenchRuntime, TrainerProcess, bench_runtime, trainer_process
+from clora.bench.rows import ColdRun, Experiment, row, shared_batches, step_times
 from clora.core.provenance import command, provenance
-from clora.trainer.loop import StepReport, Timeline, Trainer, drive
+from clora.trainer.loop import Trainer, drive
 from clora.trainer.scheduler import Candidate, Scheduler
+from clora.trainer.timeline import Timeline
 from clora.wire.trainer_config import TenantConfig
 
 
@@ -80,27 +79,6 @@ class SweepOptions(BaseModel):
         """Distinct seeds for the serial runs: cold 0..k-1, warm k..2k-1."""
         k = self.serial_runs
         return {"cold": list(range(k)), "warm": list(range(k, 2 * k))}
-
-
-@dataclass
-class Experiment:
-    customer: str
-    seed: int
-    started: float  # perf_counter
-    finished: float = 0.0
-    rewards: list[float] = field(default_factory=list)  # sampled reward per step
-    backward_passes: int = 0  # groups that took a gradient pass
-    steps: list[dict] = field(default_factory=list)  # where each step's time went
-
-    @property
-    def seconds(self) -> float:
-        return self.finished - self.started
-
-
-def step_times(report: StepReport) -> dict:
-    return {"cycle_s": report.cycle_s, "rollout_s": report.gather_s, "training_s": report.backward_s,
-            "publish_s": max(0.0, report.seconds - report.gather_s - report.backward_s),
-            "engine_busy": report.engine_busy, "trainer_busy": report.trainer_busy}
 
 
 async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop: asyncio.Event,
@@ -140,99 +118,6 @@ async def run_experiments(trainer: Trainer, advance: Callable[[int], None], stop
     return list(runs.values())
 
 
-LORA_RUNNING = re.compile(r'vllm:lora_requests_info\{[^}]*running_lora_adapters="([^"]*)"')
-
-
-def shared_batches(metrics: str, customers: list[str]) -> int:
-    """The most of `customers`' adapters vLLM ever ran in one batch (its running-LoRA metric keeps a
-    series per set of adapters seen running together)."""
-    most = 0
-    for running in LORA_RUNNING.findall(metrics):
-        tenants = {name.rsplit(".v", 1)[0] for name in running.split(",") if name}
-        most = max(most, len(tenants & set(customers)))
-    return most
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def per_step(experiments: list[Experiment]) -> list[tuple[float, float]]:
-    """(mean, sd) of the sampled reward at each step, across experiments."""
-    return [mean_sd([e.rewards[k] for e in experiments]) for k in range(min(len(e.rewards) for e in experiments))]
-
-
-def reward_gap_sd(serial: list[tuple[float, float]], concurrent: list[tuple[float, float]]) -> float:
-    """Descriptive only (the verdict is `verdict.py`'s): the largest (serial mean - concurrent
-    mean) / serial sd over steps; a zero sd counts as 1e-3."""
-    return max((s - c) / max(sd, 1e-3) for (s, sd), (c, _) in zip(serial, concurrent))
-
-
-@dataclass
-class ColdRun:
-    """A cold serial experiment's wall time, cut where the runtime was up and where it ended."""
-
-    experiment: Experiment
-    start_s: float  # engine, services, trainer process and model load
-    run_s: float
-    stop_s: float  # teardown: not part of the experiment's time
-
-    @property
-    def seconds(self) -> float:
-        return self.start_s + self.run_s
-
-
-def paired(n: int, runs: list[Experiment], serial: list[Experiment]) -> dict:
-    """Concurrent experiment i against serial experiment i (the same seed): the paired
-    differences of both summaries at every N, and at N = `rule.PAIRS` the verdict."""
-    by_seed = {e.seed: e for e in serial}
-    pairs = [(by_seed[e.seed], e) for e in runs if e.seed in by_seed]
-    if len(pairs) < n:
-        return {"paired_experiments": len(pairs)}
-    s, c = np.array([p[0].rewards for p in pairs]), np.array([p[1].rewards for p in pairs])
-    differences = {name: round(float((c_ - s_).mean()), 4)
-                   for (name, s_), c_ in zip(rule.summaries(s).items(), rule.summaries(c).values())}
-    out: dict = {"paired_experiments": n, "mean_paired_differences": differences}
-    if n == rule.PAIRS:
-        out |= rule.verdict(s, c).as_dict() | {"false_fail_rate": round(rule.false_fail_rate(s, c), 4)}
-    return out
-
-
-def row(n: int, runs: list[Experiment], cold: list[ColdRun], warm: list[Experiment],
-        baseline_step_s: float | None, shared: int) -> dict:
-    # Rounded first, so that the file's ratios are its own columns' (serial_s / concurrent_s).
-    serial_s = round(statistics.fmean(c.seconds for c in cold) * n, 2)
-    warm_serial_s = round(statistics.fmean(e.seconds for e in warm) * n, 2)
-    concurrent_s = round(max(e.seconds for e in runs), 2)
-    steps = [s for e in runs for s in e.steps]
-    mean_step_s = statistics.fmean(s["cycle_s"] for s in steps)
-    singles = [c.experiment for c in cold] + warm
-    concurrent_curve, serial_curve = per_step(runs), per_step(singles)
-    return {
-        "n": n, "serial_s": serial_s, "warm_serial_s": warm_serial_s, "concurrent_s": concurrent_s,
-        "start_s": round(statistics.fmean(c.start_s for c in cold), 2),
-        "stop_s": round(statistics.fmean(c.stop_s for c in cold), 2),
-        "first_experiment_s": round(min(e.seconds for e in runs), 2),
-        "mean_experiment_s": round(statistics.fmean(e.seconds for e in runs), 2),
-        "throughput_ratio": round(serial_s / concurrent_s, 3), "warm_throughput_ratio": round(warm_serial_s / concurrent_s, 3),
-        "mean_step_s": round(mean_step_s, 2),
-        **{f"mean_{k}": round(statistics.fmean(s[k] for s in steps), 3)
-           for k in ("rollout_s", "training_s", "publish_s", "engine_busy", "trainer_busy")},
-        "step_time_ratio": round(mean_step_s / baseline_step_s, 3) if baseline_step_s else 1.0,
-        "reward_first": round(statistics.fmean(e.rewards[0] for e in runs), 4),
-        "reward_last": round(statistics.fmean(statistics.fmean(e.rewards[-3:]) for e in runs), 4),
-        "reward_per_step": [[round(m, 4), round(sd, 4)] for m, sd in concurrent_curve],
-        "serial_reward_per_step": [[round(m, 4), round(sd, 4)] for m, sd in serial_curve],
-        "backward_passes": {"concurrent": sum(e.backward_passes for e in runs),
-                            "serial": round(statistics.fmean(e.backward_passes for e in singles) * n, 1)},
-        "noninferior": None, "noninferiority_lower_bounds": None, "per_step_z": None, "false_fail_rate": None,
-        **paired(n, runs, singles),
-        "max_reward_gap_sd": round(reward_gap_sd(serial_curve, concurrent_curve), 3),
-        "shared_batch_tenants": shared,
-        "freshness_p50_s": None, "freshness_p99_s": None,  # filled by the freshness runs (where N is one)
-    }
-
-
 async def cold_experiment(options: SweepOptions, seed: int, progress: Callable[[int], None], capacity: dict,
                           logs: list[str]) -> ColdRun:
     """One experiment in a fresh runtime: start (up to a loaded trainer), run, stop, each timed."""
@@ -257,8 +142,8 @@ async def freshness_runs(runtime: BenchRuntime, trainer: TrainerProcess, options
         customers = [f"fb{n}-{i}" for i in range(n)]
         fresh[str(n)], _ = await measure(
             runtime, trainer, customers, interval_s=options.freshness_interval_s, seconds=options.freshness_s,
-            training=lambda p, c=customers: trainer.run(train_until_stopped, c, settings.trainer_max_tenants,
-                                                        settings.trainer_idle_s, progress=p))
+            training=lambda p, c=customers: trainer.run(train_until_stopped, c, settings.trainer.max_tenants,
+                                                        settings.trainer.idle_s, progress=p))
         fresh[str(n)]["rl_experiments"] = 0
     if n := options.freshness_load:
         status(f"freshness: {n} feedback-only customers while {n} RL experiments train")
@@ -267,7 +152,7 @@ async def freshness_runs(runtime: BenchRuntime, trainer: TrainerProcess, options
             runtime, trainer, customers, interval_s=options.freshness_interval_s, seconds=options.freshness_s,
             load_steps=n * options.steps,
             training=lambda p: trainer.run(run_experiments, load, list(range(100, 100 + n)), options.steps, True,
-                                           tuple(customers), settings.trainer_max_tenants, settings.trainer_idle_s,
+                                           tuple(customers), settings.trainer.max_tenants, settings.trainer.idle_s,
                                            progress=p))
         fresh[str(n)] = result | {"rl_experiments": n, "rl_steps": sum(len(e.rewards) for e in runs)}
     return fresh
@@ -318,7 +203,7 @@ async def sweep(options: SweepOptions, progress: Callable[[int], None], status: 
                             shared_batches(metrics, names)))
             curves[n] = [e.rewards for e in runs]
         model = runtime.model.rsplit("/", 1)[-1]
-        dtypes = {"engine": runtime.settings.dtype, "trainer": runtime.train_run().dtype}
+        dtypes = {"engine": runtime.settings.serving.dtype, "trainer": runtime.train_run().dtype}
 
         def result(fresh: dict) -> dict:
             return {

@@ -192,3 +192,13 @@ def parse_feedback_value(value: bytes) -> FeedbackPost:
 def feedback_customer(value: bytes) -> str:
     """The customer (the partition key) of a feedback topic message. Raises ValueError."""
     return parse_feedback_value(value).customer
+
+
+class DeadLetter(BaseModel):
+    """A message ingestion could not use, on the dead-letter topic: why, and where it came from."""
+
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    value_b64: str
