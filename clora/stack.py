@@ -137,7 +137,8 @@ class Stack:
 
         config = GatewayConfig(base_model=model, served_base_name=s.serving.served_base_name,
                                max_request_bytes=s.serving.max_request_bytes, admin_key=admin_key(s),
-                               upstream_timeout_s=s.serving.upstream_timeout_s, max_tokens_cap=s.serving.max_tokens_cap or None,
+                               upstream_timeout_s=s.serving.upstream_timeout_s,
+                               max_tokens_cap=s.serving.max_tokens_cap or None,
                                limits=Limits(s.serving.customer_max_concurrent, s.serving.customer_requests_per_s,
                                              s.serving.customer_tokens_per_min),
                                fair_share_requests=s.serving.fair_share_requests)
@@ -170,14 +171,16 @@ class Stack:
         keeper = FeedbackOutboxKeeper(self.outbox, self.feedback, self.redis, self.ingest.handled_key,
                               resend_after_s=s.feedback.resend_after_s)
         self.keeper_task = asyncio.create_task(keeper.run(self._stopping), name="outbox-keeper")
-        capture_keeper = InteractionOutboxKeeper(self.capture, self.redis, resend_after_s=s.serving.capture_resend_after_s)
+        capture_keeper = InteractionOutboxKeeper(self.capture, self.redis,
+                                                 resend_after_s=s.serving.capture_resend_after_s)
         self.capture_keeper_task = asyncio.create_task(capture_keeper.run(self._stopping), name="capture-keeper")
         self._write_state()
         if s.trainer.enabled:
             self.trainer = self._start_trainer(model)
             self.trainer_watch = asyncio.create_task(self._keep_trainer_running(), name="trainer-watch")
         if s.evals.interval_s > 0:
-            self.evals = EvalJob.connect(self.redis, self.gateway_url, admin_key(s), s.evals, s.serving.served_base_name)
+            self.evals = EvalJob.connect(self.redis, self.gateway_url, admin_key(s), s.evals,
+                                         s.serving.served_base_name)
             self.evals_task = asyncio.create_task(self.evals.run(self._stopping, s.evals.interval_s), name="evals")
 
     async def _purge(self, customer: str, replay: ReplayBuffer) -> dict:

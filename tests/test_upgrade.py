@@ -65,8 +65,10 @@ class Serve:
         self.process = subprocess.Popen([sys.executable, "-m", "clora.cli.main", "serve"], env=self.env, cwd=self.cwd,
                                         stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         state_file = Path(self.env["CLORA_HOME"]) / "serve.json"
-        state = wait_until(lambda: state_file.exists() and json.loads(state_file.read_text()).get("pid") == self.process.pid
-                           and json.loads(state_file.read_text()), 300, "serve.json")
+        def mine() -> dict | None:
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            return state if state.get("pid") == self.process.pid else None
+        state = wait_until(mine, 300, "serve.json")
         wait_until(lambda: healthy(state["gateway_url"]), 300, "healthy gateway")
         return state
 

@@ -146,7 +146,9 @@ async def drive(trainer: Trainer, scheduler: Scheduler, candidates: Callable[[],
                 continue
             samples = {c.customer for c in offered if c.samples}
             # A tenant in this step too would be sampled by the version this step replaces.
-            if pipeline and (following := [c for c in scheduler.peek(offered, limit) if c in samples and c not in chosen]):
+            following = [c for c in scheduler.peek(offered, limit) if c in samples and c not in chosen] \
+                if pipeline else []
+            if following:
                 ahead = asyncio.create_task(sample_ahead(trainer, following))
             yield await train(trainer, scheduler, chosen, rollouts)
     finally:

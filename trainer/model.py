@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clora.trainer.lora import MultiLoRALinear, inject
+from clora.trainer.lora import Layers, inject
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed; blocks above it (logits chunks) are mmapped
 
@@ -45,7 +45,7 @@ def return_freed_host_memory() -> None:
         libc.malloc_trim(0)
 
 
-def load_model(model_dir: Path, device: str, dtype: str = "float32") -> tuple[nn.Module, dict[str, MultiLoRALinear], object]:
+def load_model(model_dir: Path, device: str, dtype: str = "float32") -> tuple[nn.Module, Layers, object]:
     """The base model, loaded once and frozen, in `dtype`, with every target projection LoRA-wrapped
     (adapters stay float32: the LoRA matmuls cast them; logprobs are float32 whatever the dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -175,8 +175,8 @@ def behaviour_pass(model: nn.Module, layers: Layers, passed: list[OnPolicyRows],
                    behaviour: dict[int, LoRAWeights]) -> torch.Tensor:
     """The pass's tokens' logprobs (in the pass's order) under the weights that sampled them: a
     lagged tenant's previous weights; the others' current ones (values unused)."""
-    return shared_prefix_logprobs(model, layers, [replace(item.group, weights=behaviour.get(item.tenant, item.group.weights))
-                                                  for item in passed]).logprobs
+    groups = [replace(item.group, weights=behaviour.get(item.tenant, item.group.weights)) for item in passed]
+    return shared_prefix_logprobs(model, layers, groups).logprobs
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ def ingest() -> None:
     async def main() -> None:
         client = aioredis.Redis.from_url(url)
         consumer = IngestConsumer(ingest_config(settings.stores, settings.feedback, bootstrap), client,
-                                  ReplayBuffer(client, settings.feedback.replay_capacity, settings.feedback.replay_min_share))
+                                  ReplayBuffer(client, settings.feedback.replay_capacity,
+                                               settings.feedback.replay_min_share))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, consumer.stop)

@@ -55,7 +55,8 @@ def trainer_config(options: DemoOptions) -> TenantConfig:
 def demo_settings(base: Settings) -> Settings:
     """The runtime's settings: a fresh home per run (its own Redis data, adapters, trainer state),
     sharing the model cache, on free ports; and the few that differ from the product's for the
-    demo's sake (the report's `settings_changed` records them; the README's demo section says why)."""
+    demo's sake (the report's `settings_changed` records them; docs/operations.md's demo section says
+    why)."""
     model = str(resolve_model(base.serving.model, base.cache_dir))
     home = base.home / "demo" / time.strftime("%Y%m%d-%H%M%S")
     return base.updated(**{

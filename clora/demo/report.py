@@ -60,7 +60,7 @@ class DemoReport(BaseModel):
     command: str
     settings_changed: dict[str, Any] = Field(
         description="Every CLORA_ setting the demo's runtime ran with, and every field of the trainer config all "
-                    "customers got, that is not the product's default (the README's demo section says why).")
+                    "customers got, that is not the product's default (docs/operations.md's demo section says why).")
     minutes: float
     rounds: int
     requests_per_round: int

@@ -82,7 +82,7 @@ async def delete_customer(scope: AdminOf) -> DeletedCustomer:
     """The customer and its data: keys first (its agents get 401 from now on), then its versions
     (unloaded from the engine once their requests end, files deleted), route, trainer config,
     replay buffer, eval history and trainer state. Kafka keeps its records until retention, and
-    captured interactions stay in Redis until their TTL (README)."""
+    captured interactions stay in Redis until their TTL (docs/api.md)."""
     gateway = scope.gateway
     revoked = await gateway.customers.revoke_keys(scope.customer)
     versions = await gateway.router.delete_customer(scope.customer)
