@@ -86,6 +86,7 @@ class Stack:
     capture_keeper_task: asyncio.Task | None = None
     ingest: IngestConsumer | None = None
     ingest_task: asyncio.Task | None = None
+    routes_task: asyncio.Task | None = None  # routes set through other gateways on this Redis
     redis: aioredis.Redis | None = None
     server: uvicorn.Server | None = None
     gateway_url: str = ""
@@ -126,6 +127,7 @@ class Stack:
         self.engine = EngineManager(engine_config)
         router = Router(registry, self.engine, validate=engine_config.validate_adapter)
         await router.restore()
+        self.routes_task = asyncio.create_task(router.follow(self._stopping), name="routes")
         self.engine.on_ready = router.reload_all
         spool = Spool(s.spool_dir, s.serving.spool_max_bytes)
         self.capture = Capture(self.kafka_bootstrap, s.stores.interactions_topic, spool,
@@ -249,7 +251,7 @@ class Stack:
         if self.ingest is not None and self.ingest_task is not None:
             self.ingest.stop()
             await asyncio.wait([self.ingest_task], timeout=30)
-        for keeper in (self.keeper_task, self.capture_keeper_task):
+        for keeper in (self.keeper_task, self.capture_keeper_task, self.routes_task):
             if keeper is not None:
                 await asyncio.wait([keeper], timeout=30)
         if self.engine is not None:

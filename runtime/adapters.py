@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from clora.wire.admin import AdapterVersion
 
 PROMOTED = "clora:adapter-promoted"  # names of every version ever served
+ROUTES_CHANGED = "clora:routes:changed"  # pub/sub channel: a customer whose route was set
 IDEMPOTENCY_TTL_S = 24 * 3600  # a publish retried within a day with the same key returns the same version
 
 
@@ -109,6 +110,7 @@ class AdapterRegistry:
             if names:
                 pipe.srem(PROMOTED, *names)
                 pipe.delete(*[f"clora:adapter:{n}" for n in names])
+            pipe.publish(ROUTES_CHANGED, customer)
             await pipe.execute()
         for name in names:
             self._versions.pop(name, None)
@@ -140,14 +142,21 @@ class AdapterRegistry:
         return [v for v in found if v is not None]
 
     async def set_current(self, customer: str, name: str | None) -> None:
-        """Route the customer to a version (which is promoted from now on), or to the base model."""
-        if name is None:
-            await self.redis.hdel("clora:routes", customer)
-            return
+        """Route the customer to a version (which is promoted from now on), or to the base model;
+        every gateway on this Redis hears of it (`ROUTES_CHANGED`)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset("clora:routes", customer, name)
-            pipe.sadd(PROMOTED, name)
+            if name is None:
+                pipe.hdel("clora:routes", customer)
+            else:
+                pipe.hset("clora:routes", customer, name)
+                pipe.sadd(PROMOTED, name)
+            pipe.publish(ROUTES_CHANGED, customer)
             await pipe.execute()
+
+    async def current(self, customer: str) -> AdapterVersion | None:
+        """The version the customer is routed to, as Redis says now (None: the base model)."""
+        name = await self.redis.hget("clora:routes", customer)
+        return await self.get(name.decode()) if name is not None else None
 
     async def promoted(self) -> set[str]:
         """Every version that has been served; a version routed before promotion was recorded counts."""

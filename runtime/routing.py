@@ -4,6 +4,10 @@ Everything here runs on the gateway's event loop, so a switch is one dict assign
 resolved before it finishes on the old version, one resolved after starts on the new one. A
 version is loaded into the engine on demand (also after it fell out of the engine) and unloaded
 when it is neither current nor in use.
+
+Gateways on one Redis agree (`follow`): a route set through any of them is announced on a Redis
+channel and applied by every other, and a full resync every few seconds catches an announcement
+missed while a gateway's subscription was down.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from prometheus_client import Gauge, Histogram
 
-from clora.runtime.adapters import AdapterRegistry, AdapterVersion
+from clora.runtime.adapters import ROUTES_CHANGED, AdapterRegistry, AdapterVersion
 from clora.runtime.engine import Engine
 
 log = logging.getLogger("clora.routing")
@@ -43,6 +47,8 @@ class Router:
         self.inflight: Counter[str] = Counter()
         self.base_inflight = 0
         self._locks: dict[str, _Lock] = {}
+        # Bumped by every route this gateway sets: a read of Redis begun before it is stale.
+        self._generation: Counter[str] = Counter()
 
     async def restore(self) -> None:
         self.routes = await self.registry.routes()
@@ -113,17 +119,21 @@ class Router:
         async with self._locked(version.name):
             await self._ensure_loaded(version)
         previous = self.routes.get(version.customer)
+        self._generation[version.customer] += 1
         self.routes[version.customer] = version
         self.promoted.add(version.name)
         await self.registry.set_current(version.customer, version.name)
+        self._generation[version.customer] += 1  # a read begun before Redis had it is stale too
         log.info("customer %s now served by %s", version.customer, version.name)
         if previous is not None and previous.name != version.name:
             await self._unload_if_idle(previous)
 
     async def serve_base(self, customer: str) -> None:
         """Serve the customer the base model again (rollback past its first version)."""
+        self._generation[customer] += 1
         previous = self.routes.pop(customer, None)
         await self.registry.set_current(customer, None)
+        self._generation[customer] += 1
         log.info("customer %s now served by the base model", customer)
         if previous is not None:
             await self._unload_if_idle(previous)
@@ -131,6 +141,7 @@ class Router:
     async def delete_customer(self, customer: str, drain_s: float = 30.0) -> list[str]:
         """Unload every version of the customer from the engine (after its requests in flight end,
         up to `drain_s`) and delete them. Its keys must be revoked first: nothing new arrives."""
+        self._generation[customer] += 1
         self.routes.pop(customer, None)
         versions = await self.registry.versions(customer)
         deadline = time.monotonic() + drain_s
@@ -143,7 +154,9 @@ class Router:
                     LOADED.set(len(self.loaded))
                     await self.engine.unload_adapter(version.name)
             self.promoted.discard(version.name)
-        return await self.registry.delete_customer(customer)
+        deleted = await self.registry.delete_customer(customer)
+        self._generation[customer] += 1
+        return deleted
 
     async def reload_all(self) -> None:
         """After an engine (re)start: nothing is loaded; bring back every current version."""
@@ -151,6 +164,58 @@ class Router:
         for version in list(self.routes.values()):
             async with self._locked(version.name):
                 await self._ensure_loaded(version)
+
+    async def follow(self, stop: asyncio.Event, resync_s: float = 5.0) -> None:
+        """Until `stop`: apply the routes other gateways set (announced on `ROUTES_CHANGED`), and
+        resync the whole table every `resync_s`. Redis away: warned, and tried again."""
+        while not stop.is_set():
+            pubsub = self.registry.redis.pubsub()
+            try:
+                await pubsub.subscribe(ROUTES_CHANGED)
+                await self.resync()  # what changed before the subscription
+                synced = time.monotonic()
+                while not stop.is_set():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message is not None:
+                        await self.refresh(message["data"].decode())
+                    if time.monotonic() - synced >= resync_s:
+                        await self.resync()
+                        synced = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - routes must keep following once Redis is back
+                log.warning("route following interrupted (%s: %s); again in 1 s", type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+            finally:
+                await pubsub.aclose()
+
+    async def refresh(self, customer: str) -> None:
+        """The customer's route as Redis has it now."""
+        generation = self._generation[customer]
+        version = await self.registry.current(customer)
+        if self._generation[customer] == generation:  # else this gateway set it meanwhile: newer
+            await self._apply(customer, version)
+
+    async def resync(self) -> None:
+        """Every route as Redis has it now."""
+        generations = dict(self._generation)
+        routes, promoted = await self.registry.routes(), await self.registry.promoted()
+        self.promoted |= promoted
+        for customer in set(self.routes) | set(routes):
+            if self._generation[customer] == generations.get(customer, 0):
+                await self._apply(customer, routes.get(customer))
+
+    async def _apply(self, customer: str, version: AdapterVersion | None) -> None:
+        previous = self.routes.get(customer)
+        if (previous and previous.name) == (version and version.name):
+            return
+        if version is None:
+            self.routes.pop(customer, None)
+        else:
+            self.routes[customer] = version
+            self.promoted.add(version.name)
+        log.info("customer %s now served by %s (set through another gateway)", customer,
+                 version.name if version else "the base model")
+        if previous is not None:
+            await self._unload_if_idle(previous)
 
     def forget(self, name: str) -> None:
         """The engine no longer knows this name (it said 404): load it again on next use."""
